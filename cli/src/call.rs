@@ -1,0 +1,182 @@
+//! `waybill orders …`: a command-line client over the generated stubs, so the README's example
+//! call needs no other tool.
+
+use anyhow::{Context, bail};
+use tonic::transport::Channel;
+use waybill_api::orders::v1::{self as pb, orders_service_client::OrdersServiceClient};
+
+#[derive(clap::Subcommand)]
+pub enum OrdersCommand {
+    /// Place an order.
+    Place {
+        #[command(flatten)]
+        target: Target,
+        /// The customer's id.
+        #[arg(long)]
+        customer: String,
+        /// A line item as SKU:QUANTITY; repeat for more lines.
+        #[arg(long = "item", required = true)]
+        items: Vec<String>,
+        /// Delivery address.
+        #[arg(long)]
+        address: String,
+    },
+    /// Show one order.
+    Get {
+        #[command(flatten)]
+        target: Target,
+        /// The order's id.
+        order_id: String,
+    },
+    /// List a customer's orders, newest first.
+    List {
+        #[command(flatten)]
+        target: Target,
+        /// The customer's id.
+        #[arg(long)]
+        customer: String,
+        /// Orders per page.
+        #[arg(long, default_value_t = 20)]
+        page_size: i32,
+        /// Token from the previous page.
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+    /// Cancel an order.
+    Cancel {
+        #[command(flatten)]
+        target: Target,
+        /// The order's id.
+        order_id: String,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct Target {
+    /// The server to call.
+    #[arg(long, env = "WAYBILL_ADDR", default_value = "http://127.0.0.1:50051")]
+    addr: String,
+}
+
+impl Target {
+    async fn client(&self) -> anyhow::Result<OrdersServiceClient<Channel>> {
+        let channel = Channel::from_shared(self.addr.clone())
+            .context("--addr must be a URL such as http://127.0.0.1:50051")?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .timeout(std::time::Duration::from_secs(10))
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {}", self.addr))?;
+        Ok(OrdersServiceClient::new(channel))
+    }
+}
+
+pub async fn run(command: OrdersCommand) -> anyhow::Result<()> {
+    let result = match command {
+        OrdersCommand::Place {
+            target,
+            customer,
+            items,
+            address,
+        } => {
+            let items = items
+                .iter()
+                .map(|text| parse_item(text))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let request = pb::PlaceOrderRequest {
+                customer_id: customer,
+                items,
+                delivery_address: address,
+            };
+            target
+                .client()
+                .await?
+                .place_order(request)
+                .await
+                .map(|r| print_order(r.into_inner().order))
+        }
+        OrdersCommand::Get { target, order_id } => target
+            .client()
+            .await?
+            .get_order(pb::GetOrderRequest { order_id })
+            .await
+            .map(|r| print_order(r.into_inner().order)),
+        OrdersCommand::List {
+            target,
+            customer,
+            page_size,
+            page_token,
+        } => target
+            .client()
+            .await?
+            .list_orders(pb::ListOrdersRequest {
+                customer_id: customer,
+                page_size,
+                page_token,
+            })
+            .await
+            .map(|r| {
+                let page = r.into_inner();
+                for order in page.orders {
+                    print_order(Some(order));
+                }
+                if !page.next_page_token.is_empty() {
+                    println!("next page: --page-token {}", page.next_page_token);
+                }
+            }),
+        OrdersCommand::Cancel {
+            target,
+            order_id,
+            reason,
+        } => target
+            .client()
+            .await?
+            .cancel_order(pb::CancelOrderRequest { order_id, reason })
+            .await
+            .map(|r| print_order(r.into_inner().order)),
+    };
+    result.map_err(|status| anyhow::anyhow!("{}: {}", status.code(), status.message()))
+}
+
+fn parse_item(text: &str) -> anyhow::Result<pb::LineItem> {
+    let Some((sku, quantity)) = text.rsplit_once(':') else {
+        bail!("--item {text:?}: expected SKU:QUANTITY");
+    };
+    Ok(pb::LineItem {
+        sku: sku.to_owned(),
+        quantity: quantity
+            .parse()
+            .with_context(|| format!("--item {text:?}: quantity is not a number"))?,
+    })
+}
+
+fn print_order(order: Option<pb::Order>) {
+    let Some(order) = order else { return };
+    let items: Vec<String> = order
+        .items
+        .iter()
+        .map(|i| format!("{}x{}", i.sku, i.quantity))
+        .collect();
+    let status = pb::OrderStatus::try_from(order.status)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("ORDER_STATUS_")
+                .to_owned()
+        })
+        .unwrap_or_else(|_| order.status.to_string());
+    println!(
+        "{}  {status:9}  customer={}  items={}  address={:?}{}",
+        order.order_id,
+        order.customer_id,
+        items.join(","),
+        order.delivery_address,
+        if order.cancel_reason.is_empty() {
+            String::new()
+        } else {
+            format!("  reason={:?}", order.cancel_reason)
+        }
+    );
+}

@@ -1,0 +1,92 @@
+//! `waybill`: one binary for every role. `serve` runs services, `migrate` applies schema
+//! migrations, `dev` runs a local Postgres primary + replica, `orders` calls the API.
+
+mod call;
+mod dev;
+mod registry;
+mod serve;
+
+use clap::{Parser, Subcommand};
+use waybill_runtime::{DatabaseConfig, LogConfig};
+
+/// waybill: a delivery platform of gRPC services on one resilience layer.
+///
+/// Quick start: `waybill dev up && waybill migrate && waybill serve`, then
+/// `waybill orders place --customer c-1 --item SKU-1:2 --address "1 Main St"`.
+#[derive(Parser)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    log: LogConfig,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve gRPC services (all of them, or those named) until SIGTERM or SIGINT.
+    Serve(serve::ServeArgs),
+    /// Apply pending schema migrations for the named services (default: all) and exit.
+    Migrate(MigrateArgs),
+    /// A local PostgreSQL primary and streaming replica for development.
+    #[command(subcommand)]
+    Dev(dev::DevCommand),
+    /// Call the orders service.
+    #[command(subcommand)]
+    Orders(call::OrdersCommand),
+}
+
+#[derive(clap::Args)]
+struct MigrateArgs {
+    /// Which services' schemas to migrate.
+    #[arg(long, env = "WAYBILL_SERVICES", value_delimiter = ',', default_values_t = registry::ServiceName::all())]
+    services: Vec<registry::ServiceName>,
+    #[command(flatten)]
+    database: DatabaseConfig,
+    /// Folder of the `waybill dev up` cluster, used when no database URL is configured.
+    #[arg(long, env = "WAYBILL_DEV_DIR", default_value = dev::DEFAULT_DIR)]
+    dev_dir: std::path::PathBuf,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    waybill_runtime::telemetry::init(&cli.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+            Command::Migrate(args) => {
+                let (primary, _) = dev::resolve_database(&args.database, &args.dev_dir)?;
+                let schemas: Vec<_> = args.services.iter().map(|s| s.schema()).collect();
+                waybill_runtime::migrate::run(&primary, &schemas).await?;
+                eprintln!(
+                    "migrated: {}",
+                    args.services
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                Ok(())
+            }
+            Command::Dev(command) => dev::run(command).await,
+            Command::Orders(command) => call::run(command).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

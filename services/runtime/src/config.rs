@@ -1,0 +1,107 @@
+//! The one configuration of a waybill process, read from flags and `WAYBILL_*` environment
+//! variables (a flag wins over its variable). `waybill serve --help` prints all of it; the
+//! Helm chart sets the variables.
+
+use std::{net::SocketAddr, time::Duration};
+
+/// Where the databases are and how to pool connections to them.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DatabaseConfig {
+    /// Primary database URL (postgres://user:password@host:port/db). All writes go here.
+    /// Unset: use the local cluster of `waybill dev up`, if there is one.
+    #[arg(long, env = "WAYBILL_PRIMARY_URL", hide_env_values = true)]
+    pub primary_url: Option<String>,
+
+    /// Read replica URLs, comma-separated. Stale-tolerant reads are spread over them; with none,
+    /// reads go to the primary.
+    #[arg(
+        long = "replica-url",
+        env = "WAYBILL_REPLICA_URLS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub replica_urls: Vec<String>,
+
+    /// Most connections per pool (one pool for the primary, one per replica).
+    #[arg(long, env = "WAYBILL_DB_POOL_SIZE", default_value_t = 16)]
+    pub db_pool_size: usize,
+
+    /// How long to wait for a connection (to open one, or for a free one in the pool) before
+    /// the call fails with UNAVAILABLE.
+    #[arg(long, env = "WAYBILL_DB_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub db_timeout: Duration,
+}
+
+/// How the gRPC server listens and stops.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServerConfig {
+    /// Address to serve gRPC on; port 0 picks a free port (printed at startup).
+    #[arg(long, env = "WAYBILL_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// After SIGTERM/SIGINT, how long in-flight calls may run before the process exits anyway.
+    /// Keep it below the orchestrator's kill timeout (Kubernetes: terminationGracePeriodSeconds).
+    #[arg(long, env = "WAYBILL_SHUTDOWN_GRACE", default_value = "25s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// How often the primary database is probed for grpc.health.v1.
+    #[arg(long, env = "WAYBILL_HEALTH_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub health_interval: Duration,
+}
+
+/// How logs look.
+#[derive(Clone, Debug, clap::Args)]
+pub struct LogConfig {
+    /// Log format on stderr. Filter with RUST_LOG (default: info).
+    #[arg(long, env = "WAYBILL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Parses `250ms`, `5s`, `2m` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 500ms, 5s or 2m"))?;
+    let seconds = match unit {
+        "ms" => number / 1000.0,
+        "" | "s" => number,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in {text:?}; use ms, s, m or h"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}

@@ -1,0 +1,192 @@
+//! Connection pools for the primary and the read replicas, and how database failures become
+//! gRPC statuses.
+//!
+//! Writes and reads that must see the latest state use [`Db::primary`]. Reads that tolerate
+//! replication lag use [`Db::replica`], which spreads them over the replicas and falls back to
+//! the primary when a replica cannot be reached (a stale read beats no read).
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+};
+use tokio_postgres::{NoTls, error::SqlState};
+use tonic::Status;
+
+use crate::DatabaseConfig;
+
+/// A pooled connection.
+pub type Client = Object;
+
+/// The pools of one process, cheap to clone.
+#[derive(Clone)]
+pub struct Db {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    primary: Pool,
+    replicas: Vec<Pool>,
+    next_replica: AtomicUsize,
+}
+
+impl Db {
+    /// Builds the pools. Connections open lazily, so this succeeds while a database is down;
+    /// health reports that instead.
+    pub fn connect(config: &DatabaseConfig, primary_url: &str) -> Result<Self, DbError> {
+        let primary = pool(primary_url, config)?;
+        let replicas = config
+            .replica_urls
+            .iter()
+            .map(|url| pool(url, config))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                primary,
+                replicas,
+                next_replica: AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    /// A connection to the primary.
+    pub async fn primary(&self) -> Result<Client, DbError> {
+        self.inner.primary.get().await.map_err(DbError::from)
+    }
+
+    /// A connection for a read that tolerates replication lag: the next replica in turn, or
+    /// the primary when there are no replicas or the chosen one is unreachable.
+    pub async fn replica(&self) -> Result<Client, DbError> {
+        let replicas = &self.inner.replicas;
+        if replicas.is_empty() {
+            return self.primary().await;
+        }
+        let index = self.inner.next_replica.fetch_add(1, Ordering::Relaxed) % replicas.len();
+        match replicas[index].get().await {
+            Ok(client) => Ok(client),
+            Err(error) => {
+                tracing::warn!(replica = index, %error, "replica unavailable; reading from the primary");
+                self.primary().await
+            }
+        }
+    }
+
+    /// Whether the primary answers a trivial query within `timeout`.
+    pub async fn primary_is_up(&self, timeout: Duration) -> bool {
+        let probe = async {
+            let client = self.primary().await?;
+            client.simple_query("SELECT 1").await?;
+            Ok::<_, DbError>(())
+        };
+        matches!(tokio::time::timeout(timeout, probe).await, Ok(Ok(())))
+    }
+}
+
+fn pool(url: &str, config: &DatabaseConfig) -> Result<Pool, DbError> {
+    let mut pg: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| DbError::Config(format!("invalid database URL: {e}")))?;
+    pg.connect_timeout(config.db_timeout);
+    if pg.get_application_name().is_none() {
+        pg.application_name("waybill");
+    }
+    let manager = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            // `Fast` only checks that the socket is open; a dead server shows as a failed query,
+            // which is reported as UNAVAILABLE anyway, and we save a round trip per checkout.
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(config.db_pool_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(config.db_timeout))
+        .create_timeout(Some(config.db_timeout))
+        .recycle_timeout(Some(config.db_timeout))
+        .build()
+        .map_err(|e| DbError::Config(e.to_string()))
+}
+
+/// A database failure, classified by what the caller can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// No connection could be had (server down, pool exhausted, connection lost): retryable.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The transaction lost a serialization race or a deadlock: retryable as a whole.
+    #[error("transaction conflict: {0}")]
+    Conflict(tokio_postgres::Error),
+    /// Any other database error: a bug or a broken invariant, not the caller's fault.
+    #[error("database error: {0}")]
+    Query(tokio_postgres::Error),
+    /// The pool configuration is invalid.
+    #[error("database configuration: {0}")]
+    Config(String),
+    /// Stored data breaks an invariant the code relies on (a bug or a bad manual edit).
+    #[error("database invariant broken: {0}")]
+    Invariant(String),
+}
+
+impl From<PoolError> for DbError {
+    fn from(error: PoolError) -> Self {
+        DbError::Unavailable(error.to_string())
+    }
+}
+
+impl From<tokio_postgres::Error> for DbError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        if error.is_closed() {
+            return DbError::Unavailable(error.to_string());
+        }
+        match error.code() {
+            Some(code)
+                if *code == SqlState::T_R_SERIALIZATION_FAILURE
+                    || *code == SqlState::T_R_DEADLOCK_DETECTED =>
+            {
+                DbError::Conflict(error)
+            }
+            Some(code)
+                if *code == SqlState::ADMIN_SHUTDOWN
+                    || *code == SqlState::CRASH_SHUTDOWN
+                    || *code == SqlState::CANNOT_CONNECT_NOW
+                    || *code == SqlState::READ_ONLY_SQL_TRANSACTION =>
+            {
+                DbError::Unavailable(error.to_string())
+            }
+            // No SQLSTATE at all means the connection itself failed.
+            None => DbError::Unavailable(error.to_string()),
+            Some(_) => DbError::Query(error),
+        }
+    }
+}
+
+impl From<DbError> for Status {
+    /// The edge where database errors meet clients: the code says what the client may do,
+    /// and no SQL text crosses it. Unexpected errors are logged with a reference the client
+    /// can quote.
+    fn from(error: DbError) -> Self {
+        match error {
+            DbError::Unavailable(detail) => {
+                tracing::warn!(%detail, "database unavailable");
+                Status::unavailable("database unavailable; retry later")
+            }
+            DbError::Conflict(detail) => {
+                tracing::info!(%detail, "transaction conflict");
+                Status::aborted("concurrent update; retry the call")
+            }
+            DbError::Query(_) | DbError::Config(_) | DbError::Invariant(_) => {
+                let reference = uuid::Uuid::now_v7();
+                tracing::error!(%reference, %error, "database error");
+                Status::internal(format!("internal error (reference {reference})"))
+            }
+        }
+    }
+}

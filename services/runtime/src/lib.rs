@@ -1,0 +1,17 @@
+//! The shared runtime of every waybill service: one configuration, the database pools and
+//! their read routing, per-service schema migrations, health, serving with graceful drain,
+//! and structured logs.
+//!
+//! A service crate brings only its gRPC implementation, its storage and its migrations; how a
+//! process starts, connects, reports health and stops lives here, once.
+
+pub mod config;
+pub mod db;
+pub mod health;
+pub mod migrate;
+pub mod server;
+pub mod telemetry;
+
+pub use config::{DatabaseConfig, LogConfig, ServerConfig};
+pub use db::{Db, DbError};
+pub use migrate::Schema;

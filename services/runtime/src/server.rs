@@ -1,0 +1,142 @@
+//! One gRPC server for the services a process runs, with health, reflection, the mesh server
+//! stack, and a graceful drain on shutdown.
+
+use std::{convert::Infallible, future::Future};
+
+use tokio::net::TcpListener;
+use tonic::{
+    body::Body,
+    server::NamedService,
+    service::RoutesBuilder,
+    transport::{Server, server::TcpIncoming},
+};
+use tonic_health::ServingStatus;
+
+use crate::{Db, ServerConfig, health};
+
+/// The gRPC services one process serves, collected before serving.
+#[derive(Default)]
+pub struct Services {
+    routes: RoutesBuilder,
+    names: Vec<&'static str>,
+}
+
+impl Services {
+    /// Adds a generated tonic server; its name is reported by health.
+    pub fn add<S>(&mut self, service: S) -> &mut Self
+    where
+        S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.names.push(S::NAME);
+        self.routes.add_service(service);
+        self
+    }
+
+    /// The fully qualified names of the services added so far.
+    pub fn names(&self) -> &[&'static str] {
+        &self.names
+    }
+}
+
+/// Why serving stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The reflection descriptors did not load (a build problem).
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves `services` on `listener` until `shutdown` completes, then drains.
+///
+/// Draining: health turns NOT_SERVING, the listener closes, every connection gets an HTTP/2
+/// GOAWAY so clients open no new streams, and in-flight calls finish. Calls still running after
+/// `config.shutdown_grace` are abandoned so the process always exits.
+pub async fn serve(
+    listener: TcpListener,
+    services: Services,
+    db: Db,
+    config: &ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let Services { mut routes, names } = services;
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    // Not serving until the first probe of the primary succeeds.
+    health::set_all(&reporter, &names, ServingStatus::NotServing).await;
+    let monitor = tokio::spawn(health::monitor(
+        db,
+        reporter.clone(),
+        names.clone(),
+        config.health_interval,
+    ));
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(waybill_api::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    routes
+        .add_service(health_service)
+        .add_service(reflection().build_v1()?)
+        // grpcurl speaks v1; grpcio's reflection client (Python) still speaks v1alpha.
+        .add_service(reflection().build_v1alpha()?);
+
+    // Small unary calls must not wait for Nagle's algorithm.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = Server::builder()
+        .layer(mesh_layer::server::trace())
+        .add_routes(routes.routes())
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = drain_rx.await;
+        });
+    tokio::pin!(server);
+
+    tokio::select! {
+        result = &mut server => {
+            monitor.abort();
+            return result.map_err(ServeError::from);
+        }
+        () = shutdown => {}
+    }
+
+    tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining in-flight calls");
+    monitor.abort();
+    health::set_all(&reporter, &names, ServingStatus::NotServing).await;
+    let _ = drain_tx.send(());
+    match tokio::time::timeout(config.shutdown_grace, &mut server).await {
+        Ok(result) => {
+            tracing::info!("drained; stopped");
+            result.map_err(ServeError::from)
+        }
+        Err(_) => {
+            tracing::warn!(grace = ?config.shutdown_grace, "calls still running after the grace period; stopping anyway");
+            Ok(())
+        }
+    }
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; the process stops only when killed");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,18 @@
+//! waybill's public gRPC contract, generated from `proto/` at build time.
+//!
+//! Clients in Rust depend on this crate alone; clients in other languages generate their own
+//! stubs from the same `.proto` files. Services implement the generated server traits.
+
+#![deny(missing_docs)]
+
+/// `waybill.orders.v1`: placing, reading and cancelling orders.
+pub mod orders {
+    /// Version 1 of the orders API.
+    #[allow(missing_docs, clippy::all)]
+    pub mod v1 {
+        tonic::include_proto!("waybill.orders.v1");
+    }
+}
+
+/// The encoded `FileDescriptorSet` of every waybill proto, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("waybill_descriptor");
