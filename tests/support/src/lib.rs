@@ -1,1 +1,305 @@
-//! placeholder
+//! The end-to-end test harness.
+//!
+//! - [`cluster`]: one Postgres primary + streaming replica per test binary, on free ports,
+//!   stopped and deleted when the binary exits (however it exits).
+//! - [`TestDb`]: a fresh database per test on that cluster, migrated by `waybill migrate`, and
+//!   already present on the replica.
+//! - [`Waybill`]: a `waybill serve` child process on an ephemeral port, killed when dropped;
+//!   its log is printed if the test fails.
+//!
+//! The harness runs the real `waybill` binary, which `cargo test` does not build for the root
+//! package's tests: `scripts/test` builds it first (or run `cargo build -p waybill`).
+//! Set `TEST_LOG=1` to see service logs live.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{OnceLock, mpsc},
+    time::{Duration, Instant},
+};
+
+use tokio_postgres::NoTls;
+pub use waybill_pg_cluster::{Cluster, Role};
+
+/// Settings for test clusters: durability is not under test here, speed is welcome.
+const TEST_SETTINGS: &[(&str, &str)] = &[("fsync", "off"), ("full_page_writes", "off")];
+/// How long any wait in the harness may take before the test fails instead of hanging.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// This test binary's cluster, started on first use.
+pub fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        Cluster::ephemeral(TEST_SETTINGS)
+            .unwrap_or_else(|error| panic!("cannot start a test Postgres cluster: {error}"))
+    })
+}
+
+/// A database of its own for one test, on both nodes of [`cluster`].
+pub struct TestDb {
+    /// The database's name.
+    pub name: String,
+    /// Its URL on the primary.
+    pub primary_url: String,
+    /// Its URL on the replica.
+    pub replica_url: String,
+}
+
+impl TestDb {
+    /// Creates a database, applies every service's migrations, and waits until the replica
+    /// has replayed all of it.
+    pub async fn new() -> Self {
+        let cluster = cluster();
+        let name = format!("test_{}", uuid::Uuid::now_v7().simple());
+        let admin = connect(&cluster.url(Role::Primary, "postgres")).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap_or_else(|error| panic!("CREATE DATABASE {name}: {error}"));
+        let db = Self {
+            primary_url: cluster.url(Role::Primary, &name),
+            replica_url: cluster.url(Role::Replica, &name),
+            name,
+        };
+        let output = Command::new(waybill_bin())
+            .args(["migrate", "--primary-url", &db.primary_url])
+            .output()
+            .unwrap_or_else(|error| panic!("run waybill migrate: {error}"));
+        assert!(
+            output.status.success(),
+            "waybill migrate failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        wait_for_replica().await;
+        db
+    }
+
+    /// A connection to this database on the primary.
+    pub async fn primary(&self) -> tokio_postgres::Client {
+        connect(&self.primary_url).await
+    }
+
+    /// A connection to this database on the replica.
+    pub async fn replica(&self) -> tokio_postgres::Client {
+        connect(&self.replica_url).await
+    }
+
+    /// How many rows `table` (schema-qualified) has on the primary.
+    pub async fn count(&self, table: &str) -> i64 {
+        self.primary()
+            .await
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .unwrap_or_else(|error| panic!("count {table}: {error}"))
+            .get(0)
+    }
+}
+
+/// Opens a connection, panicking with the URL on failure.
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|error| panic!("connect to {url}: {error}"));
+    tokio::spawn(connection);
+    client
+}
+
+/// Waits until the replica has replayed everything the primary has written so far.
+pub async fn wait_for_replica() {
+    let cluster = cluster();
+    let primary = connect(&cluster.url(Role::Primary, "postgres")).await;
+    let replica = connect(&cluster.url(Role::Replica, "postgres")).await;
+    let target: String = primary
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap_or_else(|error| panic!("read the primary's LSN: {error}"))
+        .get(0);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let caught_up: bool = replica
+            .query_one(
+                "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, false)",
+                &[&target],
+            )
+            .await
+            .unwrap_or_else(|error| panic!("read the replica's LSN: {error}"))
+            .get(0);
+        if caught_up {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica did not reach {target} in {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The `waybill` binary built next to this test binary (or `$WAYBILL_BIN`).
+pub fn waybill_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("WAYBILL_BIN") {
+        return PathBuf::from(path);
+    }
+    // Test binaries live in target/<profile>/deps; the binary one folder up.
+    let path = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("waybill")))
+        .unwrap_or_else(|| PathBuf::from("target/debug/waybill"));
+    assert!(
+        path.is_file(),
+        "{} is missing: build it first with `cargo build -p waybill` (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// A running `waybill serve` process.
+pub struct Waybill {
+    child: Child,
+    /// Where it serves gRPC.
+    pub addr: SocketAddr,
+    log_path: PathBuf,
+}
+
+impl Waybill {
+    /// Starts `waybill serve` on an ephemeral loopback port against `db`, with extra
+    /// arguments, and waits until it listens.
+    pub fn serve(db: &TestDb, extra_args: &[&str]) -> Self {
+        let log_path = std::env::temp_dir().join(format!("{}-waybill.log", db.name));
+        let mut command = Command::new(waybill_bin());
+        command
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .args(["--primary-url", &db.primary_url])
+            .args(["--replica-url", &db.replica_url])
+            .args(extra_args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        if std::env::var_os("TEST_LOG").is_some() {
+            command.stderr(Stdio::inherit());
+        } else {
+            let log = std::fs::File::create(&log_path)
+                .unwrap_or_else(|error| panic!("create {}: {error}", log_path.display()));
+            command.stderr(log);
+        }
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|error| panic!("spawn waybill serve: {error}"));
+
+        // The first stdout line names the bound address; keep draining stdout afterwards so
+        // the child never blocks on a full pipe.
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let mut process = Self {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            log_path,
+        };
+        let line = rx.recv_timeout(PATIENCE).unwrap_or_else(|_| {
+            panic!(
+                "waybill serve did not report its address in {PATIENCE:?}:\n{}",
+                process.log()
+            )
+        });
+        process.addr = line
+            .strip_prefix("listening on ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line from waybill serve: {line:?}"));
+        process
+    }
+
+    /// `http://ADDR`, for tonic channels.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A connected channel to the process.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(self.endpoint())
+            .expect("a valid endpoint")
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(PATIENCE)
+            .connect()
+            .await
+            .unwrap_or_else(|error| panic!("connect to {}: {error}", self.endpoint()))
+    }
+
+    /// Sends SIGTERM, as Kubernetes does before stopping a pod.
+    pub fn terminate(&self) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("a valid pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+            .unwrap_or_else(|error| panic!("SIGTERM {pid:?}: {error}"));
+    }
+
+    /// The exit status if the process has exited.
+    pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    pub async fn wait_for_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.try_exit_status() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
+    }
+
+    /// What the process has logged so far (empty with `TEST_LOG`, which prints it live).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits up to [`PATIENCE`] until the log contains `text`.
+    pub async fn wait_for_log(&self, text: &str) {
+        let deadline = Instant::now() + PATIENCE;
+        while !self.log().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "waybill did not log {text:?} in {PATIENCE:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Waybill {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- waybill serve log ({}) ---\n{}", self.addr, self.log());
+        }
+        let _ = std::fs::remove_file(&self.log_path);
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing the test after [`PATIENCE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {PATIENCE:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

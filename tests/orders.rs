@@ -1,0 +1,282 @@
+//! The orders service end to end: a real `waybill serve` process, a real primary and replica.
+
+use tonic::{Code, Status, transport::Channel};
+use tonic_types::StatusExt;
+use waybill_api::orders::v1::{self as pb, orders_service_client::OrdersServiceClient};
+use waybill_test_support::{TestDb, Waybill, wait_for_replica};
+
+async fn start() -> (TestDb, Waybill, OrdersServiceClient<Channel>) {
+    let db = TestDb::new().await;
+    let server = Waybill::serve(&db, &[]);
+    let client = OrdersServiceClient::new(server.channel().await);
+    (db, server, client)
+}
+
+fn place_request(customer: &str) -> pb::PlaceOrderRequest {
+    pb::PlaceOrderRequest {
+        customer_id: customer.into(),
+        items: vec![
+            pb::LineItem {
+                sku: "SKU-1".into(),
+                quantity: 2,
+            },
+            pb::LineItem {
+                sku: "SKU-2".into(),
+                quantity: 1,
+            },
+        ],
+        delivery_address: "1 Main St".into(),
+    }
+}
+
+/// The field paths of a BadRequest detail, in order.
+#[track_caller]
+fn violated_fields(status: &Status) -> Vec<String> {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let details = status.get_error_details();
+    let bad_request = details
+        .bad_request()
+        .unwrap_or_else(|| panic!("no BadRequest detail in {status:?}"));
+    bad_request
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_placed_order_can_be_read_back() {
+    let (_db, _server, mut client) = start().await;
+
+    let placed = client
+        .place_order(place_request("c-1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    assert_eq!(placed.status(), pb::OrderStatus::Pending);
+    assert!(placed.create_time.is_some());
+
+    let fetched = client
+        .get_order(pb::GetOrderRequest {
+            order_id: placed.order_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    assert_eq!(fetched, placed);
+    assert_eq!(fetched.customer_id, "c-1");
+    assert_eq!(fetched.items, place_request("c-1").items);
+}
+
+#[tokio::test]
+async fn invalid_orders_name_every_bad_field_and_store_nothing() {
+    let (db, _server, mut client) = start().await;
+
+    let cases = [
+        (
+            pb::PlaceOrderRequest {
+                items: vec![],
+                ..place_request("c-1")
+            },
+            vec!["items"],
+        ),
+        (
+            pb::PlaceOrderRequest {
+                items: vec![
+                    pb::LineItem {
+                        sku: "ok".into(),
+                        quantity: 1,
+                    },
+                    pb::LineItem {
+                        sku: "SKU".into(),
+                        quantity: 0,
+                    },
+                    pb::LineItem {
+                        sku: "SKU".into(),
+                        quantity: -3,
+                    },
+                ],
+                ..place_request("c-1")
+            },
+            vec!["items[1].quantity", "items[2].quantity"],
+        ),
+        (
+            pb::PlaceOrderRequest {
+                customer_id: "c".repeat(65),
+                delivery_address: "a".repeat(513),
+                ..place_request("c-1")
+            },
+            vec!["customer_id", "delivery_address"],
+        ),
+        (
+            // Postgres cannot store NUL; it must be refused before it reaches SQL.
+            place_request("nul\0byte"),
+            vec!["customer_id"],
+        ),
+    ];
+    for (request, expected) in cases {
+        let status = client.place_order(request).await.unwrap_err();
+        assert_eq!(violated_fields(&status), expected);
+    }
+
+    assert_eq!(db.count("orders.orders").await, 0);
+    assert_eq!(db.count("orders.order_items").await, 0);
+}
+
+#[tokio::test]
+async fn unknown_and_malformed_order_ids_are_told_apart() {
+    let (_db, _server, mut client) = start().await;
+
+    let unknown = client
+        .get_order(pb::GetOrderRequest {
+            order_id: uuid::Uuid::now_v7().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+
+    let malformed = client
+        .get_order(pb::GetOrderRequest {
+            order_id: "order-1'; DROP TABLE orders.orders; --".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&malformed), ["order_id"]);
+}
+
+#[tokio::test]
+async fn listing_pages_through_a_customers_orders_newest_first() {
+    let (_db, _server, mut client) = start().await;
+    let mut placed = Vec::new();
+    for _ in 0..5 {
+        let order = client
+            .place_order(place_request("c-pages"))
+            .await
+            .unwrap()
+            .into_inner()
+            .order
+            .unwrap();
+        placed.push(order.order_id);
+    }
+    client
+        .place_order(place_request("someone-else"))
+        .await
+        .unwrap();
+    wait_for_replica().await;
+
+    let mut seen = Vec::new();
+    let mut page_sizes = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_orders(pb::ListOrdersRequest {
+                customer_id: "c-pages".into(),
+                page_size: 2,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        page_sizes.push(page.orders.len());
+        seen.extend(page.orders.into_iter().map(|o| o.order_id));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+        assert!(page_sizes.len() < 10, "paging does not end");
+    }
+    placed.reverse();
+    assert_eq!(seen, placed);
+    assert_eq!(page_sizes, [2, 2, 1]);
+
+    // A token is bound to its customer; garbage and negative sizes are refused.
+    let first = client
+        .list_orders(pb::ListOrdersRequest {
+            customer_id: "c-pages".into(),
+            page_size: 1,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = client
+        .list_orders(pb::ListOrdersRequest {
+            customer_id: "someone-else".into(),
+            page_size: 1,
+            page_token: first.next_page_token,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), ["page_token"]);
+    let status = client
+        .list_orders(pb::ListOrdersRequest {
+            customer_id: String::new(),
+            page_size: -1,
+            page_token: "%%%".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        violated_fields(&status),
+        ["customer_id", "page_size", "page_token"]
+    );
+}
+
+#[tokio::test]
+async fn cancelling_is_idempotent_and_recorded() {
+    let (_db, _server, mut client) = start().await;
+    let order = client
+        .place_order(place_request("c-cancel"))
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+
+    let cancel = pb::CancelOrderRequest {
+        order_id: order.order_id.clone(),
+        reason: "changed my mind".into(),
+    };
+    let first = client
+        .cancel_order(cancel.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    assert_eq!(first.status(), pb::OrderStatus::Cancelled);
+    assert_eq!(first.cancel_reason, "changed my mind");
+
+    let again = client
+        .cancel_order(cancel)
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    assert_eq!(again, first, "a repeated cancel changes nothing");
+
+    let stored = client
+        .get_order(pb::GetOrderRequest {
+            order_id: order.order_id,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    assert_eq!(stored, first);
+
+    let unknown = client
+        .cancel_order(pb::CancelOrderRequest {
+            order_id: uuid::Uuid::now_v7().to_string(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+}
