@@ -1,6 +1,9 @@
 //! grpc.health.v1 follows the primary database. This binary stops its cluster's primary, so it
 //! has that cluster to itself.
 
+// A failed unwrap is a failed test, which is what we want here.
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use tonic::Code;

@@ -1,5 +1,8 @@
 //! The orders service end to end: a real `waybill serve` process, a real primary and replica.
 
+// A failed unwrap is a failed test, which is what we want here.
+#![allow(clippy::unwrap_used)]
+
 use tonic::{Code, Status, transport::Channel};
 use tonic_types::StatusExt;
 use waybill_api::orders::v1::{self as pb, orders_service_client::OrdersServiceClient};

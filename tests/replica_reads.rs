@@ -1,6 +1,9 @@
 //! ListOrders is served by the streaming replica. This binary has a cluster of its own, so it
 //! may pause the replica's WAL replay without disturbing other tests.
 
+// A failed unwrap is a failed test, which is what we want here.
+#![allow(clippy::unwrap_used)]
+
 use waybill_api::orders::v1::{self as pb, orders_service_client::OrdersServiceClient};
 use waybill_test_support::{TestDb, Waybill, eventually, wait_for_replica};
 
@@ -40,7 +43,7 @@ async fn listing_reads_the_replica_and_sees_writes_once_replicated() {
         .unwrap()
         .into_inner()
         .orders;
-    assert_eq!(listed, [first.clone()]);
+    assert_eq!(listed, std::slice::from_ref(&first));
 
     // Freeze the replica: a write now reaches the primary only.
     let replica = db.replica().await;
@@ -66,7 +69,7 @@ async fn listing_reads_the_replica_and_sees_writes_once_replicated() {
         .orders;
     assert_eq!(
         listed,
-        [first.clone()],
+        std::slice::from_ref(&first),
         "ListOrders must come from the paused replica, which lacks the second order"
     );
     // GetOrder reads the primary, so the writer sees its own write at once.

@@ -1,6 +1,9 @@
 //! What every waybill server does whatever it serves: reflection, and a graceful drain on
 //! SIGTERM.
 
+// A failed unwrap is a failed test, which is what we want here.
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use tonic_reflection::pb::v1::{

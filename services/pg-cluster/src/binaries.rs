@@ -37,10 +37,10 @@ impl PgBinaries {
             let dir = PathBuf::from(dir);
             return has_tools(&dir).then_some(dir);
         }
-        if let Some(path) = env::var_os("PATH") {
-            if let Some(dir) = env::split_paths(&path).find(|dir| has_tools(dir)) {
-                return Some(dir);
-            }
+        if let Some(path) = env::var_os("PATH")
+            && let Some(dir) = env::split_paths(&path).find(|dir| has_tools(dir))
+        {
+            return Some(dir);
         }
         let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
             .ok()?
