@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use waybill_runtime::{DatabaseConfig, Db, ServerConfig, server};
+use waybill_runtime::{DatabaseConfig, Db, MeshConfig, ServerConfig, server};
 
 use crate::{dev, registry::ServiceName};
 
@@ -14,12 +14,15 @@ pub struct ServeArgs {
     server: ServerConfig,
     #[command(flatten)]
     database: DatabaseConfig,
+    #[command(flatten)]
+    mesh: MeshConfig,
     /// Folder of the `waybill dev up` cluster, used when no database URL is configured.
     #[arg(long, env = "WAYBILL_DEV_DIR", default_value = dev::DEFAULT_DIR)]
     dev_dir: PathBuf,
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let policy = args.mesh.load().map_err(anyhow::Error::msg)?;
     let (primary, replicas) = dev::resolve_database(&args.database, &args.dev_dir)?;
     let database = DatabaseConfig {
         replica_urls: replicas,
@@ -48,6 +51,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         services,
         db,
         &args.server,
+        &policy,
         server::shutdown_signal(),
     )
     .await?;

@@ -1,11 +1,32 @@
 //! waybill's resilience layer: the tower middleware every service's server and every client
 //! channel goes through, sidecar-style.
 //!
-//! Today it holds the server's request tracing. Deadlines, budgeted retries, circuit breakers,
-//! idempotency keys, load shedding and client-side balancing land here as one `Layer` per
-//! module (see the mesh-layer issue); services pick them up by using this crate's stacks
-//! instead of assembling middleware themselves.
+//! Each concern is one `Layer` in its own module, usable alone, configured per method by one
+//! [`Policy`](policy::Policy) document:
 //!
-//! Invariant: this crate knows no waybill service; it speaks gRPC over HTTP/2 only.
+//! | module | side | what it prevents |
+//! |---|---|---|
+//! | [`deadline`] | both | work nobody waits for; calls that outlive their caller |
+//! | [`shed`] | server | unbounded queueing under overload |
+//! | [`fault`] | server | untested failure paths |
+//!
+//! [`server::stack`] composes the server side. The layers speak HTTP/2 requests carrying
+//! gRPC (`http::Request<tonic::body::Body>`), so they wrap tonic servers and channels alike.
+//!
+//! Invariant: this crate knows no waybill service; everything it knows about a method comes
+//! from the policy and the protobuf descriptors ([`method::MethodTable`]).
 
+#![forbid(unsafe_code)]
+
+pub mod context;
+pub mod deadline;
+pub mod fault;
+pub mod grpc;
+pub mod method;
+pub mod metrics;
+pub mod policy;
 pub mod server;
+pub mod shed;
+
+/// The boxed response future most layers return.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;

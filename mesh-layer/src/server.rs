@@ -1,10 +1,20 @@
-//! The server-side stack.
+//! The server-side stack, outermost first: trace span → deadline enforcement → injected faults
+//! → load shedding → handler. Faults sit inside the deadline so injected delays count against
+//! it, and outside shedding so an injected failure does not hold a concurrency slot.
 
+use tower::{Layer, layer::util::Stack};
 use tower_http::{
     classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier},
-    trace::{DefaultOnFailure, TraceLayer},
+    trace::{
+        DefaultMakeSpan, DefaultOnBodyChunk, DefaultOnEos, DefaultOnFailure, DefaultOnRequest,
+        DefaultOnResponse, TraceLayer,
+    },
 };
 use tracing::Level;
+
+use crate::{
+    deadline::ServerDeadlineLayer, fault::FaultLayer, policy::Policy, shed::LoadShedLayer,
+};
 
 /// Codes that report the caller's mistake or a normal outcome, not a server failure. They are
 /// not logged as failures: a client sending bad input must not page the server's owner.
@@ -21,11 +31,11 @@ const CALLER_CODES: [GrpcCode; 7] = [
 /// The server's trace layer type.
 pub type Trace = TraceLayer<
     SharedClassifier<GrpcErrorsAsFailures>,
-    tower_http::trace::DefaultMakeSpan,
-    tower_http::trace::DefaultOnRequest,
-    tower_http::trace::DefaultOnResponse,
-    tower_http::trace::DefaultOnBodyChunk,
-    tower_http::trace::DefaultOnEos,
+    DefaultMakeSpan,
+    DefaultOnRequest,
+    DefaultOnResponse,
+    DefaultOnBodyChunk,
+    DefaultOnEos,
     DefaultOnFailure,
 >;
 
@@ -39,4 +49,24 @@ pub fn trace() -> Trace {
     );
     TraceLayer::new(SharedClassifier::new(classifier))
         .on_failure(DefaultOnFailure::new().level(Level::WARN))
+}
+
+/// The mesh layers of a server (all but tracing), built from one policy.
+pub type ServerStack = Stack<LoadShedLayer, Stack<FaultLayer, ServerDeadlineLayer>>;
+
+/// Builds the server stack from `policy`. Build it once per server: the load-shedding limit
+/// is shared by everything the stack wraps.
+pub fn stack(policy: &Policy) -> ServerStack {
+    Stack::new(
+        LoadShedLayer::new(policy.load_shedding()),
+        Stack::new(FaultLayer::new(policy.clone()), ServerDeadlineLayer),
+    )
+}
+
+/// Wraps `service` in the server stack, for servers assembled without `tonic::transport`.
+pub fn wrap<S>(policy: &Policy, service: S) -> <ServerStack as Layer<S>>::Service
+where
+    ServerStack: Layer<S>,
+{
+    stack(policy).layer(service)
 }

@@ -49,6 +49,28 @@ pub struct ServerConfig {
     pub health_interval: Duration,
 }
 
+/// The mesh policy (deadlines, retries, breakers, shedding, idempotency, faults per method).
+#[derive(Clone, Debug, clap::Args)]
+pub struct MeshConfig {
+    /// A JSON policy document in the gRPC service-config shape (`methodConfig`) plus waybill's
+    /// fields; see mesh-layer's `policy` module. Unset: the built-in defaults.
+    #[arg(long, env = "WAYBILL_MESH_POLICY")]
+    pub mesh_policy: Option<std::path::PathBuf>,
+}
+
+impl MeshConfig {
+    /// Reads and validates the policy; an error names the file and the offending field.
+    pub fn load(&self) -> Result<mesh_layer::policy::Policy, String> {
+        let Some(path) = &self.mesh_policy else {
+            return Ok(mesh_layer::policy::Policy::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("mesh policy {}: {e}", path.display()))?;
+        mesh_layer::policy::Policy::from_json(&text)
+            .map_err(|e| format!("mesh policy {}: {e}", path.display()))
+    }
+}
+
 /// How logs look.
 #[derive(Clone, Debug, clap::Args)]
 pub struct LogConfig {

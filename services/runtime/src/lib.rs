@@ -12,6 +12,6 @@ pub mod migrate;
 pub mod server;
 pub mod telemetry;
 
-pub use config::{DatabaseConfig, LogConfig, ServerConfig};
+pub use config::{DatabaseConfig, LogConfig, MeshConfig, ServerConfig};
 pub use db::{Db, DbError};
 pub use migrate::Schema;

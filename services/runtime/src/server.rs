@@ -12,6 +12,8 @@ use tonic::{
 };
 use tonic_health::ServingStatus;
 
+use mesh_layer::policy::Policy;
+
 use crate::{Db, ServerConfig, health};
 
 /// The gRPC services one process serves, collected before serving.
@@ -65,6 +67,7 @@ pub async fn serve(
     services: Services,
     db: Db,
     config: &ServerConfig,
+    policy: &Policy,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let Services { mut routes, names } = services;
@@ -95,6 +98,7 @@ pub async fn serve(
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let server = Server::builder()
         .layer(mesh_layer::server::trace())
+        .layer(mesh_layer::server::stack(policy))
         .add_routes(routes.routes())
         .serve_with_incoming_shutdown(incoming, async {
             let _ = drain_rx.await;

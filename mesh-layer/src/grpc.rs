@@ -1,0 +1,145 @@
+//! The bits of the gRPC-over-HTTP/2 wire protocol the layers read and write: `grpc-timeout`,
+//! `grpc-status` in headers or trailers, and synthesized error responses.
+
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue};
+use tonic::{Code, Status, body::Body};
+
+/// The request header that carries the caller's remaining time.
+pub const GRPC_TIMEOUT: &str = "grpc-timeout";
+/// The request header a retrying client sets to the number of earlier attempts (gRPC A6).
+pub const PREVIOUS_ATTEMPTS: &str = "grpc-previous-rpc-attempts";
+/// The trailer a server sets to tell a client when (or whether) to retry (gRPC A6).
+pub const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
+/// The metadata key that makes a call idempotent by key.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Set on responses that a waybill layer produced instead of the peer, naming the layer
+/// (`breaker-open`, `load-shed`, `deadline`, `fault`, `replayed`), so a caller can tell a
+/// local decision from a remote answer.
+pub const MESH_MARKER: &str = "waybill-mesh";
+
+/// Parses a `grpc-timeout` value: 1 to 8 ASCII digits and a unit (H, M, S, m, u, n).
+pub fn parse_timeout(value: &HeaderValue) -> Option<Duration> {
+    let text = value.to_str().ok()?;
+    if text.len() < 2 || text.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = text.split_at(text.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.checked_mul(3600)?),
+        "M" => Duration::from_secs(amount.checked_mul(60)?),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// Encodes a duration as a `grpc-timeout` value in the finest unit that fits in 8 digits,
+/// rounding up so a small positive budget never becomes zero.
+pub fn format_timeout(timeout: Duration) -> HeaderValue {
+    const MAX: u128 = 99_999_999;
+    let nanos = timeout.as_nanos().max(1);
+    let units: [(u128, &str); 6] = [
+        (1, "n"),
+        (1_000, "u"),
+        (1_000_000, "m"),
+        (1_000_000_000, "S"),
+        (60_000_000_000, "M"),
+        (3_600_000_000_000, "H"),
+    ];
+    let (amount, unit) = units
+        .iter()
+        .map(|(size, unit)| (nanos.div_ceil(*size), *unit))
+        .find(|(amount, _)| *amount <= MAX)
+        .unwrap_or((MAX, "H"));
+    HeaderValue::from_str(&format!("{amount}{unit}")).unwrap_or(HeaderValue::from_static("1n"))
+}
+
+/// The `grpc-status` in a header map (a trailers-only response's headers, or trailers).
+pub fn status_code(headers: &HeaderMap) -> Option<Code> {
+    let value = headers.get("grpc-status")?.to_str().ok()?;
+    value.parse::<i32>().ok().map(Code::from_i32)
+}
+
+/// What a server asked of retries through `grpc-retry-pushback-ms`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pushback {
+    /// Retry no sooner than this.
+    After(Duration),
+    /// Do not retry (a negative or malformed value).
+    Never,
+}
+
+/// Reads `grpc-retry-pushback-ms` from headers or trailers.
+pub fn pushback(headers: &HeaderMap) -> Option<Pushback> {
+    let text = headers.get(RETRY_PUSHBACK)?.to_str().ok()?;
+    match text.parse::<i64>() {
+        Ok(ms) if ms >= 0 => Some(Pushback::After(Duration::from_millis(ms as u64))),
+        _ => Some(Pushback::Never),
+    }
+}
+
+/// A trailers-only error response carrying `status`, marked as made by the mesh layer
+/// `marker`.
+pub fn error_response(status: Status, marker: &'static str) -> http::Response<Body> {
+    let mut response = status.into_http::<Body>();
+    response
+        .headers_mut()
+        .insert(MESH_MARKER, HeaderValue::from_static(marker));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_round_trip_and_round_up() {
+        for (duration, text) in [
+            (Duration::from_nanos(1), "1n"),
+            (Duration::from_millis(1500), "1500000u"),
+            (Duration::from_secs(5), "5000000u"),
+            (Duration::from_secs(500), "500000m"),
+            (Duration::from_secs(86_400 * 3), "259200S"),
+            (Duration::ZERO, "1n"),
+        ] {
+            let value = format_timeout(duration);
+            assert_eq!(value, text, "{duration:?}");
+            assert!(parse_timeout(&value).unwrap_or_default() >= duration);
+        }
+    }
+
+    #[test]
+    fn malformed_timeouts_are_rejected() {
+        for text in ["", "S", "10", "123456789S", "-1S", "1x", "1.5S"] {
+            assert_eq!(
+                parse_timeout(&HeaderValue::from_static(text)),
+                None,
+                "{text}"
+            );
+        }
+        assert_eq!(
+            parse_timeout(&HeaderValue::from_static("99999999H")),
+            Some(Duration::from_secs(99_999_999 * 3600))
+        );
+    }
+
+    #[test]
+    fn pushback_negative_means_never() {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_PUSHBACK, HeaderValue::from_static("250"));
+        assert_eq!(
+            pushback(&headers),
+            Some(Pushback::After(Duration::from_millis(250)))
+        );
+        headers.insert(RETRY_PUSHBACK, HeaderValue::from_static("-1"));
+        assert_eq!(pushback(&headers), Some(Pushback::Never));
+    }
+}

@@ -1,0 +1,84 @@
+//! Requests, responses and tiny services for the layer tests.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use http::{HeaderValue, Request, Response};
+use mesh_layer::grpc;
+use tonic::{Code, body::Body};
+use tower::{Service, service_fn};
+
+/// A gRPC request for `path`, with an optional `grpc-timeout`.
+pub fn request(path: &str, timeout: Option<&'static str>) -> Request<Body> {
+    let mut request = Request::builder()
+        .uri(format!("http://test{path}"))
+        .body(Body::empty())
+        .unwrap();
+    if let Some(timeout) = timeout {
+        request
+            .headers_mut()
+            .insert(grpc::GRPC_TIMEOUT, HeaderValue::from_static(timeout));
+    }
+    request
+}
+
+/// A trailers-only OK response.
+pub fn ok() -> Response<Body> {
+    Response::builder()
+        .header("grpc-status", "0")
+        .body(Body::empty())
+        .unwrap()
+}
+
+/// A trailers-only response with `code`.
+pub fn status(code: Code) -> Response<Body> {
+    tonic::Status::new(code, "test").into_http()
+}
+
+/// The response's gRPC code.
+#[track_caller]
+pub fn code(response: &Response<Body>) -> Code {
+    grpc::status_code(response.headers()).expect("a grpc-status header")
+}
+
+/// Which mesh layer made the response, if one did.
+pub fn marker(response: &Response<Body>) -> Option<&str> {
+    response
+        .headers()
+        .get(grpc::MESH_MARKER)
+        .and_then(|v| v.to_str().ok())
+}
+
+/// A handler that answers OK, reporting the `grpc-timeout` it was sent, and counts calls.
+pub fn echo_timeout(
+    calls: Arc<AtomicUsize>,
+) -> impl Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future = impl Send> + Clone
+{
+    service_fn(move |request: Request<Body>| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        let timeout = request.headers().get(grpc::GRPC_TIMEOUT).cloned();
+        async move {
+            let mut response = ok();
+            if let Some(timeout) = timeout {
+                response.headers_mut().insert("sent-timeout", timeout);
+            }
+            Ok::<_, Infallible>(response)
+        }
+    })
+}
+
+/// The `grpc-timeout` an [`echo_timeout`] handler was sent.
+pub fn sent_timeout(response: &Response<Body>) -> Option<Duration> {
+    response
+        .headers()
+        .get("sent-timeout")
+        .and_then(grpc::parse_timeout)
+}
