@@ -2,7 +2,7 @@
 //! call needs no other tool.
 
 use anyhow::{Context, bail};
-use tonic::transport::Channel;
+use mesh_layer::{client::MeshClient, method::MethodTable, policy::Policy};
 use waybill_api::orders::v1::{self as pb, orders_service_client::OrdersServiceClient};
 
 #[derive(clap::Subcommand)]
@@ -54,6 +54,15 @@ pub enum OrdersCommand {
     },
 }
 
+/// A command-line call waits at most 10 s, and retries a refused connection (UNAVAILABLE)
+/// for idempotent methods.
+const CLI_POLICY: &str = r#"{"methodConfig": [{
+    "name": [{}],
+    "timeout": "10s",
+    "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.1s", "maxBackoff": "1s",
+                    "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+}]}"#;
+
 #[derive(clap::Args)]
 pub struct Target {
     /// The server to call.
@@ -62,15 +71,15 @@ pub struct Target {
 }
 
 impl Target {
-    async fn client(&self) -> anyhow::Result<OrdersServiceClient<Channel>> {
-        let channel = Channel::from_shared(self.addr.clone())
-            .context("--addr must be a URL such as http://127.0.0.1:50051")?
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .timeout(std::time::Duration::from_secs(10))
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to {}", self.addr))?;
-        Ok(OrdersServiceClient::new(channel))
+    /// A client through the mesh client stack (deadline, budgeted retries), as services use.
+    async fn client(&self) -> anyhow::Result<OrdersServiceClient<MeshClient>> {
+        let channel = mesh_layer::client::connect(&self.addr)
+            .context("--addr must be a URL such as http://127.0.0.1:50051")?;
+        let methods = MethodTable::from_descriptor_sets(&[waybill_api::FILE_DESCRIPTOR_SET])?;
+        let policy = Policy::from_json(CLI_POLICY)?;
+        Ok(OrdersServiceClient::new(mesh_layer::client::wrap(
+            &policy, &methods, channel,
+        )))
     }
 }
 

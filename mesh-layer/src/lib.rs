@@ -7,10 +7,11 @@
 //! | module | side | what it prevents |
 //! |---|---|---|
 //! | [`deadline`] | both | work nobody waits for; calls that outlive their caller |
+//! | [`retry`] | client | lost calls, without retry storms (budget, no amplification) |
 //! | [`shed`] | server | unbounded queueing under overload |
 //! | [`fault`] | server | untested failure paths |
 //!
-//! [`server::stack`] composes the server side. The layers speak HTTP/2 requests carrying
+//! [`server::stack`] composes the server side, [`client::stack`] the client side. The layers speak HTTP/2 requests carrying
 //! gRPC (`http::Request<tonic::body::Body>`), so they wrap tonic servers and channels alike.
 //!
 //! Invariant: this crate knows no waybill service; everything it knows about a method comes
@@ -18,6 +19,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod context;
 pub mod deadline;
 pub mod fault;
@@ -25,6 +27,7 @@ pub mod grpc;
 pub mod method;
 pub mod metrics;
 pub mod policy;
+pub mod retry;
 pub mod server;
 pub mod shed;
 

@@ -274,7 +274,7 @@ fn validate(document: Document) -> Result<Policy, PolicyError> {
         inner: Arc::new(Inner {
             by_method,
             by_service,
-            default: default.unwrap_or_default(),
+            default: default.unwrap_or_else(|| Arc::new(MethodPolicy::builtin_default())),
             retry_budget,
             breaker,
             load_shedding,

@@ -216,13 +216,32 @@ impl Default for IdempotencyPolicy {
     }
 }
 
+impl MethodPolicy {
+    /// What applies to a method no entry names, unless the document has a default entry
+    /// (`"name": [{}]`): retry UNAVAILABLE up to 3 attempts. The retry layer still retries
+    /// only idempotent methods and keyed calls, within the budget.
+    pub fn builtin_default() -> Self {
+        Self {
+            timeout: None,
+            retry: Some(RetryPolicy {
+                max_attempts: 3,
+                initial_backoff: Duration::from_millis(50),
+                max_backoff: Duration::from_secs(1),
+                backoff_multiplier: 2.0,
+                retryable_codes: vec![Code::Unavailable],
+            }),
+            faults: FaultPolicy::default(),
+        }
+    }
+}
+
 impl Default for Policy {
     fn default() -> Self {
         Self {
             inner: Arc::new(Inner {
                 by_method: HashMap::new(),
                 by_service: HashMap::new(),
-                default: Arc::default(),
+                default: Arc::new(MethodPolicy::builtin_default()),
                 retry_budget: BudgetPolicy::default(),
                 breaker: BreakerPolicy::default(),
                 load_shedding: Some(ShedPolicy::default()),
@@ -241,7 +260,8 @@ impl Policy {
     }
 
     /// The policy for a method path (`/package.Service/Method`): its own entry, else its
-    /// service's, else the default entry (`"name": [{}]`), else nothing.
+    /// service's, else the default entry (`"name": [{}]`), else
+    /// [`MethodPolicy::builtin_default`].
     pub fn method(&self, path: &str) -> Arc<MethodPolicy> {
         if let Some((service, method)) = split_path(path) {
             // Avoid allocating on the hot path when there are no per-method entries.

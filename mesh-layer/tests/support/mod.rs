@@ -82,3 +82,40 @@ pub fn sent_timeout(response: &Response<Body>) -> Option<Duration> {
         .get("sent-timeout")
         .and_then(grpc::parse_timeout)
 }
+
+/// Methods of a test service `s.S`: `Get` (NO_SIDE_EFFECTS), `Put` (IDEMPOTENT), `Buy` (not
+/// idempotent), `Watch` (idempotent, server streaming).
+pub fn methods() -> mesh_layer::method::MethodTable {
+    use prost::Message;
+    use prost_types::{
+        FileDescriptorProto, FileDescriptorSet, MethodDescriptorProto, MethodOptions,
+        ServiceDescriptorProto, method_options::IdempotencyLevel,
+    };
+    let method =
+        |name: &str, level: Option<IdempotencyLevel>, stream: bool| MethodDescriptorProto {
+            name: Some(name.into()),
+            options: level.map(|level| MethodOptions {
+                idempotency_level: Some(level as i32),
+                ..Default::default()
+            }),
+            server_streaming: Some(stream),
+            ..Default::default()
+        };
+    let set = FileDescriptorSet {
+        file: vec![FileDescriptorProto {
+            package: Some("s".into()),
+            service: vec![ServiceDescriptorProto {
+                name: Some("S".into()),
+                method: vec![
+                    method("Get", Some(IdempotencyLevel::NoSideEffects), false),
+                    method("Put", Some(IdempotencyLevel::Idempotent), false),
+                    method("Buy", None, false),
+                    method("Watch", Some(IdempotencyLevel::NoSideEffects), true),
+                ],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    mesh_layer::method::MethodTable::from_descriptor_sets(&[&set.encode_to_vec()]).unwrap()
+}

@@ -1,0 +1,47 @@
+//! The client-side stack, outermost first: deadline → budgeted retry → the connection.
+//! (Circuit breaking and load balancing over several endpoints sit below retry, per endpoint;
+//! see `balance`.) The deadline sits outside retry so that all attempts share one deadline.
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use tower::{Layer, layer::util::Stack};
+
+use crate::{
+    deadline::{DeadlineLayer, DeadlineService},
+    method::MethodTable,
+    policy::Policy,
+    retry::{Retry, RetryLayer},
+};
+
+/// The mesh layers of a client for one target service.
+pub type ClientStack = Stack<RetryLayer, DeadlineLayer>;
+
+/// A connection wrapped in the client stack; hand it to a generated tonic client
+/// (`OrdersServiceClient::new(client)`).
+pub type MeshClient<S = Channel> = DeadlineService<Retry<S>>;
+
+/// Builds the client stack for one target service. Clones of the result share the retry
+/// budget, so build it once per target.
+pub fn stack(policy: &Policy, methods: &MethodTable) -> ClientStack {
+    Stack::new(
+        RetryLayer::new(policy.clone(), methods.clone()),
+        DeadlineLayer::new(policy.clone()),
+    )
+}
+
+/// Wraps `connection` in the client stack.
+pub fn wrap<S>(policy: &Policy, methods: &MethodTable, connection: S) -> MeshClient<S> {
+    stack(policy, methods).layer(connection)
+}
+
+/// The one place connections are made, so TLS and mTLS plug in here later. Connects lazily:
+/// the first call connects, and a refused connection is an UNAVAILABLE the retry layer sees.
+pub fn connect(uri: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(uri.to_owned())?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .connect_lazy())
+}

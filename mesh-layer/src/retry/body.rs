@@ -1,0 +1,114 @@
+//! Bodies a retry needs: the request kept (up to a bound) so it can be sent again, and a
+//! unary response read whole so its trailers can say whether to retry.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use tonic::body::Body;
+
+/// The outcome of reading a request body for replay.
+pub enum Buffered {
+    /// The whole body, which can be sent any number of times.
+    Complete(Bytes),
+    /// Larger than the bound: what was read so far followed by the rest, to be sent once.
+    TooLarge(Body),
+    /// The body failed while being read.
+    Failed(tonic::Status),
+}
+
+/// Reads `body` for replay, keeping at most `limit` bytes.
+pub async fn buffer_request(mut body: Body, limit: usize) -> Buffered {
+    let mut buffered = BytesMut::new();
+    loop {
+        match body.frame().await {
+            None => return Buffered::Complete(buffered.freeze()),
+            Some(Err(status)) => return Buffered::Failed(status),
+            Some(Ok(frame)) => {
+                // gRPC requests carry no trailers; ignore any rather than fail the call.
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                buffered.extend_from_slice(&data);
+                if buffered.len() > limit {
+                    return Buffered::TooLarge(Body::new(Prefixed {
+                        prefix: Some(buffered.freeze()),
+                        rest: body,
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// A body that yields `prefix` and then whatever `rest` yields.
+struct Prefixed {
+    prefix: Option<Bytes>,
+    rest: Body,
+}
+
+impl HttpBody for Prefixed {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(prefix) = self.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let mut hint = self.rest.size_hint();
+        if let Some(prefix) = &self.prefix {
+            let len = prefix.len() as u64;
+            hint.set_lower(hint.lower() + len);
+            if let Some(upper) = hint.upper() {
+                hint.set_upper(upper + len);
+            }
+        }
+        hint
+    }
+}
+
+/// A replayable request body.
+pub fn replay(bytes: &Bytes) -> Body {
+    Body::new(Full::new(bytes.clone()))
+}
+
+/// A response body read whole, and its trailers.
+pub struct ReadResponse {
+    /// The body again, with the same data and trailers.
+    pub body: Body,
+    /// The trailers, if any.
+    pub trailers: Option<HeaderMap>,
+}
+
+/// Reads a (unary) response body whole so its trailers can be inspected, up to `limit` bytes.
+/// `Err` carries a status for a body that failed or was too large.
+pub async fn read_response(body: Body, limit: usize) -> Result<ReadResponse, tonic::Status> {
+    let collected = http_body_util::Limited::new(body, limit)
+        .collect()
+        .await
+        .map_err(|e| tonic::Status::internal(format!("reading the response: {e}")))?;
+    let trailers = collected.trailers().cloned();
+    let data = collected.to_bytes();
+    let returned = trailers.clone();
+    let body = Full::new(data).with_trailers(async move { returned.map(Ok) });
+    Ok(ReadResponse {
+        body: Body::new(body.map_err(|never: std::convert::Infallible| match never {})),
+        trailers,
+    })
+}
