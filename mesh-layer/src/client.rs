@@ -1,6 +1,7 @@
-//! The client-side stack, outermost first: deadline → budgeted retry → the connection.
-//! (Circuit breaking and load balancing over several endpoints sit below retry, per endpoint;
-//! see `balance`.) The deadline sits outside retry so that all attempts share one deadline.
+//! The client-side stack, outermost first: deadline → budgeted retry → balancer (power of two
+//! choices) → per-endpoint circuit breaker → connection. The deadline sits outside retry so
+//! that all attempts share one deadline; the breakers sit below the balancer so that a retry
+//! can land on a healthy endpoint.
 
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use tonic::transport::{Channel, Endpoint};
 use tower::{Layer, layer::util::Stack};
 
 use crate::{
+    balance::{Balancer, TargetError},
     deadline::{DeadlineLayer, DeadlineService},
     method::MethodTable,
     policy::Policy,
@@ -33,6 +35,17 @@ pub fn stack(policy: &Policy, methods: &MethodTable) -> ClientStack {
 /// Wraps `connection` in the client stack.
 pub fn wrap<S>(policy: &Policy, methods: &MethodTable, connection: S) -> MeshClient<S> {
     stack(policy, methods).layer(connection)
+}
+
+/// A client for `target` (see [`Balancer::connect`]): the client stack over a balancer whose
+/// endpoints each sit behind a circuit breaker.
+pub fn balanced(
+    target: &str,
+    policy: &Policy,
+    methods: &MethodTable,
+) -> Result<MeshClient<Balancer<Channel>>, TargetError> {
+    let balancer = Balancer::connect(target, policy.breaker().clone())?;
+    Ok(wrap(policy, methods, balancer))
 }
 
 /// The one place connections are made, so TLS and mTLS plug in here later. Connects lazily:

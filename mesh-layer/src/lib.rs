@@ -6,6 +6,8 @@
 //!
 //! | module | side | what it prevents |
 //! |---|---|---|
+//! | [`balance`] | client | one hot endpoint while others idle; calls to dead endpoints |
+//! | [`breaker`] | client | waiting on a dead endpoint; piling load on a drowning one |
 //! | [`deadline`] | both | work nobody waits for; calls that outlive their caller |
 //! | [`retry`] | client | lost calls, without retry storms (budget, no amplification) |
 //! | [`shed`] | server | unbounded queueing under overload |
@@ -19,6 +21,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod balance;
+pub mod breaker;
 pub mod client;
 pub mod context;
 pub mod deadline;
