@@ -20,6 +20,9 @@ pub enum OrdersCommand {
         /// Delivery address.
         #[arg(long)]
         address: String,
+        /// Makes the call safe to repeat: the same key returns the same order.
+        #[arg(long)]
+        idempotency_key: Option<String>,
     },
     /// Show one order.
     Get {
@@ -90,16 +93,23 @@ pub async fn run(command: OrdersCommand) -> anyhow::Result<()> {
             customer,
             items,
             address,
+            idempotency_key,
         } => {
             let items = items
                 .iter()
                 .map(|text| parse_item(text))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let request = pb::PlaceOrderRequest {
+            let mut request = tonic::Request::new(pb::PlaceOrderRequest {
                 customer_id: customer,
                 items,
                 delivery_address: address,
-            };
+            });
+            if let Some(key) = idempotency_key {
+                let key = key
+                    .parse()
+                    .context("--idempotency-key must be visible ASCII")?;
+                request.metadata_mut().insert("idempotency-key", key);
+            }
             target
                 .client()
                 .await?

@@ -66,16 +66,13 @@ fn main() -> std::process::ExitCode {
             Command::Serve(args) => serve::run(args).await,
             Command::Migrate(args) => {
                 let (primary, _) = dev::resolve_database(&args.database, &args.dev_dir)?;
-                let schemas: Vec<_> = args.services.iter().map(|s| s.schema()).collect();
+                // The mesh schema (idempotency keys) comes first: every service uses it.
+                let schemas: Vec<_> = std::iter::once(waybill_runtime::MESH_SCHEMA)
+                    .chain(args.services.iter().map(|s| s.schema()))
+                    .collect();
                 waybill_runtime::migrate::run(&primary, &schemas).await?;
-                eprintln!(
-                    "migrated: {}",
-                    args.services
-                        .iter()
-                        .map(|s| s.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
+                let names: Vec<_> = schemas.iter().map(|s| s.name).collect();
+                eprintln!("migrated schemas: {}", names.join(", "));
                 Ok(())
             }
             Command::Dev(command) => dev::run(command).await,

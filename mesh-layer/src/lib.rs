@@ -9,6 +9,7 @@
 //! | [`balance`] | client | one hot endpoint while others idle; calls to dead endpoints |
 //! | [`breaker`] | client | waiting on a dead endpoint; piling load on a drowning one |
 //! | [`deadline`] | both | work nobody waits for; calls that outlive their caller |
+//! | [`idempotency`] | server | a retried write applied twice |
 //! | [`retry`] | client | lost calls, without retry storms (budget, no amplification) |
 //! | [`shed`] | server | unbounded queueing under overload |
 //! | [`fault`] | server | untested failure paths |
@@ -22,12 +23,14 @@
 #![forbid(unsafe_code)]
 
 pub mod balance;
+pub mod body;
 pub mod breaker;
 pub mod client;
 pub mod context;
 pub mod deadline;
 pub mod fault;
 pub mod grpc;
+pub mod idempotency;
 pub mod method;
 pub mod metrics;
 pub mod policy;

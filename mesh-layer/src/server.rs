@@ -1,6 +1,7 @@
 //! The server-side stack, outermost first: trace span → deadline enforcement → injected faults
-//! → load shedding → handler. Faults sit inside the deadline so injected delays count against
-//! it, and outside shedding so an injected failure does not hold a concurrency slot.
+//! → load shedding → idempotency → handler. Faults sit inside the deadline so injected delays
+//! count against it, and outside shedding so an injected failure does not hold a concurrency
+//! slot. Idempotency is innermost: a shed or failed-fast call never claims its key.
 
 use tower::{Layer, layer::util::Stack};
 use tower_http::{
@@ -12,8 +13,15 @@ use tower_http::{
 };
 use tracing::Level;
 
+use std::sync::Arc;
+
 use crate::{
-    deadline::ServerDeadlineLayer, fault::FaultLayer, policy::Policy, shed::LoadShedLayer,
+    deadline::ServerDeadlineLayer,
+    fault::FaultLayer,
+    idempotency::{IdempotencyLayer, IdempotencyStore},
+    method::MethodTable,
+    policy::Policy,
+    shed::LoadShedLayer,
 };
 
 /// Codes that report the caller's mistake or a normal outcome, not a server failure. They are
@@ -52,21 +60,35 @@ pub fn trace() -> Trace {
 }
 
 /// The mesh layers of a server (all but tracing), built from one policy.
-pub type ServerStack = Stack<LoadShedLayer, Stack<FaultLayer, ServerDeadlineLayer>>;
+pub type ServerStack =
+    Stack<IdempotencyLayer, Stack<LoadShedLayer, Stack<FaultLayer, ServerDeadlineLayer>>>;
 
-/// Builds the server stack from `policy`. Build it once per server: the load-shedding limit
-/// is shared by everything the stack wraps.
-pub fn stack(policy: &Policy) -> ServerStack {
+/// Builds the server stack from `policy`, for the methods `methods` describes, keeping
+/// idempotency keys in `store`. Build it once per server: the load-shedding limit is shared
+/// by everything the stack wraps.
+pub fn stack(
+    policy: &Policy,
+    methods: &MethodTable,
+    store: Arc<dyn IdempotencyStore>,
+) -> ServerStack {
     Stack::new(
-        LoadShedLayer::new(policy.load_shedding()),
-        Stack::new(FaultLayer::new(policy.clone()), ServerDeadlineLayer),
+        IdempotencyLayer::new(store, policy, methods.clone()),
+        Stack::new(
+            LoadShedLayer::new(policy.load_shedding()),
+            Stack::new(FaultLayer::new(policy.clone()), ServerDeadlineLayer),
+        ),
     )
 }
 
 /// Wraps `service` in the server stack, for servers assembled without `tonic::transport`.
-pub fn wrap<S>(policy: &Policy, service: S) -> <ServerStack as Layer<S>>::Service
+pub fn wrap<S>(
+    policy: &Policy,
+    methods: &MethodTable,
+    store: Arc<dyn IdempotencyStore>,
+    service: S,
+) -> <ServerStack as Layer<S>>::Service
 where
     ServerStack: Layer<S>,
 {
-    stack(policy).layer(service)
+    stack(policy, methods, store).layer(service)
 }

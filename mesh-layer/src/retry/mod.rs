@@ -22,7 +22,6 @@
 //! `maxRetryBufferBytes`; larger requests are sent once.
 
 mod backoff;
-mod body;
 mod latency;
 
 use std::{
@@ -38,13 +37,10 @@ use tower::{
     retry::budget::{Budget, TpsBudget},
 };
 
-use self::{
-    backoff::Backoff,
-    body::{Buffered, buffer_request, read_response, replay},
-    latency::TypicalLatency,
-};
+use self::{backoff::Backoff, latency::TypicalLatency};
 use crate::{
     BoxFuture,
+    body::{Buffered, MAX_RESPONSE_BYTES, buffer_request, read_response, replay},
     context::CallContext,
     deadline::Deadline,
     grpc::{self, IDEMPOTENCY_KEY, PREVIOUS_ATTEMPTS, Pushback},
@@ -52,10 +48,6 @@ use crate::{
     metrics,
     policy::Policy,
 };
-
-/// The largest unary response read whole to find its status in the trailers (tonic's default
-/// decode limit).
-const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Budgeted retries (see the module docs). Clones share one budget: build one layer per
 /// target service.

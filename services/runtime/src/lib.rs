@@ -8,10 +8,12 @@
 pub mod config;
 pub mod db;
 pub mod health;
+pub mod idempotency;
 pub mod migrate;
 pub mod server;
 pub mod telemetry;
 
 pub use config::{DatabaseConfig, LogConfig, MeshConfig, ServerConfig};
 pub use db::{Db, DbError};
+pub use idempotency::{MESH_SCHEMA, PgIdempotencyStore};
 pub use migrate::Schema;

@@ -1,7 +1,7 @@
 //! One gRPC server for the services a process runs, with health, reflection, the mesh server
 //! stack, and a graceful drain on shutdown.
 
-use std::{convert::Infallible, future::Future};
+use std::{convert::Infallible, future::Future, sync::Arc};
 
 use tokio::net::TcpListener;
 use tonic::{
@@ -12,9 +12,12 @@ use tonic::{
 };
 use tonic_health::ServingStatus;
 
-use mesh_layer::policy::Policy;
+use mesh_layer::{method::MethodTable, policy::Policy};
 
-use crate::{Db, ServerConfig, health};
+use crate::{Db, PgIdempotencyStore, ServerConfig, health};
+
+/// How often expired idempotency keys are deleted.
+const PURGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The gRPC services one process serves, collected before serving.
 #[derive(Default)]
@@ -52,6 +55,9 @@ pub enum ServeError {
     /// The reflection descriptors did not load (a build problem).
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The method descriptors did not decode (a build problem).
+    #[error("descriptors: {0}")]
+    Descriptors(String),
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -71,6 +77,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let Services { mut routes, names } = services;
+
+    let methods = MethodTable::from_descriptor_sets(&[waybill_api::FILE_DESCRIPTOR_SET])
+        .map_err(|e| ServeError::Descriptors(e.to_string()))?;
+    let store = PgIdempotencyStore::new(db.clone());
+    let purge = tokio::spawn(store.clone().purge_forever(PURGE_INTERVAL));
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     // Not serving until the first probe of the primary succeeds.
@@ -98,7 +109,7 @@ pub async fn serve(
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let server = Server::builder()
         .layer(mesh_layer::server::trace())
-        .layer(mesh_layer::server::stack(policy))
+        .layer(mesh_layer::server::stack(policy, &methods, Arc::new(store)))
         .add_routes(routes.routes())
         .serve_with_incoming_shutdown(incoming, async {
             let _ = drain_rx.await;
@@ -108,6 +119,7 @@ pub async fn serve(
     tokio::select! {
         result = &mut server => {
             monitor.abort();
+            purge.abort();
             return result.map_err(ServeError::from);
         }
         () = shutdown => {}
@@ -115,6 +127,7 @@ pub async fn serve(
 
     tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining in-flight calls");
     monitor.abort();
+    purge.abort();
     health::set_all(&reporter, &names, ServingStatus::NotServing).await;
     let _ = drain_tx.send(());
     match tokio::time::timeout(config.shutdown_grace, &mut server).await {

@@ -1,5 +1,5 @@
-//! Bodies a retry needs: the request kept (up to a bound) so it can be sent again, and a
-//! unary response read whole so its trailers can say whether to retry.
+//! Bodies the layers keep: a request kept (up to a bound) so it can be sent again, and a
+//! unary response read whole so its trailers can be read (retry) or stored (idempotency).
 
 use std::{
     pin::Pin,
@@ -11,6 +11,9 @@ use http::HeaderMap;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use tonic::body::Body;
+
+/// The largest unary response read whole (tonic's default decode limit).
+pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 
 /// The outcome of reading a request body for replay.
 pub enum Buffered {
@@ -92,6 +95,8 @@ pub fn replay(bytes: &Bytes) -> Body {
 pub struct ReadResponse {
     /// The body again, with the same data and trailers.
     pub body: Body,
+    /// The data it carries.
+    pub data: Bytes,
     /// The trailers, if any.
     pub trailers: Option<HeaderMap>,
 }
@@ -106,9 +111,10 @@ pub async fn read_response(body: Body, limit: usize) -> Result<ReadResponse, ton
     let trailers = collected.trailers().cloned();
     let data = collected.to_bytes();
     let returned = trailers.clone();
-    let body = Full::new(data).with_trailers(async move { returned.map(Ok) });
+    let body = Full::new(data.clone()).with_trailers(async move { returned.map(Ok) });
     Ok(ReadResponse {
         body: Body::new(body.map_err(|never: std::convert::Infallible| match never {})),
+        data,
         trailers,
     })
 }
