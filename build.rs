@@ -4,7 +4,10 @@
 use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/waybill/orders/v1/orders.proto"];
+    let protos = [
+        "proto/waybill/echo/v1/echo.proto",
+        "proto/waybill/orders/v1/orders.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -5,6 +5,15 @@
 
 #![deny(missing_docs)]
 
+/// `waybill.echo.v1`: a diagnostic echo service (deadlines and retries across hops).
+pub mod echo {
+    /// Version 1 of the echo API.
+    #[allow(missing_docs, clippy::all)]
+    pub mod v1 {
+        tonic::include_proto!("waybill.echo.v1");
+    }
+}
+
 /// `waybill.orders.v1`: placing, reading and cancelling orders.
 pub mod orders {
     /// Version 1 of the orders API.

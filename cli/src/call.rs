@@ -199,3 +199,50 @@ fn print_order(order: Option<pb::Order>) {
         }
     );
 }
+
+/// `waybill echo`: send an echo through a chain of servers and show what each hop saw.
+#[derive(clap::Args)]
+pub struct EchoArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Further echo servers to relay through, in order (http://host:port).
+    #[arg(long)]
+    relay: Vec<String>,
+    /// The call's deadline.
+    #[arg(long, default_value = "5s", value_parser = waybill_runtime::config::parse_duration)]
+    timeout: std::time::Duration,
+    /// The message.
+    #[arg(default_value = "hello")]
+    message: String,
+}
+
+pub async fn echo(args: EchoArgs) -> anyhow::Result<()> {
+    use waybill_api::echo::v1::{EchoRequest, echo_service_client::EchoServiceClient};
+    let channel = mesh_layer::client::connect(&args.target.addr)
+        .context("--addr must be a URL such as http://127.0.0.1:50051")?;
+    let methods = MethodTable::from_descriptor_sets(&[waybill_api::FILE_DESCRIPTOR_SET])?;
+    let mut client = EchoServiceClient::new(mesh_layer::client::wrap(
+        &Policy::from_json(CLI_POLICY)?,
+        &methods,
+        channel,
+    ));
+    let mut request = tonic::Request::new(EchoRequest {
+        message: args.message,
+        relay: args.relay,
+        delay_ms: 0,
+    });
+    request.set_timeout(args.timeout);
+    let response = client
+        .echo(request)
+        .await
+        .map_err(|status| anyhow::anyhow!("{}: {}", status.code(), status.message()))?
+        .into_inner();
+    println!("{}", response.message);
+    for (index, hop) in response.hops.iter().enumerate() {
+        println!(
+            "hop {index}: deadline left {} ms, previous attempts {}",
+            hop.deadline_remaining_ms, hop.previous_attempts
+        );
+    }
+    Ok(())
+}

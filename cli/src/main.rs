@@ -34,6 +34,8 @@ enum Command {
     /// Call the orders service.
     #[command(subcommand)]
     Orders(call::OrdersCommand),
+    /// Call the diagnostic echo service, optionally through a chain of echo servers.
+    Echo(call::EchoArgs),
 }
 
 #[derive(clap::Args)]
@@ -68,7 +70,7 @@ fn main() -> std::process::ExitCode {
                 let (primary, _) = dev::resolve_database(&args.database, &args.dev_dir)?;
                 // The mesh schema (idempotency keys) comes first: every service uses it.
                 let schemas: Vec<_> = std::iter::once(waybill_runtime::MESH_SCHEMA)
-                    .chain(args.services.iter().map(|s| s.schema()))
+                    .chain(args.services.iter().filter_map(|s| s.schema()))
                     .collect();
                 waybill_runtime::migrate::run(&primary, &schemas).await?;
                 let names: Vec<_> = schemas.iter().map(|s| s.name).collect();
@@ -77,6 +79,7 @@ fn main() -> std::process::ExitCode {
             }
             Command::Dev(command) => dev::run(command).await,
             Command::Orders(command) => call::run(command).await,
+            Command::Echo(args) => call::echo(args).await,
         }
     });
     match result {

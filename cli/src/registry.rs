@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use mesh_layer::policy::Policy;
 use waybill_runtime::{Db, Schema, server::Services};
 
 /// A service by its short name, as given to `--services`.
@@ -9,23 +10,32 @@ use waybill_runtime::{Db, Schema, server::Services};
 pub enum ServiceName {
     /// Orders: place, get, list, cancel.
     Orders,
+    /// Diagnostic echo (deadlines and retries across hops); not in the default set.
+    Echo,
 }
 
 impl ServiceName {
+    /// The services `serve` and `migrate` run when none are named: the delivery platform.
     pub fn all() -> Vec<Self> {
         vec![ServiceName::Orders]
     }
 
-    pub fn schema(self) -> Schema {
+    /// The service's own schema, if it stores anything.
+    pub fn schema(self) -> Option<Schema> {
         match self {
-            ServiceName::Orders => waybill_orders::SCHEMA,
+            ServiceName::Orders => Some(waybill_orders::SCHEMA),
+            ServiceName::Echo => None,
         }
     }
 
-    pub fn register(self, services: &mut Services, db: &Db) {
+    pub fn register(self, services: &mut Services, db: &Db, policy: &Policy) -> anyhow::Result<()> {
         match self {
             ServiceName::Orders => services.add(waybill_orders::server(db.clone())),
+            ServiceName::Echo => services.add(waybill_echo::server(waybill_echo::Echo::new(
+                policy.clone(),
+            )?)),
         };
+        Ok(())
     }
 }
 
@@ -33,6 +43,7 @@ impl fmt::Display for ServiceName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ServiceName::Orders => f.write_str("orders"),
+            ServiceName::Echo => f.write_str("echo"),
         }
     }
 }

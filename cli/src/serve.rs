@@ -32,7 +32,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let mut services = server::Services::default();
     for name in &args.services {
-        name.register(&mut services, &db);
+        name.register(&mut services, &db, &policy)?;
     }
 
     let listener = tokio::net::TcpListener::bind(args.server.listen)

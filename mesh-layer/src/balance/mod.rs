@@ -221,7 +221,7 @@ impl<S> Service<Request<Body>> for Balancer<S>
 where
     S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S::Error: std::fmt::Display + Send + 'static,
 {
     type Response = Response<Body>;
     type Error = S::Error;
@@ -254,7 +254,11 @@ where
                 Err(error) => Err(error),
             };
             endpoint.load.finish(started.elapsed());
-            result
+            // A connection that failed (refused, reset) is UNAVAILABLE, as gRPC clients
+            // report it; tonic alone would surface it as UNKNOWN, which no policy retries.
+            Ok(result.unwrap_or_else(|error| {
+                Status::unavailable(format!("endpoint {}: {error}", endpoint.name)).into_http()
+            }))
         })
     }
 }

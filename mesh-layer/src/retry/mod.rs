@@ -201,6 +201,15 @@ where
                 if !retry.retryable_codes.contains(&code) {
                     return outcome;
                 }
+                // Our own breaker failed the call fast: every endpoint's circuit is open, and
+                // a retry would only spend budget on the same answer.
+                if outcome.as_ref().is_ok_and(|r| {
+                    r.headers()
+                        .get(grpc::MESH_MARKER)
+                        .is_some_and(|m| m == "breaker-open")
+                }) {
+                    return outcome;
+                }
                 let skip = |reason: &'static str| {
                     tracing::debug!(method = %path, attempt, ?code, reason, "not retrying");
                     metrics::retry_skipped(&path, reason);

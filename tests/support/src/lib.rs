@@ -161,20 +161,61 @@ pub struct Waybill {
     /// Where it serves gRPC.
     pub addr: SocketAddr,
     log_path: PathBuf,
+    policy_path: Option<PathBuf>,
+}
+
+/// How to start a `waybill serve` process beyond the defaults.
+#[derive(Default)]
+pub struct ServeOptions<'a> {
+    /// `--services` (default: the binary's default set).
+    pub services: Option<&'a str>,
+    /// A mesh policy document, written to a file for `--mesh-policy`.
+    pub policy: Option<&'a str>,
+    /// A fixed address instead of an ephemeral port (to restart a server where it was).
+    pub listen: Option<SocketAddr>,
+    /// Further arguments.
+    pub args: &'a [&'a str],
 }
 
 impl Waybill {
     /// Starts `waybill serve` on an ephemeral loopback port against `db`, with extra
     /// arguments, and waits until it listens.
     pub fn serve(db: &TestDb, extra_args: &[&str]) -> Self {
-        let log_path = std::env::temp_dir().join(format!("{}-waybill.log", db.name));
+        Self::start(
+            db,
+            ServeOptions {
+                args: extra_args,
+                ..ServeOptions::default()
+            },
+        )
+    }
+
+    /// Starts `waybill serve` against `db` as `options` say, and waits until it listens.
+    pub fn start(db: &TestDb, options: ServeOptions<'_>) -> Self {
+        static SEQUENCE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log_path = std::env::temp_dir().join(format!("{}-{n}-waybill.log", db.name));
+        let listen = options
+            .listen
+            .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
         let mut command = Command::new(waybill_bin());
         command
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", &listen])
             .args(["--primary-url", &db.primary_url])
-            .args(["--replica-url", &db.replica_url])
-            .args(extra_args)
+            .args(["--replica-url", &db.replica_url]);
+        if let Some(services) = options.services {
+            command.args(["--services", services]);
+        }
+        let policy_path = options.policy.map(|policy| {
+            let path = std::env::temp_dir().join(format!("{}-{n}-policy.json", db.name));
+            std::fs::write(&path, policy)
+                .unwrap_or_else(|error| panic!("write {}: {error}", path.display()));
+            command.arg("--mesh-policy").arg(&path);
+            path
+        });
+        command
+            .args(options.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped());
@@ -203,6 +244,7 @@ impl Waybill {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             log_path,
+            policy_path,
         };
         let line = rx.recv_timeout(PATIENCE).unwrap_or_else(|_| {
             panic!(
@@ -232,6 +274,12 @@ impl Waybill {
             .connect()
             .await
             .unwrap_or_else(|error| panic!("connect to {}: {error}", self.endpoint()))
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would, and waits for it to go.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM, as Kubernetes does before stopping a pod.
@@ -285,6 +333,9 @@ impl Drop for Waybill {
             eprintln!("--- waybill serve log ({}) ---\n{}", self.addr, self.log());
         }
         let _ = std::fs::remove_file(&self.log_path);
+        if let Some(path) = &self.policy_path {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
