@@ -200,6 +200,7 @@ async fn overload_is_refused_at_once_but_health_checks_pass() {
         min_limit: 1,
         max_limit: 10,
         rtt_tolerance: 1.5,
+        latency_slack: Duration::from_millis(5),
     }));
     let service = layer.layer(handler);
 

@@ -100,6 +100,7 @@ struct LoadShedding {
     min_limit: Option<u32>,
     max_limit: Option<u32>,
     rtt_tolerance: Option<f64>,
+    latency_slack: Option<String>,
 }
 
 fn yes() -> bool {
@@ -483,6 +484,10 @@ fn shedding(s: LoadShedding) -> Result<ShedPolicy, PolicyError> {
         min_limit: s.min_limit.unwrap_or(base.min_limit),
         max_limit: s.max_limit.unwrap_or(base.max_limit),
         rtt_tolerance: s.rtt_tolerance.unwrap_or(base.rtt_tolerance),
+        latency_slack: match s.latency_slack {
+            Some(text) => duration(&text, "loadShedding.latencySlack")?,
+            None => base.latency_slack,
+        },
     };
     if policy.min_limit == 0 {
         return Err(PolicyError::new(

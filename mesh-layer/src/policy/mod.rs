@@ -144,8 +144,12 @@ pub struct ShedPolicy {
     /// The limit never rises above this.
     pub max_limit: u32,
     /// How much slower recent calls may be than the long-run average before the limit drops
-    /// (1.5 = 50 % slower).
+    /// (1.5 = 50 % slower)...
     pub rtt_tolerance: f64,
+    /// ...plus this much in absolute terms. Sub-millisecond handlers see scheduler jitter of
+    /// the same size as their work; without a slack, that noise reads as queueing and the
+    /// limit collapses under load the server handles easily.
+    pub latency_slack: Duration,
 }
 
 /// Idempotency keys.
@@ -204,6 +208,7 @@ impl Default for ShedPolicy {
             min_limit: 8,
             max_limit: 2048,
             rtt_tolerance: 1.5,
+            latency_slack: Duration::from_millis(5),
         }
     }
 }

@@ -121,7 +121,8 @@ impl GradientLimit {
         if f64::from(in_flight) < state.estimate / 2.0 {
             return;
         }
-        let gradient = (self.policy.rtt_tolerance * long / short).clamp(0.5, 1.0);
+        let allowed = self.policy.rtt_tolerance * long + self.policy.latency_slack.as_secs_f64();
+        let gradient = (allowed / short).clamp(0.5, 1.0);
         let queue = state.estimate.sqrt();
         let target = state.estimate * gradient + queue;
         let smoothed = state.estimate * 0.8 + target * 0.2;
@@ -160,6 +161,7 @@ mod tests {
             min_limit: 2,
             max_limit: 100,
             rtt_tolerance: 1.5,
+            latency_slack: Duration::from_millis(1),
         }
     }
 
@@ -207,6 +209,17 @@ mod tests {
             "recovers: {loaded} -> {}",
             limit.current()
         );
+    }
+
+    #[test]
+    fn sub_slack_jitter_does_not_shrink_the_limit() {
+        let limit = Arc::new(GradientLimit::new(&policy()));
+        // A 50 µs handler whose latency jitters to 500 µs under load: noise, not queueing.
+        for i in 0..500 {
+            let rtt = if i % 2 == 0 { 50 } else { 500 };
+            limit.on_sample(Duration::from_micros(rtt), limit.current());
+        }
+        assert_eq!(limit.current(), 100);
     }
 
     #[test]

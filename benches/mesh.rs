@@ -1,0 +1,369 @@
+//! The mesh layer's cost: a bare tonic echo server and client against the same echo behind
+//! the full server stack (trace, deadline, faults, shedding, idempotency) and the full client
+//! stack (deadline, budgeted retry, p2c balancer, circuit breaker), in one run on loopback.
+//!
+//! Each server runs in its own process (this program re-executes itself with `--serve`), the
+//! load comes from this process. Figures are printed as a markdown table for
+//! docs/benchmarks.md.
+//!
+//! Run: `cargo bench --bench mesh` (options after `--`: `--seconds N` per phase, `--rate R`
+//! calls/s for the fixed-rate phase, `--rounds N` interleaved rounds).
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use hdrhistogram::Histogram;
+use mesh_layer::{idempotency::MemoryStore, method::MethodTable, policy::Policy};
+use tonic::transport::{Channel, Server};
+use waybill_api::echo::v1::{EchoRequest, echo_service_client::EchoServiceClient};
+
+const IN_FLIGHT: usize = 64;
+const CONNECTIONS: usize = 16;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    if let Some(kind) = flag("--serve") {
+        return runtime.block_on(serve(&kind));
+    }
+    let seconds: u64 = flag("--seconds").map_or(Ok(3), |s| s.parse())?;
+    let rate: u64 = flag("--rate").map_or(Ok(2000), |s| s.parse())?;
+    let rounds: usize = flag("--rounds").map_or(Ok(3), |s| s.parse())?;
+    runtime.block_on(drive(Duration::from_secs(seconds), rate, rounds))
+}
+
+fn policy() -> Policy {
+    Policy::default()
+}
+
+fn methods() -> MethodTable {
+    MethodTable::from_descriptor_sets(&[waybill_api::FILE_DESCRIPTOR_SET]).unwrap_or_default()
+}
+
+/// Serves the echo service bare or with the full server stack until stdin closes.
+async fn serve(kind: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    println!("listening on {}", listener.local_addr()?);
+    let echo = waybill_echo::server(waybill_echo::Echo::new(policy())?);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let stop = async {
+        // The parent closes our stdin when it is done (or dies).
+        let _ =
+            tokio::task::spawn_blocking(|| std::io::stdin().read_line(&mut String::new())).await;
+    };
+    match kind {
+        "bare" => {
+            Server::builder()
+                .add_service(echo)
+                .serve_with_incoming_shutdown(incoming, stop)
+                .await?
+        }
+        "full" => {
+            tracing_subscriber::fmt()
+                .with_env_filter("info")
+                .with_writer(std::io::stderr)
+                .init();
+            Server::builder()
+                .layer(mesh_layer::server::trace())
+                .layer(mesh_layer::server::stack(
+                    &policy(),
+                    &methods(),
+                    Arc::new(MemoryStore::default()),
+                ))
+                .add_service(echo)
+                .serve_with_incoming_shutdown(incoming, stop)
+                .await?
+        }
+        other => return Err(format!("unknown server kind {other}").into()),
+    }
+    Ok(())
+}
+
+struct ServerProcess {
+    child: Child,
+    endpoint: String,
+}
+
+impl ServerProcess {
+    fn start(kind: &str) -> Result<Self, Box<dyn std::error::Error>> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["--serve", kind])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let address = line
+            .trim()
+            .strip_prefix("listening on ")
+            .ok_or_else(|| format!("unexpected line {line:?}"))?;
+        Ok(Self {
+            endpoint: format!("http://{address}"),
+            child,
+        })
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// One way to call the echo: a bare tonic client or the mesh client stack.
+#[derive(Clone)]
+enum Client {
+    Bare(EchoServiceClient<Channel>),
+    Mesh(EchoServiceClient<mesh_layer::client::MeshClient<mesh_layer::balance::Balancer<Channel>>>),
+}
+
+impl Client {
+    async fn connect(kind: &str, endpoint: &str) -> Result<Self, Box<dyn std::error::Error>> {
+        Ok(match kind {
+            "bare" => Client::Bare(EchoServiceClient::new(
+                Channel::from_shared(endpoint.to_owned())?
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await?,
+            )),
+            _ => {
+                // Every call gets a deadline, so the deadline layers on both sides work.
+                let policy = Policy::from_json(
+                    r#"{"methodConfig": [{"name": [{}], "timeout": "5s",
+                        "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "1s",
+                                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}"#,
+                )?;
+                Client::Mesh(EchoServiceClient::new(mesh_layer::client::balanced(
+                    endpoint,
+                    &policy,
+                    &methods(),
+                )?))
+            }
+        })
+    }
+
+    async fn echo(&mut self) -> bool {
+        let request = EchoRequest {
+            message: "ping".into(),
+            relay: vec![],
+            delay_ms: 0,
+        };
+        match self {
+            Client::Bare(client) => client.echo(request).await.is_ok(),
+            Client::Mesh(client) => client.echo(request).await.is_ok(),
+        }
+    }
+}
+
+/// Calls per second with `IN_FLIGHT` calls outstanding over `clients` (one connection each).
+async fn saturate(clients: &[Client], duration: Duration) -> (f64, u64) {
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let per_client = (IN_FLIGHT / clients.len()).max(1);
+    let mut tasks = Vec::new();
+    for client in clients {
+        for _ in 0..per_client {
+            let (mut client, done, failed, stop) =
+                (client.clone(), done.clone(), failed.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    if client.echo().await {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        // A failure can be immediate; yield so the stop timer still runs.
+                        tokio::task::yield_now().await;
+                    }
+                }
+            }));
+        }
+    }
+    let started = Instant::now();
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    eprintln!(
+        "  {} clients: {} ok, {} failed",
+        clients.len(),
+        done.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed)
+    );
+    for task in tasks {
+        let _ = task.await;
+    }
+    (
+        done.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64(),
+        failed.load(Ordering::Relaxed),
+    )
+}
+
+/// Latency at a fixed arrival rate (open loop: calls start on schedule whatever earlier calls
+/// do, so a slow response cannot hide the calls behind it). Latency is measured from each
+/// call's actual start, because tokio's timer wakes up to 1 ms late; how far starts lagged
+/// their schedule is returned too, so a sender that fell behind is visible.
+async fn fixed_rate(client: &Client, rate: u64, duration: Duration) -> (Histogram<u64>, Duration) {
+    let histogram = Arc::new(std::sync::Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+    ));
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let total = rate * duration.as_secs();
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(total as usize);
+    let mut max_lag = Duration::ZERO;
+    for n in 0..total {
+        let scheduled = start + interval.mul_f64(n as f64);
+        tokio::time::sleep_until(scheduled).await;
+        let sent = tokio::time::Instant::now();
+        max_lag = max_lag.max(sent - scheduled);
+        let (mut client, histogram) = (client.clone(), histogram.clone());
+        tasks.push(tokio::spawn(async move {
+            client.echo().await;
+            let micros = sent.elapsed().as_micros() as u64;
+            if let Ok(mut h) = histogram.lock() {
+                let _ = h.record(micros.max(1));
+            }
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    let histogram = Arc::try_unwrap(histogram)
+        .ok()
+        .and_then(|m| m.into_inner().ok())
+        .unwrap_or_else(|| Histogram::new(3).expect("valid"));
+    (histogram, max_lag)
+}
+
+/// Latency with one call in flight at a time.
+async fn one_at_a_time(client: &Client, duration: Duration) -> Histogram<u64> {
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    let mut client = client.clone();
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        let call = Instant::now();
+        client.echo().await;
+        let _ = histogram.record((call.elapsed().as_micros() as u64).max(1));
+    }
+    histogram
+}
+
+/// What one setup measured over all rounds.
+struct Row {
+    name: &'static str,
+    multiplexed: Vec<f64>,
+    connections: Vec<f64>,
+    fixed: Histogram<u64>,
+    serial: Histogram<u64>,
+    failed: u64,
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+async fn drive(
+    duration: Duration,
+    rate: u64,
+    rounds: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let bare_server = ServerProcess::start("bare")?;
+    let full_server = ServerProcess::start("full")?;
+    // (row name, client stack, server): bare, each stack alone, and both.
+    let setups = [
+        ("bare client → bare server", "bare", &bare_server),
+        ("bare client → mesh server stack", "bare", &full_server),
+        ("mesh client stack → bare server", "mesh", &bare_server),
+        ("mesh client → mesh server (full)", "mesh", &full_server),
+    ];
+    let mut clients = Vec::new();
+    let mut rows = Vec::new();
+    for (name, kind, server) in &setups {
+        let one = Client::connect(kind, &server.endpoint).await?;
+        let mut many = Vec::new();
+        for _ in 0..CONNECTIONS {
+            many.push(Client::connect(kind, &server.endpoint).await?);
+        }
+        saturate(std::slice::from_ref(&one), Duration::from_secs(1)).await;
+        clients.push((one, many));
+        rows.push(Row {
+            name,
+            multiplexed: Vec::new(),
+            connections: Vec::new(),
+            fixed: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+            serial: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+            failed: 0,
+        });
+    }
+    // Rounds interleave the setups, so drift in the machine (other load, frequency) spreads
+    // over all of them instead of favouring whichever ran first.
+    for round in 0..rounds {
+        for ((one, many), row) in clients.iter().zip(rows.iter_mut()) {
+            eprintln!("round {round}: {}", row.name);
+            let (multiplexed, failed_m) = saturate(std::slice::from_ref(one), duration).await;
+            let (connections, failed_c) = saturate(many, duration).await;
+            let (fixed, lag) = fixed_rate(one, rate, duration).await;
+            eprintln!("  fixed rate: sender lagged its schedule by at most {lag:?}");
+            let serial = one_at_a_time(one, duration).await;
+            row.multiplexed.push(multiplexed);
+            row.connections.push(connections);
+            row.fixed.add(&fixed)?;
+            row.serial.add(&serial)?;
+            row.failed += failed_m + failed_c;
+        }
+    }
+
+    println!(
+        "| setup | req/s, 1 connection, {IN_FLIGHT} in flight | req/s, {CONNECTIONS} connections | p50 / p99 / p99.9 at {rate}/s (µs) | p50 / p99, one in flight (µs) | failed |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for row in &rows {
+        println!(
+            "| {} | {:.0} | {:.0} | {} / {} / {} | {} / {} | {} |",
+            row.name,
+            median(&row.multiplexed),
+            median(&row.connections),
+            row.fixed.value_at_quantile(0.5),
+            row.fixed.value_at_quantile(0.99),
+            row.fixed.value_at_quantile(0.999),
+            row.serial.value_at_quantile(0.5),
+            row.serial.value_at_quantile(0.99),
+            row.failed,
+        );
+    }
+    println!();
+    let bare = &rows[0];
+    let p = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as i64;
+    for row in &rows[1..] {
+        println!(
+            "- {}: throughput {:.3} (1 connection) and {:.3} ({CONNECTIONS} connections) of bare; added latency at {rate}/s p50 {:+} µs, p99 {:+} µs; one in flight p50 {:+} µs, p99 {:+} µs",
+            row.name,
+            median(&row.multiplexed) / median(&bare.multiplexed),
+            median(&row.connections) / median(&bare.connections),
+            p(&row.fixed, 0.5) - p(&bare.fixed, 0.5),
+            p(&row.fixed, 0.99) - p(&bare.fixed, 0.99),
+            p(&row.serial, 0.5) - p(&bare.serial, 0.5),
+            p(&row.serial, 0.99) - p(&bare.serial, 0.99),
+        );
+    }
+    Ok(())
+}
