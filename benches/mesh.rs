@@ -41,10 +41,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(kind) = flag("--serve") {
         return runtime.block_on(serve(&kind));
     }
+    // `--calls N --client bare|mesh --endpoint URL`: N sequential calls and exit, for counting
+    // instructions per call under callgrind (benches/instructions.sh).
+    if let Some(calls) = flag("--calls") {
+        let calls: u64 = calls.parse()?;
+        let kind = flag("--client").unwrap_or_else(|| "bare".into());
+        let endpoint = flag("--endpoint").ok_or("--calls needs --endpoint")?;
+        return runtime.block_on(async {
+            let mut client = Client::connect(&kind, &endpoint).await?;
+            for _ in 0..calls {
+                if !client.echo().await {
+                    return Err("a call failed".into());
+                }
+            }
+            Ok(())
+        });
+    }
     let seconds: u64 = flag("--seconds").map_or(Ok(3), |s| s.parse())?;
     let rate: u64 = flag("--rate").map_or(Ok(2000), |s| s.parse())?;
     let rounds: usize = flag("--rounds").map_or(Ok(3), |s| s.parse())?;
-    runtime.block_on(drive(Duration::from_secs(seconds), rate, rounds))
+    // `--only N`: run only setup N (0 bare, 1 server stack, 2 client stack, 3 both), for
+    // profiling one setup.
+    let only: Option<usize> = flag("--only").map(|s| s.parse()).transpose()?;
+    runtime.block_on(drive(Duration::from_secs(seconds), rate, rounds, only))
 }
 
 fn policy() -> Policy {
@@ -285,6 +304,7 @@ async fn drive(
     duration: Duration,
     rate: u64,
     rounds: usize,
+    only: Option<usize>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let bare_server = ServerProcess::start("bare")?;
     let full_server = ServerProcess::start("full")?;
@@ -297,7 +317,12 @@ async fn drive(
     ];
     let mut clients = Vec::new();
     let mut rows = Vec::new();
-    for (name, kind, server) in &setups {
+    let chosen = setups
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| only.is_none_or(|only| only == *i))
+        .map(|(_, setup)| setup);
+    for (name, kind, server) in chosen {
         let one = Client::connect(kind, &server.endpoint).await?;
         let mut many = Vec::new();
         for _ in 0..CONNECTIONS {
@@ -349,6 +374,9 @@ async fn drive(
             row.serial.value_at_quantile(0.99),
             row.failed,
         );
+    }
+    if only.is_some() {
+        return Ok(());
     }
     println!();
     let bare = &rows[0];

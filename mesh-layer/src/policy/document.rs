@@ -617,3 +617,35 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod readme {
+    use super::*;
+
+    /// The policy document shown in the README parses, and its values are the defaults it
+    /// claims to be.
+    #[test]
+    fn the_readme_example_is_valid_and_states_the_defaults() {
+        let readme = include_str!("../../../README.md");
+        let section = readme
+            .split("## The mesh policy")
+            .nth(1)
+            .expect("README has a mesh policy section");
+        let json = section
+            .split("```json")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("the section has a json block");
+        let policy = Policy::from_json(json).unwrap();
+        let defaults = Policy::default();
+        assert_eq!(policy.retry_budget(), defaults.retry_budget());
+        assert_eq!(policy.breaker(), defaults.breaker());
+        assert_eq!(policy.load_shedding(), defaults.load_shedding());
+        assert_eq!(policy.idempotency(), defaults.idempotency());
+        assert_eq!(policy.deadline_margin(), defaults.deadline_margin());
+        assert_eq!(
+            policy.max_retry_buffer_bytes(),
+            defaults.max_retry_buffer_bytes()
+        );
+    }
+}
