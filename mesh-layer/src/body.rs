@@ -10,6 +10,7 @@ use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
+
 use tonic::body::Body;
 
 /// The largest unary response read whole (tonic's default decode limit).
@@ -103,18 +104,72 @@ pub struct ReadResponse {
 
 /// Reads a (unary) response body whole so its trailers can be inspected, up to `limit` bytes.
 /// `Err` carries a status for a body that failed or was too large.
-pub async fn read_response(body: Body, limit: usize) -> Result<ReadResponse, tonic::Status> {
-    let collected = http_body_util::Limited::new(body, limit)
-        .collect()
-        .await
-        .map_err(|e| tonic::Status::internal(format!("reading the response: {e}")))?;
-    let trailers = collected.trailers().cloned();
-    let data = collected.to_bytes();
-    let returned = trailers.clone();
-    let body = Full::new(data.clone()).with_trailers(async move { returned.map(Ok) });
+///
+/// Frames are kept as they came (a unary response is one data frame and the trailers), so
+/// nothing is copied unless the message arrived in pieces.
+pub async fn read_response(mut body: Body, limit: usize) -> Result<ReadResponse, tonic::Status> {
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
+    let mut size = 0;
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        match frame.into_data() {
+            Ok(data) => {
+                size += data.len();
+                if size > limit {
+                    return Err(tonic::Status::resource_exhausted(format!(
+                        "response larger than {limit} bytes"
+                    )));
+                }
+                chunks.push(data);
+            }
+            Err(frame) => {
+                if let Ok(map) = frame.into_trailers() {
+                    trailers = Some(map);
+                }
+            }
+        }
+    }
+    let data = match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.swap_remove(0),
+        _ => chunks.concat().into(),
+    };
     Ok(ReadResponse {
-        body: Body::new(body.map_err(|never: std::convert::Infallible| match never {})),
+        body: Body::new(Replay {
+            data: Some(data.clone()).filter(|d| !d.is_empty()),
+            trailers: trailers.clone(),
+        }),
         data,
         trailers,
     })
+}
+
+/// A body that yields its data once, then its trailers.
+struct Replay {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl HttpBody for Replay {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(data) = self.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
 }

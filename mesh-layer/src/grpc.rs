@@ -3,21 +3,26 @@
 
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use tonic::{Code, Status, body::Body};
 
+// Header names are constants, not strings: a `&str` name is parsed and validated on every
+// lookup, which on the hot path costs more than the lookup.
+
 /// The request header that carries the caller's remaining time.
-pub const GRPC_TIMEOUT: &str = "grpc-timeout";
+pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 /// The request header a retrying client sets to the number of earlier attempts (gRPC A6).
-pub const PREVIOUS_ATTEMPTS: &str = "grpc-previous-rpc-attempts";
+pub const PREVIOUS_ATTEMPTS: HeaderName = HeaderName::from_static("grpc-previous-rpc-attempts");
 /// The trailer a server sets to tell a client when (or whether) to retry (gRPC A6).
-pub const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
+pub const RETRY_PUSHBACK: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
 /// The metadata key that makes a call idempotent by key.
-pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// The header or trailer carrying a call's gRPC status code.
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 /// Set on responses that a waybill layer produced instead of the peer, naming the layer
 /// (`breaker-open`, `load-shed`, `deadline`, `fault`, `replayed`), so a caller can tell a
 /// local decision from a remote answer.
-pub const MESH_MARKER: &str = "waybill-mesh";
+pub const MESH_MARKER: HeaderName = HeaderName::from_static("waybill-mesh");
 
 /// Parses a `grpc-timeout` value: 1 to 8 ASCII digits and a unit (H, M, S, m, u, n).
 pub fn parse_timeout(value: &HeaderValue) -> Option<Duration> {
@@ -59,12 +64,25 @@ pub fn format_timeout(timeout: Duration) -> HeaderValue {
         .map(|(size, unit)| (nanos.div_ceil(*size), *unit))
         .find(|(amount, _)| *amount <= MAX)
         .unwrap_or((MAX, "H"));
-    HeaderValue::from_str(&format!("{amount}{unit}")).unwrap_or(HeaderValue::from_static("1n"))
+    // At most 8 digits and a unit: encoded on the stack, no allocation.
+    let mut buffer = [0u8; 9];
+    let mut start = 8;
+    let mut rest = amount;
+    loop {
+        start -= 1;
+        buffer[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    buffer[8] = unit.as_bytes()[0];
+    HeaderValue::from_bytes(&buffer[start..]).unwrap_or(HeaderValue::from_static("1n"))
 }
 
 /// The `grpc-status` in a header map (a trailers-only response's headers, or trailers).
 pub fn status_code(headers: &HeaderMap) -> Option<Code> {
-    let value = headers.get("grpc-status")?.to_str().ok()?;
+    let value = headers.get(GRPC_STATUS)?.to_str().ok()?;
     value.parse::<i32>().ok().map(Code::from_i32)
 }
 

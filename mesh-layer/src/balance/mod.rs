@@ -59,6 +59,30 @@ struct Endpoint<S> {
     name: String,
     service: CircuitBreaker<S>,
     load: PeakEwma,
+    /// Clones of `service` kept for reuse: cloning a tonic `Channel` allocates (its buffer's
+    /// sender), and a clone that served a call is ready to serve another.
+    idle: std::sync::Mutex<Vec<CircuitBreaker<S>>>,
+}
+
+/// Most idle clones kept per endpoint.
+const MAX_IDLE: usize = 64;
+
+impl<S: Clone> Endpoint<S> {
+    fn checkout(&self) -> CircuitBreaker<S> {
+        self.idle
+            .lock()
+            .ok()
+            .and_then(|mut idle| idle.pop())
+            .unwrap_or_else(|| self.service.clone())
+    }
+
+    fn checkin(&self, service: CircuitBreaker<S>) {
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < MAX_IDLE
+        {
+            idle.push(service);
+        }
+    }
 }
 
 /// Why a balancer target could not be used.
@@ -105,6 +129,7 @@ where
                                 .layer(service),
                             name,
                             load: PeakEwma::default(),
+                            idle: std::sync::Mutex::new(Vec::new()),
                         })
                     })
             })
@@ -248,9 +273,14 @@ where
         endpoint.load.start();
         Box::pin(async move {
             let started = Instant::now();
-            let mut service = endpoint.service.clone();
+            let mut service = endpoint.checkout();
             let result = match service.ready().await {
-                Ok(ready) => ready.call(request).await,
+                Ok(ready) => {
+                    let response = ready.call(request);
+                    // Called: the clone's readiness is spent and it can serve the next call.
+                    endpoint.checkin(service);
+                    response.await
+                }
                 Err(error) => Err(error),
             };
             endpoint.load.finish(started.elapsed());

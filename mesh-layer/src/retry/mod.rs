@@ -118,15 +118,12 @@ where
         let path = request.uri().path();
         let info = shared.methods.get(path);
         let method = shared.policy.method(path);
-        let retry = match &method.retry {
-            Some(retry)
-                if !info.client_streaming
-                    && (info.idempotent || request.headers().contains_key(IDEMPOTENCY_KEY)) =>
-            {
-                retry.clone()
-            }
-            _ => return Box::pin(self.inner.call(request)),
-        };
+        let eligible = method.retry.is_some()
+            && !info.client_streaming
+            && (info.idempotent || request.headers().contains_key(IDEMPOTENCY_KEY));
+        if !eligible {
+            return Box::pin(self.inner.call(request));
+        }
         let upstream_retry = CallContext::current().is_some_and(|c| c.previous_attempts > 0);
         let path = path.to_owned();
         let shared = self.shared.clone();
@@ -136,6 +133,9 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
 
         Box::pin(async move {
+            let Some(retry) = method.retry.as_ref() else {
+                return inner.call(request).await;
+            };
             let (parts, body) = request.into_parts();
             let bytes = match buffer_request(body, shared.policy.max_retry_buffer_bytes()).await {
                 Buffered::Complete(bytes) => bytes,
@@ -147,7 +147,7 @@ where
             };
             let deadline = parts.extensions.get::<Deadline>().map(|d| d.0);
             let max_attempts = retry.max_attempts;
-            let mut backoff = Backoff::new(&retry);
+            let mut backoff = Backoff::new(retry);
             let mut attempt = 1;
             loop {
                 let mut request = Request::from_parts(parts.clone(), replay(&bytes));
