@@ -398,3 +398,31 @@ async fn overload_is_shed_at_once_while_admitted_calls_keep_their_latency() {
         "admitted calls did not queue: {admitted:?}"
     );
 }
+
+#[tokio::test]
+async fn a_dns_target_finds_its_endpoints() {
+    let db = TestDb::new().await;
+    let server = echo_server(&db, "{}");
+    // `localhost` may resolve to ::1 as well, where nothing listens: that endpoint fails, its
+    // circuit opens, and calls go to 127.0.0.1.
+    let target = format!("dns://localhost:{}", server.addr.port());
+    // One failure opens a dead endpoint's circuit for the rest of the test; retries cover
+    // the call that found it.
+    let client_policy = policy(
+        r#"{"methodConfig": [{"name": [{}], "timeout": "5s",
+            "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.01s", "maxBackoff": "0.05s",
+                            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}],
+            "breaker": {"consecutiveFailures": 1, "baseOpen": "60s", "maxOpen": "60s"}}"#,
+    );
+    let client = EchoServiceClient::new(
+        mesh_layer::client::balanced(&target, &client_policy, &methods()).unwrap(),
+    );
+    eventually("the first resolution yields a working endpoint", || {
+        let mut client = client.clone();
+        async move { client.echo(echo("first")).await.ok() }
+    })
+    .await;
+    for i in 0..20 {
+        client.clone().echo(echo(&i.to_string())).await.unwrap();
+    }
+}

@@ -20,7 +20,8 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 /// The header or trailer carrying a call's gRPC status code.
 pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 /// Set on responses that a waybill layer produced instead of the peer, naming the layer
-/// (`breaker-open`, `load-shed`, `deadline`, `fault`, `replayed`), so a caller can tell a
+/// (`breaker-open`, `no-endpoints`, `load-shed`, `deadline`, `fault`, `replayed`,
+/// `idempotency`), so a caller can tell a
 /// local decision from a remote answer.
 pub const MESH_MARKER: HeaderName = HeaderName::from_static("waybill-mesh");
 

@@ -260,15 +260,19 @@ where
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let endpoints = self.snapshot();
         let Some(endpoint) = choose(&endpoints).cloned() else {
-            let status = if endpoints.is_empty() {
-                Status::unavailable("no endpoints resolved for this service")
+            // No endpoints yet (DNS not answered) may change in a moment: retryable. All
+            // circuits open will not: the retry layer leaves `breaker-open` alone.
+            let (status, marker) = if endpoints.is_empty() {
+                let status = Status::unavailable("no endpoints resolved for this service");
+                (status, "no-endpoints")
             } else {
-                Status::unavailable(format!(
+                let status = Status::unavailable(format!(
                     "all {} endpoints have open circuits; failing fast",
                     endpoints.len()
-                ))
+                ));
+                (status, "breaker-open")
             };
-            return Box::pin(async move { Ok(grpc::error_response(status, "breaker-open")) });
+            return Box::pin(async move { Ok(grpc::error_response(status, marker)) });
         };
         endpoint.load.start();
         Box::pin(async move {
