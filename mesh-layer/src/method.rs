@@ -89,51 +89,7 @@ pub fn split_path(path: &str) -> Option<(&str, &str)> {
 
 #[cfg(test)]
 mod tests {
-    use prost_types::{
-        FileDescriptorProto, MethodDescriptorProto, MethodOptions, ServiceDescriptorProto,
-    };
-
     use super::*;
-
-    fn method(name: &str, level: Option<IdempotencyLevel>, stream: bool) -> MethodDescriptorProto {
-        MethodDescriptorProto {
-            name: Some(name.into()),
-            options: level.map(|level| MethodOptions {
-                idempotency_level: Some(level as i32),
-                ..Default::default()
-            }),
-            server_streaming: Some(stream),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn reads_idempotency_and_streaming_from_descriptors() {
-        let set = FileDescriptorSet {
-            file: vec![FileDescriptorProto {
-                package: Some("shop.v1".into()),
-                service: vec![ServiceDescriptorProto {
-                    name: Some("Shop".into()),
-                    method: vec![
-                        method("Get", Some(IdempotencyLevel::NoSideEffects), false),
-                        method("Put", Some(IdempotencyLevel::Idempotent), false),
-                        method("Buy", None, false),
-                        method("Watch", Some(IdempotencyLevel::NoSideEffects), true),
-                    ],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-        };
-        let table = MethodTable::from_descriptor_sets(&[&set.encode_to_vec()]).unwrap();
-        assert!(table.get("/shop.v1.Shop/Get").idempotent);
-        assert!(table.get("/shop.v1.Shop/Put").idempotent);
-        assert!(!table.get("/shop.v1.Shop/Buy").idempotent);
-        assert!(table.get("/shop.v1.Shop/Buy").is_unary());
-        assert!(table.get("/shop.v1.Shop/Watch").server_streaming);
-        let unknown = table.get("/other.Svc/Call");
-        assert!(!unknown.idempotent && !unknown.is_unary());
-    }
 
     #[test]
     fn splits_paths() {

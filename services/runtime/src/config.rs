@@ -88,28 +88,14 @@ pub enum LogFormat {
     Json,
 }
 
-/// Parses `250ms`, `5s`, `2m` or a bare number of seconds.
+/// Parses `250ms`, `5s`, `2m` or a bare number of seconds (the mesh policy's units, plus bare
+/// numbers, which flags and environment variables commonly use).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration such as 500ms, 5s or 2m"))?;
-    let seconds = match unit {
-        "ms" => number / 1000.0,
-        "" | "s" => number,
-        "m" => number * 60.0,
-        "h" => number * 3600.0,
-        _ => {
-            return Err(format!(
-                "unknown unit {unit:?} in {text:?}; use ms, s, m or h"
-            ));
-        }
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
+    match text.parse::<f64>() {
+        Ok(_) => mesh_layer::policy::parse_duration(&format!("{text}s")),
+        Err(_) => mesh_layer::policy::parse_duration(text),
+    }
 }
 
 #[cfg(test)]
