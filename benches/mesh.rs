@@ -35,9 +35,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    // Counting instructions wants a deterministic client: one thread, no work stealing.
+    let runtime = if flag("--calls").is_some() {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    };
     if let Some(kind) = flag("--serve") {
         return runtime.block_on(serve(&kind));
     }

@@ -92,14 +92,18 @@ pub fn replay(bytes: &Bytes) -> Body {
     Body::new(Full::new(bytes.clone()))
 }
 
-/// A response body read whole, and its trailers.
+/// A response body read whole, and what its trailers say.
 pub struct ReadResponse {
     /// The body again, with the same data and trailers.
     pub body: Body,
     /// The data it carries.
     pub data: Bytes,
-    /// The trailers, if any.
-    pub trailers: Option<HeaderMap>,
+    /// The status in its trailers: code, and the whole status (message, details) on demand.
+    pub code: Option<tonic::Code>,
+    /// `grpc-retry-pushback-ms` from its trailers.
+    pub pushback: Option<crate::grpc::Pushback>,
+    /// The full status from the trailers, when asked for.
+    pub status: Option<tonic::Status>,
 }
 
 /// Reads a (unary) response body whole so its trailers can be inspected, up to `limit` bytes.
@@ -107,7 +111,11 @@ pub struct ReadResponse {
 ///
 /// Frames are kept as they came (a unary response is one data frame and the trailers), so
 /// nothing is copied unless the message arrived in pieces.
-pub async fn read_response(mut body: Body, limit: usize) -> Result<ReadResponse, tonic::Status> {
+pub async fn read_response(
+    mut body: Body,
+    limit: usize,
+    want_status: bool,
+) -> Result<ReadResponse, tonic::Status> {
     let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
     let mut size = 0;
     let mut trailers = None;
@@ -135,13 +143,20 @@ pub async fn read_response(mut body: Body, limit: usize) -> Result<ReadResponse,
         1 => chunks.swap_remove(0),
         _ => chunks.concat().into(),
     };
+    let code = trailers.as_ref().and_then(crate::grpc::status_code);
+    let pushback = trailers.as_ref().and_then(crate::grpc::pushback);
+    let status = want_status
+        .then(|| trailers.as_ref().and_then(tonic::Status::from_header_map))
+        .flatten();
     Ok(ReadResponse {
         body: Body::new(Replay {
             data: Some(data.clone()).filter(|d| !d.is_empty()),
-            trailers: trailers.clone(),
+            trailers,
         }),
         data,
-        trailers,
+        code,
+        pushback,
+        status,
     })
 }
 

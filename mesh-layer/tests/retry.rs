@@ -14,9 +14,7 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full};
-use mesh_layer::{
-    context::CallContext, deadline::Deadline, grpc, policy::Policy, retry::RetryLayer,
-};
+use mesh_layer::{context::CallContext, grpc, policy::Policy, retry::RetryLayer};
 use support::{code, methods, ok, status};
 use tokio::time::Instant;
 use tonic::{Code, body::Body};
@@ -221,8 +219,8 @@ async fn no_retry_when_the_deadline_leaves_no_room() {
 
     let mut request = call("/s.S/Get", "");
     request
-        .extensions_mut()
-        .insert(Deadline(Instant::now() + Duration::from_millis(50)));
+        .headers_mut()
+        .insert(grpc::GRPC_TIMEOUT, HeaderValue::from_static("50m"));
     let response = send(&mut client, request).await;
 
     assert_eq!(code(&response), Code::Unavailable);

@@ -25,7 +25,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use http::{HeaderMap, Request, Response};
+use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tonic::{Code, Status, body::Body};
 use tower::{Layer, Service};
@@ -143,12 +143,9 @@ struct Observed {
 }
 
 impl Observed {
-    fn finish(&mut self, trailers: Option<&HeaderMap>) {
+    fn finish(&mut self, code: Option<Code>) {
         if let Some(admission) = self.admission.take() {
-            let code = trailers
-                .and_then(grpc::status_code)
-                .unwrap_or(Code::Unknown);
-            admission.record(is_failure(code));
+            admission.record(is_failure(code.unwrap_or(Code::Unknown)));
         }
     }
 }
@@ -164,8 +161,8 @@ impl HttpBody for Observed {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => {
-                let trailers = frame.trailers_ref().cloned();
-                self.finish(trailers.as_ref());
+                let code = frame.trailers_ref().and_then(grpc::status_code);
+                self.finish(code);
             }
             Poll::Ready(Some(Err(_))) | Poll::Ready(None) => self.finish(None),
             _ => {}

@@ -13,11 +13,6 @@ use crate::{
     policy::Policy,
 };
 
-/// The deadline of an outgoing call, put in the request's extensions for the layers below
-/// (retries must not outlive it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Deadline(pub Instant);
-
 /// Gives every outgoing call a deadline (see the module docs).
 #[derive(Clone, Debug)]
 pub struct DeadlineLayer {
@@ -95,18 +90,19 @@ where
                 ))
             });
         }
+        // The layers below (retry) read the deadline back from this header.
         request
             .headers_mut()
             .insert(GRPC_TIMEOUT, grpc::format_timeout(deadline - now));
-        request.extensions_mut().insert(Deadline(deadline));
-        let path = request.uri().path().to_owned();
+        // A refcounted copy, for the rare log line: not an allocation per call.
+        let uri = request.uri().clone();
         let response = self.inner.call(request);
         Box::pin(async move {
             tokio::select! {
                 biased;
                 response = response => response,
                 () = tokio::time::sleep_until(deadline) => {
-                    metrics::client_deadline_exceeded(&path, "in_flight");
+                    metrics::client_deadline_exceeded(uri.path(), "in_flight");
                     Ok(grpc::error_response(Status::deadline_exceeded("deadline exceeded"), "deadline"))
                 }
             }

@@ -15,5 +15,5 @@
 mod client;
 mod server;
 
-pub use client::{Deadline, DeadlineLayer, DeadlineService};
+pub use client::{DeadlineLayer, DeadlineService};
 pub use server::{ServerDeadline, ServerDeadlineLayer};

@@ -238,15 +238,12 @@ where
             let (head, body) = response.into_parts();
             let (status, data, body) = match Status::from_header_map(&head.headers) {
                 Some(status) => (status, Bytes::new(), body),
-                None => match read_response(body, MAX_RESPONSE_BYTES).await {
+                None => match read_response(body, MAX_RESPONSE_BYTES, true).await {
                     Ok(read) => {
                         let status = read
-                            .trailers
-                            .as_ref()
-                            .and_then(Status::from_header_map)
+                            .status
                             .unwrap_or_else(|| Status::unknown("response without grpc-status"));
-                        let data = read.data.clone();
-                        (status, data, read.body)
+                        (status, read.data, read.body)
                     }
                     Err(status) => return Ok(status.into_http()),
                 },

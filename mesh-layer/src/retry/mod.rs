@@ -42,7 +42,6 @@ use crate::{
     BoxFuture,
     body::{Buffered, MAX_RESPONSE_BYTES, buffer_request, read_response, replay},
     context::CallContext,
-    deadline::Deadline,
     grpc::{self, IDEMPOTENCY_KEY, PREVIOUS_ATTEMPTS, Pushback},
     method::MethodTable,
     metrics,
@@ -125,7 +124,6 @@ where
             return Box::pin(self.inner.call(request));
         }
         let upstream_retry = CallContext::current().is_some_and(|c| c.previous_attempts > 0);
-        let path = path.to_owned();
         let shared = self.shared.clone();
         // The service we were polled ready on makes the first attempt; keep a clone in its
         // place (tower's rule: the clone is not ready, the original is).
@@ -137,15 +135,22 @@ where
                 return inner.call(request).await;
             };
             let (parts, body) = request.into_parts();
+            let path = parts.uri.path();
             let bytes = match buffer_request(body, shared.policy.max_retry_buffer_bytes()).await {
                 Buffered::Complete(bytes) => bytes,
                 Buffered::TooLarge(body) => {
-                    metrics::retry_skipped(&path, "buffer");
-                    return inner.call(Request::from_parts(parts, body)).await;
+                    metrics::retry_skipped(path, "buffer");
+                    let request = Request::from_parts(parts.clone(), body);
+                    return inner.call(request).await;
                 }
                 Buffered::Failed(status) => return Ok(status.into_http()),
             };
-            let deadline = parts.extensions.get::<Deadline>().map(|d| d.0);
+            // The call's deadline, as the deadline layer above wrote it (or the caller did).
+            let deadline = parts
+                .headers
+                .get(grpc::GRPC_TIMEOUT)
+                .and_then(grpc::parse_timeout)
+                .map(|timeout| Instant::now() + timeout);
             let max_attempts = retry.max_attempts;
             let mut backoff = Backoff::new(retry);
             let mut attempt = 1;
@@ -178,16 +183,13 @@ where
                         None if info.server_streaming || last => return Ok(response),
                         None => {
                             let (head, body) = response.into_parts();
-                            let read = match read_response(body, MAX_RESPONSE_BYTES).await {
+                            let read = match read_response(body, MAX_RESPONSE_BYTES, false).await {
                                 Ok(read) => read,
                                 Err(status) => return Ok(status.into_http()),
                             };
-                            let trailers = read.trailers.as_ref();
                             (
-                                trailers
-                                    .and_then(grpc::status_code)
-                                    .unwrap_or(Code::Unknown),
-                                trailers.and_then(grpc::pushback),
+                                read.code.unwrap_or(Code::Unknown),
+                                read.pushback,
                                 Ok(Response::from_parts(head, read.body)),
                             )
                         }
@@ -195,7 +197,7 @@ where
                 };
 
                 if code == Code::Ok {
-                    shared.latency.record(&path, started.elapsed());
+                    shared.latency.record(path, started.elapsed());
                     return outcome;
                 }
                 if !retry.retryable_codes.contains(&code) {
@@ -212,7 +214,7 @@ where
                 }
                 let skip = |reason: &'static str| {
                     tracing::debug!(method = %path, attempt, ?code, reason, "not retrying");
-                    metrics::retry_skipped(&path, reason);
+                    metrics::retry_skipped(path, reason);
                 };
                 if upstream_retry {
                     skip("upstream_retry");
@@ -232,7 +234,7 @@ where
                 };
                 if let Some(deadline) = deadline {
                     let left = deadline.saturating_duration_since(Instant::now());
-                    if left < wait + shared.latency.get(&path) {
+                    if left < wait + shared.latency.get(path) {
                         skip("deadline");
                         return outcome;
                     }
@@ -242,7 +244,7 @@ where
                     return outcome;
                 }
                 tracing::debug!(method = %path, attempt, ?code, ?wait, "retrying");
-                metrics::retried(&path);
+                metrics::retried(path);
                 drop(outcome);
                 tokio::time::sleep(wait).await;
                 attempt += 1;
