@@ -65,6 +65,9 @@ async fn health_turns_not_serving_when_the_primary_stops() {
         .await;
     }
 
+    // The process is alive though: a liveness probe must not restart it for the database.
+    assert_eq!(status_of(&health, "liveness").await, ServingStatus::Serving);
+
     // A write now fails fast and says so: UNAVAILABLE (retryable), no SQL text, no hang.
     let mut orders = OrdersServiceClient::new(channel);
     let started = std::time::Instant::now();

@@ -8,6 +8,12 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::Db;
 
+/// A health entry that is SERVING for as long as the process answers, whatever the database
+/// does: what a liveness probe should ask for. A liveness probe on "" would restart every pod
+/// during a database outage, which helps nothing and loses the in-memory state (limits,
+/// circuits) that the outage needs.
+pub const LIVENESS: &str = "liveness";
+
 /// Probes the primary every `interval` and reports every name in `services` (and the
 /// whole-server entry "") as SERVING or NOT_SERVING. Runs until aborted.
 pub async fn monitor(

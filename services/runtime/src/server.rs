@@ -84,8 +84,11 @@ pub async fn serve(
     let purge = tokio::spawn(store.clone().purge_forever(PURGE_INTERVAL));
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    // Not serving until the first probe of the primary succeeds.
+    // Not serving until the first probe of the primary succeeds; alive from the start.
     health::set_all(&reporter, &names, ServingStatus::NotServing).await;
+    reporter
+        .set_service_status(health::LIVENESS, ServingStatus::Serving)
+        .await;
     let monitor = tokio::spawn(health::monitor(
         db,
         reporter.clone(),

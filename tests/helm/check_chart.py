@@ -1,0 +1,577 @@
+"""Offline checks of the Helm chart in helm/waybill (run by scripts/helm-check).
+
+Lints the chart, renders it for every values file in tests/helm/values/, validates each
+rendered object with kubernetes-validate --strict for the oldest and newest supported
+Kubernetes, checks the Prometheus Operator objects against the part of their CRD schema the
+chart uses, and asserts the chart's production properties. Needs helm-python-sdk and
+kubernetes-validate (scripts/helm-check installs them); no helm binary, no cluster.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "waybill"
+VALUES = Path(__file__).resolve().parent / "values"
+INVALID = VALUES / "invalid"
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion: lifecycle.preStop.sleep is
+# on by default from 1.30) and the newest kubernetes-validate ships schemas for.
+KUBE_VERSIONS = ("1.30.0", "1.37.0")
+RELEASE = "waybill"
+NAMESPACE = "shop"
+# The scenarios: every values file directly in tests/helm/values/ (not invalid/).
+SCENARIOS = sorted(p.stem for p in VALUES.glob("*.yaml"))
+CRD_GROUP = "monitoring.coreos.com/"
+WAYBILL_UID = 10001
+POSTGRES_UID = 999  # the postgres image's own user (see templates/_helpers.tpl)
+
+
+def load_values(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def render(values: dict[str, Any], release: str = RELEASE) -> list[dict[str, Any]]:
+    """Renders the chart and returns its objects (NOTES.txt left out), each with `_template`."""
+    with helm.Chart.load(CHART) as chart:
+        manifests = chart.render(values, name=release, namespace=NAMESPACE, is_install=True)
+    objects = []
+    for template, text in sorted(manifests.items()):
+        if template.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                doc["_template"] = template
+                objects.append(doc)
+    return objects
+
+
+def notes(values: dict[str, Any]) -> str:
+    with helm.Chart.load(CHART) as chart:
+        manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return next(text for name, text in manifests.items() if name.endswith("NOTES.txt"))
+
+
+def strip(obj: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if k != "_template"}
+
+
+def of_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a label selector (matchLabels + matchExpressions, or a plain map) matches."""
+    if "matchLabels" not in selector and "matchExpressions" not in selector:
+        selector = {"matchLabels": selector}
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions") or []:
+        present = expr["key"] in labels
+        value = labels.get(expr["key"])
+        op = expr["operator"]
+        if op == "In" and value not in expr["values"]:
+            return False
+        if op == "NotIn" and value in expr["values"]:
+            return False
+        if op == "Exists" and not present:
+            return False
+        if op == "DoesNotExist" and present:
+            return False
+    return True
+
+
+def pod_specs(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(kind/name, pod spec) of every workload."""
+    out = []
+    for o in objects:
+        if o["kind"] in ("Deployment", "StatefulSet", "Job"):
+            out.append((f'{o["kind"]}/{o["metadata"]["name"]}', o["spec"]["template"]["spec"]))
+    return out
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def seconds(duration: str) -> float:
+    match = re.fullmatch(r"([0-9.]+)(ms|s|m|h)?", duration)
+    assert match, f"not a duration: {duration!r}"
+    scale = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendered once for every test (module-level cache).
+RENDERED: dict[str, list[dict[str, Any]]] = {}
+SCENARIO_VALUES: dict[str, dict[str, Any]] = {}
+
+
+def setUpModule() -> None:  # noqa: N802 (unittest's name)
+    for scenario in SCENARIOS:
+        SCENARIO_VALUES[scenario] = load_values(VALUES / f"{scenario}.yaml")
+        RENDERED[scenario] = render(SCENARIO_VALUES[scenario])
+
+
+def services_of(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The waybill services rendered: component name -> Deployment."""
+    return {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in of_kind(objects, "Deployment")}
+
+
+class Lint(unittest.TestCase):
+    def test_strict_lint_is_clean_for_every_scenario_and_kubernetes_version(self) -> None:
+        for scenario in SCENARIOS:
+            for version in KUBE_VERSIONS:
+                with self.subTest(scenario=scenario, kube=version):
+                    report = helm.lint(CHART, load_values(VALUES / f"{scenario}.yaml"), strict=True,
+                                       namespace=NAMESPACE, kube_version=f"v{version}")
+                    problems = report["errors"] + [
+                        f'{m["path"]}: {m["error"]}' for m in report["messages"] if m["severity"] >= 2
+                    ]
+                    self.assertEqual(problems, [], f"helm lint --strict ({scenario}, {version})")
+
+    def test_lint_without_a_database_names_the_missing_value(self) -> None:
+        # The chart's defaults alone have neither the bundled Postgres nor a Secret: refused.
+        report = helm.lint(CHART, None, strict=True, kube_version=f"v{KUBE_VERSIONS[0]}")
+        self.assertTrue(any("/database/existingSecret" in e for e in report["errors"]), report["errors"])
+
+
+class KubernetesValidate(unittest.TestCase):
+    """kubernetes-validate --strict on every rendered object, oldest and newest version."""
+
+    def test_every_object_is_valid_for_the_oldest_and_newest_kubernetes(self) -> None:
+        workdir = Path(tempfile.mkdtemp(prefix="helm-check-"))
+        try:
+            files = []
+            skipped = []
+            for scenario in SCENARIOS:
+                for i, obj in enumerate(RENDERED[scenario]):
+                    if obj["apiVersion"].startswith(CRD_GROUP):
+                        skipped.append(f'{scenario}: {obj["kind"]}/{obj["metadata"]["name"]}')
+                        continue
+                    path = workdir / f'{scenario}-{i:03d}-{obj["kind"].lower()}.yaml'
+                    path.write_text(yaml.safe_dump(strip(obj)))
+                    files.append(path)
+            if skipped:
+                print(f"\n  kubernetes-validate: skipped {len(skipped)} monitoring.coreos.com objects "
+                      "(CRDs, not in its schemas; checked by MonitoringObjects instead)", flush=True)
+            validator = Path(sys.executable).with_name("kubernetes-validate")
+
+            def run(version: str) -> subprocess.CompletedProcess[str]:
+                return subprocess.run([str(validator), "--strict", "-k", version, *map(str, files)],
+                                      capture_output=True, text=True, check=False)
+
+            # One process per version, in parallel (each loads its own schema set).
+            with concurrent.futures.ThreadPoolExecutor(len(KUBE_VERSIONS)) as pool:
+                results = dict(zip(KUBE_VERSIONS, pool.map(run, KUBE_VERSIONS)))
+            for version, result in results.items():
+                with self.subTest(kube=version):
+                    lines = result.stdout.splitlines()
+                    passed = [line for line in lines if line.startswith("INFO") and " passed " in line]
+                    problems = [line for line in lines if not line.startswith("INFO")]
+                    self.assertEqual(problems, [], f"kubernetes-validate {version}:\n" + result.stderr)
+                    self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+                    # Every object was checked against a schema (none silently unknown).
+                    self.assertEqual(len(passed), len(files), result.stdout)
+            print(f"  kubernetes-validate --strict: {len(files)} objects x {', '.join(KUBE_VERSIONS)}",
+                  flush=True)
+        finally:
+            shutil.rmtree(workdir)
+
+
+# The part of the prometheus-operator CRD schemas (monitoring.coreos.com/v1) that the chart uses,
+# strict: an unknown or misspelt field is an error, as the API server's structural schema would
+# prune or reject it.
+LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+METADATA = {"type": "object", "required": ["name"],
+            "properties": {"name": {"type": "string"}, "labels": LABELS, "annotations": LABELS}}
+SERVICE_MONITOR = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "ServiceMonitor"},
+        "metadata": METADATA,
+        "spec": {"type": "object", "required": ["selector", "endpoints"], "additionalProperties": False, "properties": {
+            "namespaceSelector": {"type": "object", "additionalProperties": False, "properties": {
+                "any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}}},
+            "selector": {"type": "object", "additionalProperties": False, "properties": {
+                "matchLabels": LABELS,
+                "matchExpressions": {"type": "array", "items": {
+                    "type": "object", "required": ["key", "operator"], "additionalProperties": False,
+                    "properties": {"key": {"type": "string"},
+                                   "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                                   "values": {"type": "array", "items": {"type": "string"}}}}}}},
+            "endpoints": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "additionalProperties": False, "properties": {
+                    "port": {"type": "string"}, "path": {"type": "string"},
+                    "interval": {"type": "string", "pattern": "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
+                    "scheme": {"enum": ["http", "https"]}}}}}},
+    },
+}
+PROMETHEUS_RULE = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PrometheusRule"},
+        "metadata": METADATA,
+        "spec": {"type": "object", "required": ["groups"], "additionalProperties": False, "properties": {
+            "groups": {"type": "array", "items": {
+                "type": "object", "required": ["name", "rules"], "additionalProperties": False, "properties": {
+                    "name": {"type": "string", "minLength": 1}, "interval": {"type": "string"},
+                    "rules": {"type": "array", "items": {
+                        "type": "object", "required": ["expr"], "additionalProperties": False,
+                        "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                        "properties": {
+                            "alert": {"type": "string"}, "record": {"type": "string"},
+                            "expr": {"type": "string", "minLength": 1}, "for": {"type": "string"},
+                            "labels": LABELS, "annotations": LABELS}}}}}}}},
+    },
+}
+
+
+class MonitoringObjects(unittest.TestCase):
+    def test_prometheus_operator_objects_match_their_crd_schema(self) -> None:
+        seen = set()
+        for scenario in SCENARIOS:
+            for obj in RENDERED[scenario]:
+                if not obj["apiVersion"].startswith(CRD_GROUP):
+                    continue
+                schema = {"ServiceMonitor": SERVICE_MONITOR, "PrometheusRule": PROMETHEUS_RULE}.get(obj["kind"])
+                self.assertIsNotNone(schema, f'unexpected {obj["kind"]}')
+                with self.subTest(scenario=scenario, kind=obj["kind"]):
+                    jsonschema.validate(strip(obj), schema)
+                seen.add(obj["kind"])
+        self.assertEqual(seen, {"ServiceMonitor", "PrometheusRule"}, "production.yaml enables both")
+
+    def test_service_monitor_scrapes_the_metrics_port_of_each_service_once(self) -> None:
+        objects = RENDERED["production"]
+        monitor = of_kind(objects, "ServiceMonitor")[0]
+        ports = {e["port"] for e in monitor["spec"]["endpoints"]}
+        scraped = [s for s in of_kind(objects, "Service") if selects(monitor["spec"]["selector"], s["metadata"]["labels"])
+                   and {p["name"] for p in s["spec"]["ports"]} & ports]
+        self.assertEqual(sorted(s["metadata"]["labels"]["app.kubernetes.io/component"] for s in scraped),
+                         sorted(services_of(objects)))
+        for service in scraped:
+            self.assertNotEqual(service["spec"].get("clusterIP"), "None", "headless Services carry no metrics port")
+
+    def test_rules_file_has_the_three_alerts(self) -> None:
+        rules = yaml.safe_load((CHART / "rules" / "waybill.rules.yaml").read_text())
+        exprs = {r["alert"]: r["expr"] for g in rules["groups"] for r in g["rules"]}
+        self.assertIn("grpc_server_handled_total", exprs["WaybillHighErrorRate"])
+        self.assertIn("mesh_breaker_open", exprs["WaybillBreakerOpen"])
+        self.assertIn("mesh_server_shed_total", exprs["WaybillLoadShedding"])
+        rule = of_kind(RENDERED["production"], "PrometheusRule")[0]
+        self.assertEqual(rule["spec"], rules, "the PrometheusRule carries the rules file verbatim")
+
+    def test_dashboards_are_labelled_configmaps_of_valid_grafana_json(self) -> None:
+        files = sorted((CHART / "dashboards").glob("*.json"))
+        self.assertTrue(files)
+        maps = [c for c in of_kind(RENDERED["production"], "ConfigMap")
+                if c["metadata"]["labels"].get("grafana_dashboard") == "1"]
+        self.assertEqual(len(maps), len(files))
+        for path in files:
+            dashboard = json.loads(path.read_text())
+            exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+            self.assertTrue(dashboard["title"] and dashboard["uid"] and exprs, path.name)
+            self.assertTrue(any("grpc_server_handled_total" in e for e in exprs), path.name)
+            self.assertTrue(any(json.loads(c["data"][path.name]) == dashboard for c in maps), path.name)
+        for scenario in ("default", "bundled-database"):
+            kinds = {o["apiVersion"] for o in RENDERED[scenario]}
+            self.assertFalse(any(k.startswith(CRD_GROUP) for k in kinds), "monitoring objects are off by default")
+
+
+class Workloads(unittest.TestCase):
+    def test_every_deployment_has_grpc_probes_resources_prestop_and_grace(self) -> None:
+        for scenario in SCENARIOS:
+            objects = RENDERED[scenario]
+            self.assertTrue(services_of(objects), scenario)
+            for name, deployment in services_of(objects).items():
+                with self.subTest(scenario=scenario, service=name):
+                    pod = deployment["spec"]["template"]["spec"]
+                    (container,) = pod["containers"]
+                    env = env_of(container)
+                    for probe in ("livenessProbe", "readinessProbe"):
+                        self.assertEqual(container[probe]["grpc"]["port"], 50051, probe)
+                    self.assertEqual(container["livenessProbe"]["grpc"].get("service"), "liveness")
+                    grpc_service = container["readinessProbe"]["grpc"]["service"]
+                    self.assertRegex(grpc_service, r"^waybill\.[a-z]+\.v1\.[A-Za-z]+Service$")
+                    for part in ("requests", "limits"):
+                        self.assertTrue({"cpu", "memory"} <= set(container["resources"][part]), part)
+                    sleep = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+                    self.assertGreater(sleep, 0)
+                    grace = seconds(env["WAYBILL_SHUTDOWN_GRACE"])
+                    self.assertGreater(pod["terminationGracePeriodSeconds"], grace + sleep)
+                    self.assertEqual(env["WAYBILL_LISTEN"], "0.0.0.0:50051")
+                    self.assertEqual(env["WAYBILL_SERVICES"], name)
+                    self.assertEqual(env["WAYBILL_LOG_FORMAT"], "json")
+                    self.assertEqual(env["OTEL_SERVICE_NAME"], f"waybill-{name}")
+                    self.assertEqual(env["OTEL_TRACES_SAMPLER"], "parentbased_traceidratio")
+                    self.assertIn("OTEL_TRACES_SAMPLER_ARG", env)
+                    self.assertEqual(env["WAYBILL_PRIMARY_URL"]["secretKeyRef"]["key"], "primary-url")
+                    self.assertEqual(env["WAYBILL_REPLICA_URLS"]["secretKeyRef"]["key"], "replica-urls")
+                    self.assertEqual(container["args"], ["serve"])
+                    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+                    self.assertIn(os.path.dirname(env["WAYBILL_MESH_POLICY"]), mounts)
+                    self.assertEqual(mounts["/tmp"], "tmp")
+                    spread = {c["topologyKey"]: c["whenUnsatisfiable"] for c in pod["topologySpreadConstraints"]}
+                    self.assertEqual(spread, {"topology.kubernetes.io/zone": "ScheduleAnyway",
+                                              "kubernetes.io/hostname": "ScheduleAnyway"})
+
+    def test_every_pod_and_container_is_locked_down(self) -> None:
+        for scenario in SCENARIOS:
+            for workload, pod in pod_specs(RENDERED[scenario]):
+                postgres = "postgres" in workload
+                uid = POSTGRES_UID if postgres else WAYBILL_UID
+                with self.subTest(scenario=scenario, workload=workload):
+                    psc = pod["securityContext"]
+                    self.assertIs(psc["runAsNonRoot"], True)
+                    self.assertEqual(psc["runAsUser"], uid)
+                    self.assertEqual(psc["seccompProfile"]["type"], "RuntimeDefault")
+                    self.assertIs(pod["automountServiceAccountToken"], False)
+                    for container in pod.get("initContainers", []) + pod["containers"]:
+                        csc = container["securityContext"]
+                        where = f'{workload} container {container["name"]}'
+                        self.assertIs(csc["runAsNonRoot"], True, where)
+                        self.assertEqual(csc.get("runAsUser", psc["runAsUser"]), uid, where)
+                        self.assertIs(csc["readOnlyRootFilesystem"], True, where)
+                        self.assertIs(csc["allowPrivilegeEscalation"], False, where)
+                        self.assertEqual(csc["capabilities"]["drop"], ["ALL"], where)
+                        self.assertEqual(csc["seccompProfile"]["type"], "RuntimeDefault", where)
+                        for part in ("requests", "limits"):
+                            self.assertTrue({"cpu", "memory"} <= set(container["resources"][part]), where)
+
+    def test_mesh_policy_configmap_is_the_values_json(self) -> None:
+        objects = RENDERED["production"]
+        policy = SCENARIO_VALUES["production"]["services"]["orders"]["meshPolicy"]
+        config = next(c for c in of_kind(objects, "ConfigMap") if c["metadata"]["name"] == "waybill-orders")
+        self.assertEqual(json.loads(config["data"]["mesh-policy.json"]), policy)
+        deployment = services_of(objects)["orders"]
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        self.assertEqual(volumes["mesh-policy"]["configMap"]["name"], "waybill-orders")
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        self.assertIn("checksum/mesh-policy", annotations)
+
+    def test_nats_url_only_when_nats_is_enabled(self) -> None:
+        for scenario in SCENARIOS:
+            enabled = SCENARIO_VALUES[scenario].get("nats", {}).get("enabled", False)
+            for name, deployment in services_of(RENDERED[scenario]).items():
+                env = env_of(deployment["spec"]["template"]["spec"]["containers"][0])
+                self.assertEqual("WAYBILL_NATS_URL" in env, enabled, f"{scenario}/{name}")
+            statefulsets = [s["metadata"]["name"] for s in of_kind(RENDERED[scenario], "StatefulSet")]
+            self.assertEqual("waybill-nats" in statefulsets, enabled, scenario)
+        nats = next(s for s in of_kind(RENDERED["nats-enabled"], "StatefulSet") if s["metadata"]["name"] == "waybill-nats")
+        container = nats["spec"]["template"]["spec"]["containers"][0]
+        self.assertEqual(container["image"], "nats:2.10-alpine")
+        self.assertIn("--jetstream", container["args"])
+
+
+class PerService(unittest.TestCase):
+    def test_every_service_has_pdb_hpa_networkpolicy_configmap_and_both_services(self) -> None:
+        for scenario in SCENARIOS:
+            objects = RENDERED[scenario]
+            for name, deployment in services_of(objects).items():
+                labels = deployment["spec"]["template"]["metadata"]["labels"]
+                with self.subTest(scenario=scenario, service=name):
+                    pdbs = [p for p in of_kind(objects, "PodDisruptionBudget") if selects(p["spec"]["selector"], labels)]
+                    self.assertEqual(len(pdbs), 1, "one PodDisruptionBudget")
+                    self.assertEqual(len({"minAvailable", "maxUnavailable"} & set(pdbs[0]["spec"])), 1)
+                    hpas = [h for h in of_kind(objects, "HorizontalPodAutoscaler")
+                            if h["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                                               "name": deployment["metadata"]["name"]}]
+                    self.assertEqual(len(hpas), 1, "one HorizontalPodAutoscaler")
+                    self.assertEqual(hpas[0]["apiVersion"], "autoscaling/v2")
+                    self.assertEqual(hpas[0]["spec"]["metrics"][0]["resource"]["name"], "cpu")
+                    self.assertNotIn("replicas", deployment["spec"], "the HPA owns the replica count")
+                    policies = [n for n in of_kind(objects, "NetworkPolicy") if selects(n["spec"]["podSelector"], labels)]
+                    self.assertEqual(len(policies), 1, "one NetworkPolicy")
+                    self.assertEqual(sorted(policies[0]["spec"]["policyTypes"]), ["Egress", "Ingress"])
+                    services = [s for s in of_kind(objects, "Service") if s["spec"].get("selector")
+                                and selects(s["spec"]["selector"], labels)]
+                    headless = [s for s in services if s["spec"].get("clusterIP") == "None"]
+                    self.assertEqual(len(headless), 1, "one headless Service")
+                    self.assertEqual(len(services), 2, "a ClusterIP and a headless Service")
+                    for service in services:
+                        self.assertIn(50051, [p["port"] for p in service["spec"]["ports"]])
+                    configmaps = [c for c in of_kind(objects, "ConfigMap") if c["metadata"]["name"] == deployment["metadata"]["name"]]
+                    self.assertEqual(len(configmaps), 1, "one mesh-policy ConfigMap")
+                    json.loads(configmaps[0]["data"]["mesh-policy.json"])
+
+    def test_autoscaling_off_sets_replicas_and_renders_no_hpa(self) -> None:
+        values = {"database": {"existingSecret": "db"}, "serviceDefaults": {"autoscaling": {"enabled": False}, "replicas": 3}}
+        objects = render(values)
+        self.assertEqual(services_of(objects)["orders"]["spec"]["replicas"], 3)
+        self.assertEqual(of_kind(objects, "HorizontalPodAutoscaler"), [])
+
+    def test_adding_a_service_is_a_values_change(self) -> None:
+        values = {"database": {"existingSecret": "db"},
+                  "services": {"inventory": {"grpcService": "waybill.inventory.v1.InventoryService", "callers": ["orders"]}}}
+        objects = render(values)
+        self.assertEqual(sorted(services_of(objects)), ["inventory", "orders"])
+        kinds = {o["kind"] for o in objects if o["metadata"]["labels"].get("app.kubernetes.io/component") == "inventory"}
+        self.assertEqual(kinds, {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget",
+                                 "HorizontalPodAutoscaler", "NetworkPolicy"})
+
+    def test_network_policy_admits_only_declared_callers(self) -> None:
+        objects = RENDERED["production"]
+        policies = {n["metadata"]["labels"]["app.kubernetes.io/component"]: n["spec"] for n in of_kind(objects, "NetworkPolicy")}
+        pods = {name: d["spec"]["template"]["metadata"]["labels"] for name, d in services_of(objects).items()}
+        # echo declares orders as its only caller and takes no outside clients.
+        grpc_from = [peer for rule in policies["echo"]["ingress"] for peer in rule["from"]
+                     if any(p["port"] == 50051 for p in rule["ports"])]
+        self.assertEqual(len(grpc_from), 1)
+        self.assertTrue(selects(grpc_from[0]["podSelector"], pods["orders"]))
+        self.assertFalse(selects(grpc_from[0]["podSelector"], pods["echo"]))
+        # orders is the public API: clients from the configured namespaces, and no service calls it.
+        orders_from = [peer for rule in policies["orders"]["ingress"] for peer in rule["from"]
+                       if any(p["port"] == 50051 for p in rule["ports"])]
+        self.assertEqual(orders_from, [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}])
+        # orders may call echo (it is echo's declared caller); echo may call no service.
+        def egress_to_services(spec: dict[str, Any]) -> list[str]:
+            return [name for rule in spec["egress"] for peer in rule.get("to", []) if "podSelector" in peer
+                    for name, labels in pods.items() if selects(peer["podSelector"], labels)]
+        self.assertEqual(egress_to_services(policies["orders"]), ["echo"])
+        self.assertEqual(egress_to_services(policies["echo"]), [])
+        # Egress to DNS, the database CIDR and the collector port.
+        ports = {p["port"] for rule in policies["orders"]["egress"] for p in rule.get("ports", [])}
+        self.assertTrue({53, 5432, 4317} <= ports, ports)
+        # Prometheus may reach the metrics port (metrics.enabled in production.yaml).
+        self.assertTrue(any(p["port"] == 9090 for rule in policies["orders"]["ingress"] for p in rule["ports"]))
+
+    def test_network_policy_default_denies_an_internal_service(self) -> None:
+        values = {"database": {"existingSecret": "db"},
+                  "services": {"echo": {"enabled": True}}}
+        spec = next(n["spec"] for n in of_kind(render(values), "NetworkPolicy") if n["metadata"]["name"] == "waybill-echo")
+        self.assertEqual(spec["ingress"], [])
+
+    def test_network_policy_reaches_bundled_databases_and_nats(self) -> None:
+        for scenario, component in (("bundled-database", "postgres-primary"), ("nats-enabled", "nats")):
+            objects = RENDERED[scenario]
+            target = next(s for s in of_kind(objects, "StatefulSet")
+                          if s["metadata"]["labels"]["app.kubernetes.io/component"] == component)
+            labels = target["spec"]["template"]["metadata"]["labels"]
+            for policy in of_kind(objects, "NetworkPolicy"):
+                peers = [peer for rule in policy["spec"]["egress"] for peer in rule.get("to", [])]
+                self.assertTrue(any("podSelector" in p and selects(p["podSelector"], labels) for p in peers),
+                                f'{scenario}: {policy["metadata"]["name"]} cannot reach {component}')
+
+
+class Hooks(unittest.TestCase):
+    def test_migration_job_is_a_pre_install_pre_upgrade_hook(self) -> None:
+        for scenario in SCENARIOS:
+            (job,) = of_kind(RENDERED[scenario], "Job")
+            with self.subTest(scenario=scenario):
+                annotations = job["metadata"]["annotations"]
+                self.assertEqual(set(annotations["helm.sh/hook"].split(",")), {"pre-install", "pre-upgrade"})
+                container = job["spec"]["template"]["spec"]["containers"][0]
+                self.assertEqual(container["args"], ["migrate"])
+                self.assertEqual(env_of(container)["WAYBILL_PRIMARY_URL"]["secretKeyRef"]["key"], "primary-url")
+                self.assertEqual(job["spec"]["template"]["spec"]["restartPolicy"], "Never")
+                self.assertIn("activeDeadlineSeconds", job["spec"])
+
+    def test_bundled_database_is_created_by_earlier_hooks_and_waited_for(self) -> None:
+        objects = RENDERED["bundled-database"]
+        (job,) = of_kind(objects, "Job")
+        job_weight = int(job["metadata"]["annotations"].get("helm.sh/hook-weight", "0"))
+        database = [o for o in objects if o["metadata"]["labels"].get("app.kubernetes.io/component", "").startswith("postgres-")]
+        self.assertEqual(sorted({o["kind"] for o in database}), ["ConfigMap", "Secret", "Service", "StatefulSet"])
+        for obj in database:
+            annotations = obj["metadata"].get("annotations", {})
+            where = f'{obj["kind"]}/{obj["metadata"]["name"]}'
+            self.assertIn("pre-install", annotations.get("helm.sh/hook", "").split(","), where)
+            self.assertLess(int(annotations["helm.sh/hook-weight"]), job_weight, where)
+        # Helm does not wait for a hook StatefulSet to be ready: the Job waits, boundedly.
+        (init,) = job["spec"]["template"]["spec"]["initContainers"]
+        script = " ".join(init["command"])
+        self.assertIn("pg_isready", script)
+        self.assertIn("deadline", script)
+        self.assertIn("exit 1", script)
+        # The services and the Job read the generated Secret, which has the external Secret's keys.
+        secret = next(o for o in database if o["kind"] == "Secret")
+        self.assertTrue({"primary-url", "replica-urls"} <= set(secret["stringData"]))
+        self.assertTrue(secret["stringData"]["primary-url"].startswith("postgres://waybill:"))
+        for deployment in services_of(objects).values():
+            env = env_of(deployment["spec"]["template"]["spec"]["containers"][0])
+            self.assertEqual(env["WAYBILL_PRIMARY_URL"]["secretKeyRef"]["name"], secret["metadata"]["name"])
+
+    def test_replica_bootstraps_with_pg_basebackup(self) -> None:
+        objects = RENDERED["bundled-database"]
+        replica = next(s for s in of_kind(objects, "StatefulSet") if s["metadata"]["name"] == "waybill-postgres-replica")
+        (init,) = replica["spec"]["template"]["spec"]["initContainers"]
+        script = init["command"][-1]
+        self.assertIn("pg_basebackup", script)
+        self.assertIn(" -R ", script)
+        self.assertEqual(env_of(init)["PGPASSWORD"]["secretKeyRef"]["key"], "replication-password")
+        for statefulset in of_kind(objects, "StatefulSet"):
+            self.assertEqual(statefulset["spec"]["template"]["spec"]["containers"][0]["image"], "postgres:15")
+
+
+class Names(unittest.TestCase):
+    def test_names_fit_kubernetes_limits_with_the_longest_release_name(self) -> None:
+        release = "a" * 53  # Helm's longest release name
+        values = {"postgresql": {"enabled": True}, "nats": {"enabled": True},
+                  "services": {"echo": {"enabled": True},
+                               "a" * 18: {"grpcService": "waybill.a.v1.AService"}}}
+        for obj in render(values, release=release):
+            name = obj["metadata"]["name"]
+            self.assertRegex(name, r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+            self.assertLessEqual(len(name), 52 if obj["kind"] == "StatefulSet" else 63, name)
+            for value in obj["metadata"]["labels"].values():
+                self.assertLessEqual(len(value), 63, value)
+
+    def test_notes_explain_how_to_reach_the_api(self) -> None:
+        text = notes(SCENARIO_VALUES["default"])
+        self.assertIn("port-forward svc/waybill-orders 50051:50051", text)
+        self.assertIn("waybill orders list --addr http://localhost:50051 --customer c-1", text)
+        self.assertIn("grpcurl -plaintext localhost:50051 list", text)
+
+
+class Schema(unittest.TestCase):
+    """Every file in values/invalid/ is refused, naming the field (its `# expect:` line)."""
+
+    def test_bad_values_are_rejected_with_a_message_naming_the_field(self) -> None:
+        cases = sorted(INVALID.glob("*.yaml"))
+        self.assertGreaterEqual(len(cases), 5)
+        for path in cases:
+            expect = re.search(r"^# expect: (.+)$", path.read_text(), re.M)
+            self.assertIsNotNone(expect, f"{path.name} has no '# expect:' line")
+            with self.subTest(case=path.stem):
+                with self.assertRaises(helm.HelmError) as caught:
+                    render(load_values(path))
+                self.assertIn(expect.group(1).strip(), str(caught.exception))
+
+    def test_negative_replicas_and_unknown_log_format_fail_validate_schema(self) -> None:
+        with helm.Chart.load(CHART) as chart:
+            for values, field in (({"services": {"orders": {"replicas": -1}}}, "/services/orders/replicas"),
+                                  ({"logFormat": "xml"}, "/logFormat")):
+                merged = chart.merge_values({"database": {"existingSecret": "db"}, **values})
+                with self.assertRaises(helm.HelmValuesError) as caught:
+                    chart.validate_schema(merged)
+                self.assertIn(field, str(caught.exception))
+
+
+def main() -> int:
+    suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
+    result = unittest.TextTestRunner(verbosity=1, stream=sys.stdout).run(suite)
+    # Count tests, not subtests; a failed module setup (e.g. a values file that does not render)
+    # counts as one failure.
+    failed = {getattr(test, "test_case", test).id() for test, _ in result.failures + result.errors}
+    ran_and_failed = sum(1 for name in failed if not name.startswith("setUpModule"))
+    print(f"helm-check: {result.testsRun - ran_and_failed} passed, {len(failed)} failed")
+    return 0 if result.wasSuccessful() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
