@@ -3,6 +3,7 @@
 
 mod call;
 mod dev;
+mod loadgen;
 mod registry;
 mod serve;
 
@@ -36,6 +37,8 @@ enum Command {
     Orders(call::OrdersCommand),
     /// Call the diagnostic echo service, optionally through a chain of echo servers.
     Echo(call::EchoArgs),
+    /// Send open-loop load (fixed arrival rate) and report throughput and latency percentiles.
+    Loadgen(loadgen::LoadgenArgs),
 }
 
 #[derive(clap::Args)]
@@ -80,6 +83,7 @@ fn main() -> std::process::ExitCode {
             Command::Dev(command) => dev::run(command).await,
             Command::Orders(command) => call::run(command).await,
             Command::Echo(args) => call::echo(args).await,
+            Command::Loadgen(args) => loadgen::run(args).await,
         }
     });
     match result {

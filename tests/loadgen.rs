@@ -1,0 +1,51 @@
+//! `waybill loadgen` against a real server: what it reports is what happened.
+
+// A failed unwrap is a failed test, which is what we want here.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+use waybill_test_support::{TestDb, Waybill, waybill_bin};
+
+#[tokio::test]
+async fn loadgen_reports_what_it_sent_and_the_server_stored() {
+    let db = TestDb::new().await;
+    let server = Waybill::serve(&db, &[]);
+    let report_path = std::env::temp_dir().join(format!("{}-loadgen.json", db.name));
+
+    let output = Command::new(waybill_bin())
+        .args(["loadgen", "--addr", &server.endpoint()])
+        .args([
+            "--scenario",
+            "place-orders",
+            "--rate",
+            "100",
+            "--duration",
+            "2s",
+        ])
+        .arg("--json")
+        .arg(&report_path)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&report_path);
+
+    let sent = report["sent"].as_u64().unwrap();
+    let ok = report["ok"].as_u64().unwrap();
+    // Open loop: 100/s for 2 s schedules 200 calls (give or take the last tick).
+    assert!((195..=201).contains(&sent), "{report}");
+    assert_eq!(ok, sent, "{report}");
+    assert_eq!(report["not_sent"], 0, "{report}");
+    assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+    let p50 = report["latency_us"]["p50"].as_u64().unwrap();
+    let p99 = report["latency_us"]["p99"].as_u64().unwrap();
+    assert!(p50 > 0 && p50 <= p99, "{report}");
+    // Every call carried its own idempotency key: one order each, no more, no less.
+    assert_eq!(db.count("orders.orders").await, ok as i64);
+}
