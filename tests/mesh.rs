@@ -94,9 +94,10 @@ async fn retries_recover_from_injected_unavailable() {
     }
 
     // Half the attempts fail. Without retries about 100 of 200 calls succeed; with up to 5
-    // attempts a call fails only 1 time in 32.
+    // attempts a call fails only 1 time in 32 (about 6 of 200). The bounds are set where
+    // chance alone breaks them less than once in 100,000 runs.
     assert!((50..=150).contains(&bare_ok), "bare client: {bare_ok}/200");
-    assert!(meshed_ok >= 185, "mesh client: {meshed_ok}/200");
+    assert!(meshed_ok >= 180, "mesh client: {meshed_ok}/200");
 }
 
 #[tokio::test]
@@ -145,7 +146,8 @@ async fn place_order_is_retried_only_with_an_idempotency_key_and_runs_once() {
             keyed_ok += 1;
         }
     }
-    assert!(keyed_ok >= 54, "keyed calls are retried: {keyed_ok}/60");
+    // Retried, a keyed call fails 1 time in 32 (about 2 of 60); without retries, 30 of 60.
+    assert!(keyed_ok >= 49, "keyed calls are retried: {keyed_ok}/60");
     assert_eq!(
         db.count("orders.orders").await,
         unkeyed_ok + keyed_ok,
