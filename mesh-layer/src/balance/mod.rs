@@ -219,6 +219,21 @@ async fn resolve_forever(shared: Weak<Shared<Channel>>, host: String, port: u16)
     }
 }
 
+/// The status of a call the connection failed: its deadline ran out in the transport (tonic
+/// reports that as CANCELLED; gRPC says DEADLINE_EXCEEDED, which no policy retries), or the
+/// connection failed (refused, reset: UNAVAILABLE, as gRPC clients report it; tonic alone can
+/// surface UNKNOWN, which no policy retries either).
+fn transport_status(endpoint: &str, error: &(dyn std::error::Error + 'static)) -> Status {
+    let mut cause = Some(error);
+    while let Some(current) = cause {
+        if current.is::<tonic::TimeoutExpired>() {
+            return Status::deadline_exceeded(format!("endpoint {endpoint}: deadline exceeded"));
+        }
+        cause = current.source();
+    }
+    Status::unavailable(format!("endpoint {endpoint}: {error}"))
+}
+
 /// Power of two choices among the available endpoints.
 fn choose<S>(endpoints: &[Arc<Endpoint<S>>]) -> Option<&Arc<Endpoint<S>>> {
     let available = |e: &&Arc<Endpoint<S>>| e.service.breaker().is_available();
@@ -246,7 +261,7 @@ impl<S> Service<Request<Body>> for Balancer<S>
 where
     S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
-    S::Error: std::fmt::Display + Send + 'static,
+    S::Error: std::error::Error + Send + 'static,
 {
     type Response = Response<Body>;
     type Error = S::Error;
@@ -288,11 +303,7 @@ where
                 Err(error) => Err(error),
             };
             endpoint.load.finish(started.elapsed());
-            // A connection that failed (refused, reset) is UNAVAILABLE, as gRPC clients
-            // report it; tonic alone would surface it as UNKNOWN, which no policy retries.
-            Ok(result.unwrap_or_else(|error| {
-                Status::unavailable(format!("endpoint {}: {error}", endpoint.name)).into_http()
-            }))
+            Ok(result.unwrap_or_else(|error| transport_status(&endpoint.name, &error).into_http()))
         })
     }
 }
