@@ -3,7 +3,7 @@
 //! count against it, and outside shedding so an injected failure does not hold a concurrency
 //! slot. Idempotency is innermost: a shed or failed-fast call never claims its key.
 
-use tower::{Layer, layer::util::Stack};
+use tower::layer::util::Stack;
 use tower_http::{
     classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier},
     trace::{
@@ -78,17 +78,4 @@ pub fn stack(
             Stack::new(FaultLayer::new(policy.clone()), ServerDeadlineLayer),
         ),
     )
-}
-
-/// Wraps `service` in the server stack, for servers assembled without `tonic::transport`.
-pub fn wrap<S>(
-    policy: &Policy,
-    methods: &MethodTable,
-    store: Arc<dyn IdempotencyStore>,
-    service: S,
-) -> <ServerStack as Layer<S>>::Service
-where
-    ServerStack: Layer<S>,
-{
-    stack(policy, methods, store).layer(service)
 }
