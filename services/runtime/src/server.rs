@@ -128,11 +128,11 @@ pub async fn serve(
         () = shutdown => {}
     }
 
-    tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining in-flight calls");
     monitor.abort();
     purge.abort();
     health::set_all(&reporter, &names, ServingStatus::NotServing).await;
     let _ = drain_tx.send(());
+    tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining in-flight calls");
     match tokio::time::timeout(config.shutdown_grace, &mut server).await {
         Ok(result) => {
             tracing::info!("drained; stopped");
