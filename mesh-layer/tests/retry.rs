@@ -15,10 +15,10 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full};
 use mesh_layer::{context::CallContext, grpc, policy::Policy, retry::RetryLayer};
-use support::{code, methods, ok, status};
+use support::{code, methods, ok, send, status};
 use tokio::time::Instant;
 use tonic::{Code, body::Body};
-use tower::{Layer, Service, ServiceExt, service_fn};
+use tower::{Layer, Service, service_fn};
 
 /// What the server saw of one attempt.
 #[derive(Debug, Clone, PartialEq)]
@@ -104,13 +104,6 @@ fn call(path: &str, body: &'static str) -> Request<Body> {
         .uri(format!("http://test{path}"))
         .body(Body::new(Full::new(Bytes::from_static(body.as_bytes()))))
         .unwrap()
-}
-
-async fn send<S>(service: &mut S, request: Request<Body>) -> Response<Body>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
-{
-    service.ready().await.unwrap().call(request).await.unwrap()
 }
 
 /// A response whose status is in the trailers, as for any call that sent headers first.

@@ -22,10 +22,10 @@ use mesh_layer::{
     policy::{Policy, ShedPolicy},
     shed::LoadShedLayer,
 };
-use support::{code, echo_timeout, marker, ok, request, sent_timeout};
+use support::{code, echo_timeout, marker, ok, request, send, sent_timeout};
 use tokio::{sync::Notify, time::Instant};
 use tonic::{Code, body::Body};
-use tower::{Layer, Service, ServiceExt, service_fn};
+use tower::{Layer, ServiceExt, service_fn};
 
 #[tokio::test(start_paused = true)]
 async fn the_handler_sees_the_deadline_and_is_cancelled_when_it_passes() {
@@ -45,7 +45,7 @@ async fn the_handler_sees_the_deadline_and_is_cancelled_when_it_passes() {
     req.headers_mut()
         .insert(grpc::PREVIOUS_ATTEMPTS, HeaderValue::from_static("2"));
     let started = Instant::now();
-    let response = service.ready().await.unwrap().call(req).await.unwrap();
+    let response = send(&mut service, req).await;
 
     assert_eq!(code(&response), Code::DeadlineExceeded);
     assert_eq!(marker(&response), Some("deadline"));
@@ -72,23 +72,11 @@ async fn a_malformed_timeout_is_refused_and_no_timeout_means_no_deadline() {
     });
     let mut service = ServerDeadlineLayer.layer(handler);
 
-    let response = service
-        .ready()
-        .await
-        .unwrap()
-        .call(request("/s.S/M", Some("ten")))
-        .await
-        .unwrap();
+    let response = send(&mut service, request("/s.S/M", Some("ten"))).await;
     assert_eq!(code(&response), Code::InvalidArgument);
     assert_eq!(calls.load(Ordering::SeqCst), 0);
 
-    let response = service
-        .ready()
-        .await
-        .unwrap()
-        .call(request("/s.S/M", None))
-        .await
-        .unwrap();
+    let response = send(&mut service, request("/s.S/M", None)).await;
     assert_eq!(
         code(&response),
         Code::Ok,
@@ -107,13 +95,7 @@ async fn outgoing_calls_get_the_earliest_deadline_minus_the_margin() {
     let mut client = DeadlineLayer::new(policy).layer(echo_timeout(calls.clone()));
 
     // No deadline anywhere: none is invented.
-    let response = client
-        .ready()
-        .await
-        .unwrap()
-        .call(request("/s.S/Long", None))
-        .await
-        .unwrap();
+    let response = send(&mut client, request("/s.S/Long", None)).await;
     assert_eq!(sent_timeout(&response), None);
 
     // Handling an incoming call with 1 s left: the outgoing call gets 1 s minus the margin, or
@@ -124,20 +106,8 @@ async fn outgoing_calls_get_the_earliest_deadline_minus_the_margin() {
     };
     let (long, short) = incoming
         .scope(async {
-            let long = client
-                .ready()
-                .await
-                .unwrap()
-                .call(request("/s.S/Long", None))
-                .await
-                .unwrap();
-            let short = client
-                .ready()
-                .await
-                .unwrap()
-                .call(request("/s.S/Short", None))
-                .await
-                .unwrap();
+            let long = send(&mut client, request("/s.S/Long", None)).await;
+            let short = send(&mut client, request("/s.S/Short", None)).await;
             (long, short)
         })
         .await;
@@ -145,13 +115,7 @@ async fn outgoing_calls_get_the_earliest_deadline_minus_the_margin() {
     assert_eq!(sent_timeout(&short), Some(Duration::from_millis(200)));
 
     // The caller's own shorter timeout wins too.
-    let response = client
-        .ready()
-        .await
-        .unwrap()
-        .call(request("/s.S/Long", Some("50m")))
-        .await
-        .unwrap();
+    let response = send(&mut client, request("/s.S/Long", Some("50m"))).await;
     assert_eq!(sent_timeout(&response), Some(Duration::from_millis(50)));
     assert_eq!(calls.load(Ordering::SeqCst), 4);
 }
@@ -165,15 +129,7 @@ async fn an_expired_deadline_fails_without_sending() {
         previous_attempts: 0,
     };
     let response = expired
-        .scope(async {
-            client
-                .ready()
-                .await
-                .unwrap()
-                .call(request("/s.S/M", None))
-                .await
-                .unwrap()
-        })
+        .scope(async { send(&mut client, request("/s.S/M", None)).await })
         .await;
     assert_eq!(
         code(&response),
@@ -251,13 +207,7 @@ async fn faults_abort_and_delay_the_configured_methods_only() {
     let calls = Arc::new(AtomicUsize::new(0));
     let mut service = FaultLayer::new(policy).layer(echo_timeout(calls.clone()));
 
-    let aborted = service
-        .ready()
-        .await
-        .unwrap()
-        .call(request("/s.S/Abort", None))
-        .await
-        .unwrap();
+    let aborted = send(&mut service, request("/s.S/Abort", None)).await;
     assert_eq!(code(&aborted), Code::Unavailable);
     assert_eq!(marker(&aborted), Some("fault"));
     assert_eq!(
@@ -267,24 +217,12 @@ async fn faults_abort_and_delay_the_configured_methods_only() {
     );
 
     let started = Instant::now();
-    let slow = service
-        .ready()
-        .await
-        .unwrap()
-        .call(request("/s.S/Slow", None))
-        .await
-        .unwrap();
+    let slow = send(&mut service, request("/s.S/Slow", None)).await;
     assert_eq!(code(&slow), Code::Ok);
     assert_eq!(started.elapsed(), Duration::from_millis(250));
 
     let started = Instant::now();
-    let plain = service
-        .ready()
-        .await
-        .unwrap()
-        .call(request("/s.S/Other", None))
-        .await
-        .unwrap();
+    let plain = send(&mut service, request("/s.S/Other", None)).await;
     assert_eq!(code(&plain), Code::Ok);
     assert_eq!(started.elapsed(), Duration::ZERO);
     assert_eq!(calls.load(Ordering::SeqCst), 2);

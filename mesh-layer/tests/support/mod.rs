@@ -30,6 +30,15 @@ pub fn request(path: &str, timeout: Option<&'static str>) -> Request<Body> {
     request
 }
 
+/// Waits for `service` to be ready and sends `request`.
+pub async fn send<S>(service: &mut S, request: Request<Body>) -> Response<Body>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+{
+    use tower::ServiceExt;
+    service.ready().await.unwrap().call(request).await.unwrap()
+}
+
 /// A trailers-only OK response.
 pub fn ok() -> Response<Body> {
     Response::builder()
