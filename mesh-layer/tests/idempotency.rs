@@ -92,6 +92,18 @@ async fn outcome(response: Response<Body>) -> (Code, String) {
     )
 }
 
+/// Sends one keyed call through `service`.
+async fn send<S>(service: &S, path: &str, key: &str, body: &'static str) -> Response<Body>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone,
+{
+    service
+        .clone()
+        .oneshot(keyed(path, key, body))
+        .await
+        .unwrap()
+}
+
 fn layer(retention: &str) -> IdempotencyLayer {
     let policy = Policy::from_json(&format!(
         r#"{{"idempotency": {{"retention": "{retention}"}}}}"#
@@ -122,11 +134,7 @@ async fn fifty_concurrent_duplicates_run_once_and_repeats_replay() {
         "duplicates during the run are ABORTED: {outcomes:?}"
     );
 
-    let response = service
-        .clone()
-        .oneshot(keyed("/s.S/Buy", "k-1", "order"))
-        .await
-        .unwrap();
+    let response = send(&service, "/s.S/Buy", "k-1", "order").await;
     assert_eq!(marker(&response), Some("replayed"));
     assert_eq!(outcome(response).await, (Code::Ok, "run 1".into()));
     assert_eq!(handler.runs(), 1);
@@ -136,26 +144,14 @@ async fn fifty_concurrent_duplicates_run_once_and_repeats_replay() {
 async fn a_reused_key_with_another_request_is_refused() {
     let handler = Handler::default();
     let service = layer("24h").layer(handler.clone().service());
-    service
-        .clone()
-        .oneshot(keyed("/s.S/Buy", "k", "order A"))
-        .await
-        .unwrap();
+    send(&service, "/s.S/Buy", "k", "order A").await;
 
-    let response = service
-        .clone()
-        .oneshot(keyed("/s.S/Buy", "k", "order B"))
-        .await
-        .unwrap();
+    let response = send(&service, "/s.S/Buy", "k", "order B").await;
     assert_eq!(outcome(response).await.0, Code::InvalidArgument);
     assert_eq!(handler.runs(), 1);
 
     // The same key on another method, or from another caller, is another key.
-    let other_method = service
-        .clone()
-        .oneshot(keyed("/s.S/Put", "k", "order B"))
-        .await
-        .unwrap();
+    let other_method = send(&service, "/s.S/Put", "k", "order B").await;
     assert_eq!(outcome(other_method).await.0, Code::Ok);
     let mut other_caller = keyed("/s.S/Buy", "k", "order B");
     other_caller
@@ -177,22 +173,14 @@ async fn errors_are_replayed_but_transient_ones_release_the_key() {
 
     // FAILED_PRECONDITION (9) is an answer: stored and replayed.
     for _ in 0..2 {
-        let response = service
-            .clone()
-            .oneshot(keyed("/s.S/Buy", "a", "fail:9"))
-            .await
-            .unwrap();
+        let response = send(&service, "/s.S/Buy", "a", "fail:9").await;
         assert_eq!(outcome(response).await.0, Code::FailedPrecondition);
     }
     assert_eq!(handler.runs(), 1);
 
     // UNAVAILABLE (14) may succeed on retry: the key is released and the call runs again.
     for _ in 0..2 {
-        let response = service
-            .clone()
-            .oneshot(keyed("/s.S/Buy", "b", "fail:14"))
-            .await
-            .unwrap();
+        let response = send(&service, "/s.S/Buy", "b", "fail:14").await;
         assert_eq!(outcome(response).await.0, Code::Unavailable);
     }
     assert_eq!(handler.runs(), 3);
@@ -202,17 +190,9 @@ async fn errors_are_replayed_but_transient_ones_release_the_key() {
 async fn keys_expire_after_the_retention() {
     let handler = Handler::default();
     let service = layer("1h").layer(handler.clone().service());
-    service
-        .clone()
-        .oneshot(keyed("/s.S/Buy", "k", "x"))
-        .await
-        .unwrap();
+    send(&service, "/s.S/Buy", "k", "x").await;
     tokio::time::sleep(Duration::from_secs(3601)).await;
-    let response = service
-        .clone()
-        .oneshot(keyed("/s.S/Buy", "k", "x"))
-        .await
-        .unwrap();
+    let response = send(&service, "/s.S/Buy", "k", "x").await;
     assert_eq!(outcome(response).await, (Code::Ok, "run 2".into()));
 }
 
@@ -231,11 +211,7 @@ async fn an_abandoned_call_releases_its_key() {
     );
     tokio::task::yield_now().await;
 
-    let response = service
-        .clone()
-        .oneshot(keyed("/s.S/Buy", "k", "x"))
-        .await
-        .unwrap();
+    let response = send(&service, "/s.S/Buy", "k", "x").await;
     assert_eq!(outcome(response).await, (Code::Ok, "run 2".into()));
 }
 
@@ -244,17 +220,9 @@ async fn bad_keys_and_streaming_methods_are_refused() {
     let handler = Handler::default();
     let service = layer("24h").layer(handler.clone().service());
     let long = "k".repeat(129);
-    let response = service
-        .clone()
-        .oneshot(keyed("/s.S/Buy", &long, "x"))
-        .await
-        .unwrap();
+    let response = send(&service, "/s.S/Buy", &long, "x").await;
     assert_eq!(outcome(response).await.0, Code::InvalidArgument);
-    let response = service
-        .clone()
-        .oneshot(keyed("/s.S/Watch", "k", "x"))
-        .await
-        .unwrap();
+    let response = send(&service, "/s.S/Watch", "k", "x").await;
     assert_eq!(outcome(response).await.0, Code::InvalidArgument);
     assert_eq!(handler.runs(), 0);
 }

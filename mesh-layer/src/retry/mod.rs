@@ -140,8 +140,7 @@ where
                 Buffered::Complete(bytes) => bytes,
                 Buffered::TooLarge(body) => {
                     metrics::retry_skipped(path, "buffer");
-                    let request = Request::from_parts(parts.clone(), body);
-                    return inner.call(request).await;
+                    return inner.call(Request::from_parts(parts, body)).await;
                 }
                 Buffered::Failed(status) => return Ok(status.into_http()),
             };
