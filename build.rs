@@ -5,7 +5,11 @@ use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
+        "proto/waybill/delivery/v1/delivery.proto",
         "proto/waybill/echo/v1/echo.proto",
+        "proto/waybill/events/v1/events.proto",
+        "proto/waybill/inventory/v1/inventory.proto",
+        "proto/waybill/notifications/v1/notifications.proto",
         "proto/waybill/orders/v1/orders.proto",
     ];
     for proto in protos {

@@ -5,6 +5,42 @@
 
 #![deny(missing_docs)]
 
+/// `waybill.delivery.v1`: couriers, assignments and live delivery tracking.
+pub mod delivery {
+    /// Version 1 of the delivery API.
+    #[allow(missing_docs, clippy::all)]
+    pub mod v1 {
+        tonic::include_proto!("waybill.delivery.v1");
+    }
+}
+
+/// `waybill.events.v1`: the events services publish through their outboxes.
+pub mod events {
+    /// Version 1 of the events API.
+    #[allow(missing_docs, clippy::all)]
+    pub mod v1 {
+        tonic::include_proto!("waybill.events.v1");
+    }
+}
+
+/// `waybill.inventory.v1`: the item catalog, stock and reservations.
+pub mod inventory {
+    /// Version 1 of the inventory API.
+    #[allow(missing_docs, clippy::all)]
+    pub mod v1 {
+        tonic::include_proto!("waybill.inventory.v1");
+    }
+}
+
+/// `waybill.notifications.v1`: what customers are told about their orders.
+pub mod notifications {
+    /// Version 1 of the notifications API.
+    #[allow(missing_docs, clippy::all)]
+    pub mod v1 {
+        tonic::include_proto!("waybill.notifications.v1");
+    }
+}
+
 /// `waybill.echo.v1`: a diagnostic echo service (deadlines and retries across hops).
 pub mod echo {
     /// Version 1 of the echo API.

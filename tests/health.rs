@@ -79,6 +79,7 @@ async fn health_turns_not_serving_when_the_primary_stops() {
                 quantity: 1,
             }],
             delivery_address: "somewhere".into(),
+            zone: String::new(),
         })
         .await
         .unwrap_err();

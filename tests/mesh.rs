@@ -121,6 +121,7 @@ async fn place_order_is_retried_only_with_an_idempotency_key_and_runs_once() {
             quantity: 1,
         }],
         delivery_address: "1 Main St".into(),
+        zone: String::new(),
     };
 
     let mut unkeyed_ok = 0;
@@ -333,6 +334,7 @@ async fn fifty_concurrent_duplicates_place_one_order_and_share_its_answer() {
                         quantity: 3,
                     }],
                     delivery_address: "1 Main St".into(),
+                    zone: String::new(),
                 });
                 request
                     .metadata_mut()

@@ -5,14 +5,40 @@
 
 use tonic::{Code, Status, transport::Channel};
 use tonic_types::StatusExt;
-use waybill_api::orders::v1::{self as pb, orders_service_client::OrdersServiceClient};
+use waybill_api::{
+    delivery::v1::{self as delivery, delivery_service_client::DeliveryServiceClient},
+    inventory::v1::{self as inventory, inventory_service_client::InventoryServiceClient},
+    orders::v1::{self as pb, orders_service_client::OrdersServiceClient},
+};
 use waybill_test_support::{TestDb, Waybill, wait_for_replica};
 
+/// A server with the items of [`place_request`] in stock and a courier in the default zone,
+/// so that placed orders are confirmed.
 async fn start() -> (TestDb, Waybill, OrdersServiceClient<Channel>) {
     let db = TestDb::new().await;
     let server = Waybill::serve(&db, &[]);
-    let client = OrdersServiceClient::new(server.channel().await);
-    (db, server, client)
+    let channel = server.channel().await;
+    let mut inventory = InventoryServiceClient::new(channel.clone());
+    for sku in ["SKU-1", "SKU-2"] {
+        inventory
+            .put_item(inventory::PutItemRequest {
+                sku: sku.into(),
+                name: String::new(),
+                on_hand: 1_000_000,
+            })
+            .await
+            .unwrap();
+    }
+    DeliveryServiceClient::new(channel.clone())
+        .put_courier(delivery::PutCourierRequest {
+            courier_id: "van-1".into(),
+            name: String::new(),
+            zone: "default".into(),
+            capacity: 1000,
+        })
+        .await
+        .unwrap();
+    (db, server, OrdersServiceClient::new(channel))
 }
 
 fn place_request(customer: &str) -> pb::PlaceOrderRequest {
@@ -29,6 +55,7 @@ fn place_request(customer: &str) -> pb::PlaceOrderRequest {
             },
         ],
         delivery_address: "1 Main St".into(),
+        zone: String::new(),
     }
 }
 
@@ -58,7 +85,9 @@ async fn a_placed_order_can_be_read_back() {
         .into_inner()
         .order
         .unwrap();
-    assert_eq!(placed.status(), pb::OrderStatus::Pending);
+    assert_eq!(placed.status(), pb::OrderStatus::Confirmed, "{placed:?}");
+    assert_eq!(placed.courier_id, "van-1");
+    assert_eq!(placed.zone, "default");
     assert!(placed.create_time.is_some());
 
     let fetched = client

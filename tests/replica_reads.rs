@@ -15,6 +15,7 @@ fn order_for(customer: &str) -> pb::PlaceOrderRequest {
             quantity: 1,
         }],
         delivery_address: "2 Side St".into(),
+        zone: String::new(),
     }
 }
 

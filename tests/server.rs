@@ -100,6 +100,7 @@ async fn sigterm_lets_an_in_flight_call_finish_then_exits() {
                     quantity: 1,
                 }],
                 delivery_address: "1 Main St".into(),
+                zone: String::new(),
             })
             .await
     });
@@ -158,8 +159,10 @@ async fn sigterm_lets_an_in_flight_call_finish_then_exits() {
         .expect("the in-flight call finishes")
         .unwrap()
         .expect("the in-flight call succeeds");
+    // Stored; its saga may not have finished while the process drained (it resumes on the
+    // next start), so the status is not the point here.
     let order = response.into_inner().order.unwrap();
-    assert_eq!(order.status(), pb::OrderStatus::Pending);
+    assert!(!order.order_id.is_empty());
 
     let status = server
         .wait_for_exit(PATIENCE)

@@ -20,6 +20,9 @@ pub enum OrdersCommand {
         /// Delivery address.
         #[arg(long)]
         address: String,
+        /// Delivery zone (empty: "default").
+        #[arg(long, default_value = "")]
+        zone: String,
         /// Makes the call safe to repeat: the same key returns the same order.
         #[arg(long)]
         idempotency_key: Option<String>,
@@ -93,6 +96,7 @@ pub async fn run(command: OrdersCommand) -> anyhow::Result<()> {
             customer,
             items,
             address,
+            zone,
             idempotency_key,
         } => {
             let items = items
@@ -103,6 +107,7 @@ pub async fn run(command: OrdersCommand) -> anyhow::Result<()> {
                 customer_id: customer,
                 items,
                 delivery_address: address,
+                zone,
             });
             if let Some(key) = idempotency_key {
                 let key = key

@@ -312,6 +312,7 @@ async fn call(
                     quantity: i32::from(fastrand::u8(1..5)),
                 }],
                 delivery_address: "1 Load Street".into(),
+                zone: String::new(),
             });
             request.set_timeout(timeout);
             let key = format!("loadgen-{}-{sequence}", std::process::id());

@@ -3,6 +3,7 @@
 
 mod call;
 mod dev;
+mod events;
 mod loadgen;
 mod registry;
 mod serve;
@@ -37,6 +38,8 @@ enum Command {
     Orders(call::OrdersCommand),
     /// Call the diagnostic echo service, optionally through a chain of echo servers.
     Echo(call::EchoArgs),
+    /// Inspect the event bus: list and replay dead letters.
+    Events(events::EventsArgs),
     /// Send open-loop load (fixed arrival rate) and report throughput and latency percentiles.
     Loadgen(loadgen::LoadgenArgs),
 }
@@ -71,8 +74,10 @@ fn main() -> std::process::ExitCode {
             Command::Serve(args) => serve::run(args).await,
             Command::Migrate(args) => {
                 let (primary, _) = dev::resolve_database(&args.database, &args.dev_dir)?;
-                // The mesh schema (idempotency keys) comes first: every service uses it.
-                let schemas: Vec<_> = std::iter::once(waybill_runtime::MESH_SCHEMA)
+                // The mesh schema (idempotency keys) and the bus (Postgres bus tables, dead
+                // letters of either bus) come first: every service uses them.
+                let schemas: Vec<_> = [waybill_runtime::MESH_SCHEMA, waybill_events::SCHEMA]
+                    .into_iter()
                     .chain(args.services.iter().filter_map(|s| s.schema()))
                     .collect();
                 waybill_runtime::migrate::run(&primary, &schemas).await?;
@@ -84,6 +89,7 @@ fn main() -> std::process::ExitCode {
             Command::Orders(command) => call::run(command).await,
             Command::Echo(args) => call::echo(args).await,
             Command::Loadgen(args) => loadgen::run(args).await,
+            Command::Events(args) => events::run(args).await,
         }
     });
     match result {

@@ -3,13 +3,43 @@
 use std::fmt;
 
 use mesh_layer::policy::Policy;
+use waybill_events::{Bus, Relay};
 use waybill_runtime::{Db, Schema, server::Services};
+
+/// Every service's own settings, as flags and `WAYBILL_*` variables of `serve`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Settings {
+    #[command(flatten)]
+    pub orders: waybill_orders::OrdersConfig,
+    #[command(flatten)]
+    pub inventory: waybill_inventory::InventoryConfig,
+}
+
+/// What a service needs to be built.
+pub struct ServiceDeps<'a> {
+    pub db: &'a Db,
+    pub policy: &'a Policy,
+    pub settings: &'a Settings,
+    /// This process's own address (`http://127.0.0.1:PORT`): the default target of calls to
+    /// services not configured elsewhere, since all services run in this process by default.
+    pub own_target: &'a str,
+    /// The event bus outboxes are relayed to and consumers read from.
+    pub bus: &'a Bus,
+    /// Whether to relay the services' outboxes from this process.
+    pub outbox_relay: bool,
+}
 
 /// A service by its short name, as given to `--services`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ServiceName {
     /// Orders: place, get, list, cancel.
     Orders,
+    /// Inventory: the catalog, stock and reservations.
+    Inventory,
+    /// Delivery: couriers, assignments and live tracking.
+    Delivery,
+    /// Notifications: consumes events, tells customers.
+    Notifications,
     /// Diagnostic echo (deadlines and retries across hops); not in the default set.
     Echo,
 }
@@ -17,24 +47,70 @@ pub enum ServiceName {
 impl ServiceName {
     /// The services `serve` and `migrate` run when none are named: the delivery platform.
     pub fn all() -> Vec<Self> {
-        vec![ServiceName::Orders]
+        vec![
+            ServiceName::Orders,
+            ServiceName::Inventory,
+            ServiceName::Delivery,
+            ServiceName::Notifications,
+        ]
     }
 
     /// The service's own schema, if it stores anything.
     pub fn schema(self) -> Option<Schema> {
         match self {
             ServiceName::Orders => Some(waybill_orders::SCHEMA),
+            ServiceName::Inventory => Some(waybill_inventory::SCHEMA),
+            ServiceName::Delivery => Some(waybill_delivery::SCHEMA),
+            ServiceName::Notifications => Some(waybill_notifications::SCHEMA),
             ServiceName::Echo => None,
         }
     }
 
-    pub fn register(self, services: &mut Services, db: &Db, policy: &Policy) -> anyhow::Result<()> {
+    /// The schema whose outbox the service writes events to, if it emits any.
+    fn outbox(self) -> Option<&'static str> {
         match self {
-            ServiceName::Orders => services.add(waybill_orders::server(db.clone())),
+            ServiceName::Orders => Some("orders"),
+            ServiceName::Delivery => Some("delivery"),
+            ServiceName::Inventory | ServiceName::Notifications | ServiceName::Echo => None,
+        }
+    }
+
+    pub fn register(self, services: &mut Services, deps: &ServiceDeps<'_>) -> anyhow::Result<()> {
+        let ServiceDeps {
+            db,
+            policy,
+            settings,
+            own_target,
+            bus,
+            outbox_relay,
+        } = deps;
+        match self {
+            ServiceName::Orders => {
+                let (server, driver) =
+                    waybill_orders::server((*db).clone(), &settings.orders, policy, own_target)?;
+                services.add(server).background(driver)
+            }
+            ServiceName::Inventory => {
+                let (server, sweeper) =
+                    waybill_inventory::server((*db).clone(), &settings.inventory);
+                services.add(server).background(sweeper)
+            }
+            ServiceName::Delivery => services.add(waybill_delivery::server((*db).clone())),
+            ServiceName::Notifications => {
+                let (server, consumer) =
+                    waybill_notifications::server((*db).clone(), (*bus).clone())?;
+                services.add(server).background(consumer)
+            }
             ServiceName::Echo => services.add(waybill_echo::server(waybill_echo::Echo::new(
-                policy.clone(),
+                (*policy).clone(),
             )?)),
         };
+        if let Some(schema) = self.outbox().filter(|_| *outbox_relay) {
+            let relay = Relay::new((*db).clone(), schema, (*bus).clone())?;
+            // Stopped with the other background work when draining starts; a move in
+            // progress is one transaction, so stopping midway loses nothing.
+            services.background(relay.run(std::future::pending::<()>()));
+        }
         Ok(())
     }
 }
@@ -43,6 +119,9 @@ impl fmt::Display for ServiceName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ServiceName::Orders => f.write_str("orders"),
+            ServiceName::Inventory => f.write_str("inventory"),
+            ServiceName::Delivery => f.write_str("delivery"),
+            ServiceName::Notifications => f.write_str("notifications"),
             ServiceName::Echo => f.write_str("echo"),
         }
     }

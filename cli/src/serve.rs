@@ -3,7 +3,10 @@ use std::path::PathBuf;
 use anyhow::Context;
 use waybill_runtime::{DatabaseConfig, Db, MeshConfig, ServerConfig, server};
 
-use crate::{dev, registry::ServiceName};
+use crate::{
+    dev,
+    registry::{ServiceDeps, ServiceName, Settings},
+};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -16,6 +19,14 @@ pub struct ServeArgs {
     database: DatabaseConfig,
     #[command(flatten)]
     mesh: MeshConfig,
+    #[command(flatten)]
+    settings: Settings,
+    #[command(flatten)]
+    bus: waybill_events::BusConfig,
+    /// Relay this process's services' outboxes to the bus. Turn off when the relays run
+    /// elsewhere (or to inspect outbox rows in a test).
+    #[arg(long, env = "WAYBILL_OUTBOX_RELAY", default_value_t = true, action = clap::ArgAction::Set)]
+    outbox_relay: bool,
     /// Folder of the `waybill dev up` cluster, used when no database URL is configured.
     #[arg(long, env = "WAYBILL_DEV_DIR", default_value = dev::DEFAULT_DIR)]
     dev_dir: PathBuf,
@@ -30,15 +41,34 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let db = Db::connect(&database, &primary)?;
 
-    let mut services = server::Services::default();
-    for name in &args.services {
-        name.register(&mut services, &db, &policy)?;
-    }
-
     let listener = tokio::net::TcpListener::bind(args.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.server.listen))?;
     let address = listener.local_addr()?;
+    // A wildcard listen address is reached on loopback from inside the process.
+    let own_ip = match address.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => std::net::Ipv4Addr::LOCALHOST.into(),
+        ip if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    let own_target = format!(
+        "http://{}",
+        std::net::SocketAddr::new(own_ip, address.port())
+    );
+
+    let bus = args.bus.connect(db.clone()).await?;
+    let mut services = server::Services::default();
+    let deps = ServiceDeps {
+        db: &db,
+        policy: &policy,
+        settings: &args.settings,
+        own_target: &own_target,
+        bus: &bus,
+        outbox_relay: args.outbox_relay,
+    };
+    for name in &args.services {
+        name.register(&mut services, &deps)?;
+    }
     // The one line on stdout: scripts and the test harness read the bound address from it.
     println!(
         "listening on {address} services={}",

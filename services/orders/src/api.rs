@@ -1,15 +1,16 @@
 //! The gRPC edge: protobuf in, domain types inside, protobuf and `Status` out.
 
-use prost_types::Timestamp;
 use tonic::{Code, Request, Response, Status};
-use tonic_types::{ErrorDetails, StatusExt};
 use uuid::Uuid;
 use waybill_api::orders::v1 as pb;
-use waybill_runtime::Db;
+use waybill_runtime::{
+    page_token::Cursor,
+    validate::{Violations, timestamp},
+};
 
 use crate::{
-    domain::{self, Item, NewOrder, Order, OrderStatus, Violation},
-    page_token::Cursor,
+    domain::{Item, NewOrder, Order, OrderStatus},
+    saga::Orchestrator,
     store::{Cancelled, OrderStore},
 };
 
@@ -22,14 +23,13 @@ const MAX_PAGE_SIZE: i64 = 1000;
 #[derive(Clone)]
 pub struct OrdersApi {
     store: OrderStore,
+    sagas: Orchestrator,
 }
 
 impl OrdersApi {
-    /// An orders service over the given pools.
-    pub fn new(db: Db) -> Self {
-        Self {
-            store: OrderStore::new(db),
-        }
+    /// An orders service whose sagas run on `sagas`.
+    pub(crate) fn new(store: OrderStore, sagas: Orchestrator) -> Self {
+        Self { store, sagas }
     }
 }
 
@@ -48,10 +48,19 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
                 quantity: item.quantity,
             })
             .collect();
-        let new_order = NewOrder::validate(request.customer_id, items, request.delivery_address)
-            .map_err(invalid_argument)?;
-        let order = self.store.insert(&new_order).await?;
+        let new_order = NewOrder::validate(
+            request.customer_id,
+            items,
+            request.delivery_address,
+            request.zone,
+        )?;
+        let order = self
+            .store
+            .insert(&new_order, self.sagas.settings().lease)
+            .await?;
         tracing::info!(order_id = %order.id, customer_id = %order.customer_id, "order placed");
+        // The saga has its own task: if this call is abandoned, the saga still finishes.
+        let order = self.sagas.run_detached(order.id).await?;
         Ok(Response::new(pb::PlaceOrderResponse {
             order: Some(to_proto(order)),
         }))
@@ -75,43 +84,33 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
         request: Request<pb::ListOrdersRequest>,
     ) -> Result<Response<pb::ListOrdersResponse>, Status> {
         let request = request.into_inner();
-        let mut violations = Vec::new();
-        domain::check_customer_id(&request.customer_id, "customer_id", &mut violations);
-        let page_size = match i64::from(request.page_size) {
-            size if size < 0 => {
-                violations.push(Violation {
-                    field: "page_size".into(),
-                    description: "must not be negative".into(),
-                });
-                0
-            }
-            0 => DEFAULT_PAGE_SIZE,
-            size => size.min(MAX_PAGE_SIZE),
-        };
+        let mut violations = Violations::default();
+        violations.check_key(&request.customer_id, "customer_id");
+        let page_size = violations.page_size(
+            request.page_size,
+            "page_size",
+            DEFAULT_PAGE_SIZE,
+            MAX_PAGE_SIZE,
+        );
         let after = if request.page_token.is_empty() {
             None
         } else {
             match Cursor::decode(&request.page_token) {
                 Some(cursor) if cursor.customer_id == request.customer_id => Some(cursor.after),
                 Some(_) => {
-                    violations.push(Violation {
-                        field: "page_token".into(),
-                        description: "was issued for a different customer_id".into(),
-                    });
+                    violations.add("page_token", "was issued for a different customer_id");
                     None
                 }
                 None => {
-                    violations.push(Violation {
-                        field: "page_token".into(),
-                        description: "is not a token from a previous ListOrders response".into(),
-                    });
+                    violations.add(
+                        "page_token",
+                        "is not a token from a previous ListOrders response",
+                    );
                     None
                 }
             }
         };
-        if !violations.is_empty() {
-            return Err(invalid_argument(violations));
-        }
+        violations.into_result(())?;
 
         // One extra row tells whether another page follows without a second query.
         let mut orders = self
@@ -144,17 +143,36 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
         request: Request<pb::CancelOrderRequest>,
     ) -> Result<Response<pb::CancelOrderResponse>, Status> {
         let request = request.into_inner();
-        let id = parse_order_id(&request.order_id);
-        let mut violations = Vec::new();
-        domain::check_text(&request.reason, "reason", false, &mut violations);
-        let id = match id {
-            Ok(id) if violations.is_empty() => id,
-            Ok(_) => return Err(invalid_argument(violations)),
-            Err(status) => return Err(status),
+        let mut violations = Violations::default();
+        let id = violations.uuid(&request.order_id, "order_id");
+        violations.check_text(&request.reason, "reason", false);
+        let id = violations.into_parsed(id)?;
+        let Some(current) = self.store.get(id).await? else {
+            return Err(Status::not_found(format!("order {id} not found")));
         };
+        if current.status == OrderStatus::Confirmed {
+            // A confirmed order has a courier on the way: it can be cancelled only while the
+            // delivery can, so ask the delivery service first.
+            self.sagas
+                .cancel_delivery(id, &request.reason)
+                .await
+                .map_err(|status| match status.code() {
+                    Code::FailedPrecondition => Status::failed_precondition(format!(
+                        "order {id} is out for delivery and can no longer be cancelled"
+                    )),
+                    _ => status,
+                })?;
+        }
         match self.store.cancel(id, &request.reason).await? {
             Cancelled::Done(order) => {
                 tracing::info!(order_id = %order.id, "order cancelled");
+                // Release the stock now rather than when the driver next looks.
+                let sagas = self.sagas.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = sagas.run(id).await {
+                        tracing::warn!(order_id = %id, %error, "compensation failed; it is retried");
+                    }
+                });
                 Ok(Response::new(pb::CancelOrderResponse {
                     order: Some(to_proto(order)),
                 }))
@@ -169,32 +187,9 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
 }
 
 fn parse_order_id(text: &str) -> Result<Uuid, Status> {
-    let description = if text.is_empty() {
-        "required"
-    } else {
-        match Uuid::parse_str(text) {
-            Ok(id) => return Ok(id),
-            Err(_) => "must be an order id (a UUID) returned by PlaceOrder",
-        }
-    };
-    Err(invalid_argument(vec![Violation {
-        field: "order_id".into(),
-        description: description.into(),
-    }]))
-}
-
-/// INVALID_ARGUMENT with a google.rpc.BadRequest listing every violation.
-fn invalid_argument(violations: Vec<Violation>) -> Status {
-    let summary = violations
-        .iter()
-        .map(|v| format!("{}: {}", v.field, v.description))
-        .collect::<Vec<_>>()
-        .join("; ");
-    let mut details = ErrorDetails::new();
-    for violation in violations {
-        details.add_bad_request_violation(violation.field, violation.description);
-    }
-    Status::with_error_details(Code::InvalidArgument, summary, details)
+    let mut violations = Violations::default();
+    let id = violations.uuid(text, "order_id");
+    violations.into_parsed(id)
 }
 
 fn to_proto(order: Order) -> pb::Order {
@@ -218,12 +213,7 @@ fn to_proto(order: Order) -> pb::Order {
         cancel_reason: order.cancel_reason,
         create_time: Some(timestamp(order.created_at)),
         update_time: Some(timestamp(order.updated_at)),
-    }
-}
-
-fn timestamp(time: chrono::DateTime<chrono::Utc>) -> Timestamp {
-    Timestamp {
-        seconds: time.timestamp(),
-        nanos: time.timestamp_subsec_nanos() as i32,
+        zone: order.zone,
+        courier_id: order.courier_id,
     }
 }

@@ -2,35 +2,14 @@
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
+use waybill_runtime::validate::Violations;
 
 /// Most line items in one order.
 pub const MAX_ITEMS: usize = 100;
-/// Longest customer id, in characters.
-pub const MAX_CUSTOMER_ID: usize = 64;
-/// Longest SKU, in characters.
-pub const MAX_SKU: usize = 64;
-/// Longest delivery address or cancel reason, in characters.
-pub const MAX_TEXT: usize = 512;
+/// The zone of an order placed without one.
+pub const DEFAULT_ZONE: &str = "default";
 /// Most units of one SKU in one line.
 pub const MAX_QUANTITY: i32 = 10_000;
-
-/// One offending field of a request: its path (AIP-193 style, `items[2].quantity`) and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Violation {
-    /// The field path in the request message.
-    pub field: String,
-    /// What is wrong, for the caller to read.
-    pub description: String,
-}
-
-impl Violation {
-    fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            description: description.into(),
-        }
-    }
-}
 
 /// Where an order stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +66,8 @@ pub struct NewOrder {
     pub items: Vec<Item>,
     /// Where to.
     pub delivery_address: String,
+    /// Whose couriers may deliver it.
+    pub zone: String,
 }
 
 /// A stored order.
@@ -108,6 +89,10 @@ pub struct Order {
     pub created_at: DateTime<Utc>,
     /// When it last changed.
     pub updated_at: DateTime<Utc>,
+    /// Whose couriers deliver it.
+    pub zone: String,
+    /// The assigned courier, once CONFIRMED.
+    pub courier_id: String,
 }
 
 impl NewOrder {
@@ -117,91 +102,43 @@ impl NewOrder {
         customer_id: String,
         items: Vec<Item>,
         delivery_address: String,
-    ) -> Result<Self, Vec<Violation>> {
-        let mut violations = Vec::new();
-        check_customer_id(&customer_id, "customer_id", &mut violations);
+        zone: String,
+    ) -> Result<Self, tonic::Status> {
+        let mut violations = Violations::default();
+        violations.check_key(&customer_id, "customer_id");
         if items.is_empty() {
-            violations.push(Violation::new("items", "an order needs at least one item"));
+            violations.add("items", "an order needs at least one item");
         } else if items.len() > MAX_ITEMS {
-            violations.push(Violation::new(
+            violations.add(
                 "items",
                 format!("at most {MAX_ITEMS} items per order, got {}", items.len()),
-            ));
+            );
         }
         for (index, item) in items.iter().enumerate().take(MAX_ITEMS) {
-            check_sku(&item.sku, &format!("items[{index}].sku"), &mut violations);
+            violations.check_id(&item.sku, &format!("items[{index}].sku"));
             if item.quantity <= 0 || item.quantity > MAX_QUANTITY {
-                violations.push(Violation::new(
+                violations.add(
                     format!("items[{index}].quantity"),
                     format!(
                         "must be between 1 and {MAX_QUANTITY}, got {}",
                         item.quantity
                     ),
-                ));
+                );
             }
         }
-        check_text(&delivery_address, "delivery_address", true, &mut violations);
-        if violations.is_empty() {
-            Ok(Self {
-                customer_id,
-                items,
-                delivery_address,
-            })
+        violations.check_text(&delivery_address, "delivery_address", true);
+        let zone = if zone.is_empty() {
+            DEFAULT_ZONE.to_owned()
         } else {
-            Err(violations)
-        }
-    }
-}
-
-/// Checks a customer id: required, at most [`MAX_CUSTOMER_ID`] characters, no control
-/// characters.
-pub fn check_customer_id(value: &str, field: &str, violations: &mut Vec<Violation>) {
-    if value.is_empty() {
-        violations.push(Violation::new(field, "required"));
-    } else if value.chars().count() > MAX_CUSTOMER_ID {
-        violations.push(Violation::new(
-            field,
-            format!("at most {MAX_CUSTOMER_ID} characters"),
-        ));
-    } else if value.chars().any(char::is_control) {
-        violations.push(Violation::new(field, "must not contain control characters"));
-    }
-}
-
-/// Checks free text: at most [`MAX_TEXT`] characters, no control characters but newlines
-/// and tabs (Postgres cannot store NUL at all).
-pub fn check_text(value: &str, field: &str, required: bool, violations: &mut Vec<Violation>) {
-    if required && value.trim().is_empty() {
-        violations.push(Violation::new(field, "required"));
-    } else if value.chars().count() > MAX_TEXT {
-        violations.push(Violation::new(
-            field,
-            format!("at most {MAX_TEXT} characters"),
-        ));
-    } else if value
-        .chars()
-        .any(|c| c.is_control() && c != '\n' && c != '\t')
-    {
-        violations.push(Violation::new(field, "must not contain control characters"));
-    }
-}
-
-fn check_sku(value: &str, field: &str, violations: &mut Vec<Violation>) {
-    if value.is_empty() {
-        violations.push(Violation::new(field, "required"));
-    } else if value.chars().count() > MAX_SKU {
-        violations.push(Violation::new(
-            field,
-            format!("at most {MAX_SKU} characters"),
-        ));
-    } else if !value
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
-        violations.push(Violation::new(
-            field,
-            "only letters, digits, '-', '_' and '.' are allowed",
-        ));
+            violations.check_id(&zone, "zone");
+            zone
+        };
+        violations.into_result(Self {
+            customer_id,
+            items,
+            delivery_address,
+            zone,
+        })
     }
 }
 
@@ -216,16 +153,26 @@ mod tests {
         }
     }
 
-    fn fields(result: Result<NewOrder, Vec<Violation>>) -> Vec<String> {
+    fn fields(result: Result<NewOrder, tonic::Status>) -> Vec<String> {
+        use tonic_types::StatusExt;
         match result {
             Ok(_) => Vec::new(),
-            Err(violations) => violations.into_iter().map(|v| v.field).collect(),
+            Err(status) => status
+                .get_error_details()
+                .bad_request()
+                .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+                .unwrap_or_default(),
         }
     }
 
     #[test]
     fn a_valid_order_passes() {
-        let order = NewOrder::validate("c-1".into(), vec![item("SKU-1", 2)], "1 Main St".into());
+        let order = NewOrder::validate(
+            "c-1".into(),
+            vec![item("SKU-1", 2)],
+            "1 Main St".into(),
+            String::new(),
+        );
         assert!(order.is_ok());
     }
 
@@ -234,7 +181,8 @@ mod tests {
         let result = NewOrder::validate(
             String::new(),
             vec![item("ok", 1), item("bad sku", 0), item("", 10_001)],
-            "x".repeat(MAX_TEXT + 1),
+            "x".repeat(waybill_runtime::validate::MAX_TEXT + 1),
+            "bad zone".into(),
         );
         assert_eq!(
             fields(result),
@@ -244,7 +192,8 @@ mod tests {
                 "items[1].quantity",
                 "items[2].sku",
                 "items[2].quantity",
-                "delivery_address"
+                "delivery_address",
+                "zone"
             ]
         );
     }
@@ -252,27 +201,45 @@ mod tests {
     #[test]
     fn no_items_and_too_many_items_are_rejected() {
         assert_eq!(
-            fields(NewOrder::validate("c".into(), vec![], "a".into())),
+            fields(NewOrder::validate(
+                "c".into(),
+                vec![],
+                "a".into(),
+                String::new()
+            )),
             ["items"]
         );
         let many = vec![item("s", 1); MAX_ITEMS + 1];
         assert_eq!(
-            fields(NewOrder::validate("c".into(), many, "a".into())),
+            fields(NewOrder::validate(
+                "c".into(),
+                many,
+                "a".into(),
+                String::new()
+            )),
             ["items"]
         );
     }
 
     #[test]
     fn nul_and_control_characters_are_rejected() {
-        let result = NewOrder::validate("c\0".into(), vec![item("s", 1)], "a\u{7}".into());
+        let result = NewOrder::validate(
+            "c\0".into(),
+            vec![item("s", 1)],
+            "a\u{7}".into(),
+            String::new(),
+        );
         assert_eq!(fields(result), ["customer_id", "delivery_address"]);
-        let multiline = NewOrder::validate("c".into(), vec![item("s", 1)], "a\nb".into());
+        let multiline =
+            NewOrder::validate("c".into(), vec![item("s", 1)], "a\nb".into(), String::new());
         assert!(multiline.is_ok());
     }
 
     #[test]
     fn limits_count_characters_not_bytes() {
-        let customer = "é".repeat(MAX_CUSTOMER_ID);
-        assert!(NewOrder::validate(customer, vec![item("s", 1)], "a".into()).is_ok());
+        let customer = "é".repeat(waybill_runtime::validate::MAX_ID);
+        assert!(
+            NewOrder::validate(customer, vec![item("s", 1)], "a".into(), String::new()).is_ok()
+        );
     }
 }

@@ -1,16 +1,26 @@
-//! The orders service: places orders, answers for them, cancels them.
+//! The orders service: places orders (running each one's saga across inventory and delivery),
+//! answers for them, cancels them.
 //!
 //! `domain` holds the rules (what a valid order is, which states may change), `store` the
-//! SQL, `api` the gRPC edge where protobuf types meet domain types. Writes go to the
-//! primary; listing a customer's orders reads a replica.
+//! SQL, `saga` the orchestration of PlaceOrder, `outbox` the events it publishes, `api` the
+//! gRPC edge where protobuf types meet domain types. Writes go to the primary; listing a
+//! customer's orders reads a replica.
 
 mod api;
 mod domain;
-mod page_token;
+mod outbox;
+mod saga;
 mod store;
 
-use waybill_api::orders::v1::orders_service_server::OrdersServiceServer;
-use waybill_runtime::{Db, Schema};
+use std::time::Duration;
+
+use mesh_layer::{method::MethodTable, policy::Policy};
+use waybill_api::{
+    delivery::v1::delivery_service_client::DeliveryServiceClient,
+    inventory::v1::inventory_service_client::InventoryServiceClient,
+    orders::v1::orders_service_server::OrdersServiceServer,
+};
+use waybill_runtime::{Db, Schema, config::parse_duration};
 
 pub use api::OrdersApi;
 
@@ -22,7 +32,84 @@ pub const SCHEMA: Schema = Schema {
     runner: migrations::runner,
 };
 
-/// The gRPC server for the orders service.
-pub fn server(db: Db) -> OrdersServiceServer<OrdersApi> {
-    OrdersServiceServer::new(OrdersApi::new(db))
+/// The orders service's settings.
+#[derive(Clone, Debug, clap::Args)]
+pub struct OrdersConfig {
+    /// Where the inventory service is: `http://host:port[,http://host:port…]` or
+    /// `dns://host:port` (all addresses of a name, as for a Kubernetes headless Service).
+    /// Unset: this process's own address (all services in one process).
+    #[arg(long, env = "WAYBILL_INVENTORY_TARGET")]
+    pub inventory_target: Option<String>,
+    /// Where the delivery service is (same forms as --inventory-target).
+    #[arg(long, env = "WAYBILL_DELIVERY_TARGET")]
+    pub delivery_target: Option<String>,
+    /// How long an orchestrator owns a saga before another may resume it. A killed
+    /// orchestrator's sagas resume after at most this long.
+    #[arg(long, env = "WAYBILL_SAGA_LEASE", default_value = "10s", value_parser = parse_duration)]
+    pub saga_lease: Duration,
+    /// The deadline of each saga call to inventory or delivery.
+    #[arg(long, env = "WAYBILL_SAGA_STEP_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub saga_step_timeout: Duration,
+    /// Transient failures going forward before a saga gives up and compensates.
+    #[arg(long, env = "WAYBILL_SAGA_MAX_ATTEMPTS", default_value_t = 5)]
+    pub saga_max_attempts: i32,
+    /// How often to look for sagas to resume.
+    #[arg(long, env = "WAYBILL_SAGA_POLL", default_value = "1s", value_parser = parse_duration)]
+    pub saga_poll: Duration,
+}
+
+/// Why the orders service could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum OrdersError {
+    /// A participant's target is malformed.
+    #[error("{which} target: {error}")]
+    Target {
+        which: &'static str,
+        error: mesh_layer::balance::TargetError,
+    },
+    /// The method descriptors did not decode (a build problem).
+    #[error("descriptors: {0}")]
+    Descriptors(#[from] prost::DecodeError),
+}
+
+/// The gRPC server for the orders service, and the saga driver to run beside it.
+/// `own_target` is this process's address, used for participants with no target configured.
+pub fn server(
+    db: Db,
+    config: &OrdersConfig,
+    policy: &Policy,
+    own_target: &str,
+) -> Result<
+    (
+        OrdersServiceServer<OrdersApi>,
+        impl Future<Output = ()> + Send + 'static,
+    ),
+    OrdersError,
+> {
+    let methods = MethodTable::from_descriptor_sets(&[waybill_api::FILE_DESCRIPTOR_SET])?;
+    let client = |which: &'static str, target: &Option<String>| {
+        let target = target.as_deref().unwrap_or(own_target);
+        mesh_layer::client::balanced(target, policy, &methods)
+            .map_err(|error| OrdersError::Target { which, error })
+    };
+    let inventory = InventoryServiceClient::new(client("inventory", &config.inventory_target)?);
+    let delivery = DeliveryServiceClient::new(client("delivery", &config.delivery_target)?);
+    let store = store::OrderStore::new(db);
+    let sagas = saga::Orchestrator::new(
+        store.clone(),
+        inventory,
+        delivery,
+        saga::SagaSettings {
+            lease: config.saga_lease,
+            step_timeout: config.saga_step_timeout,
+            max_attempts: config.saga_max_attempts,
+            poll: config.saga_poll,
+            concurrency: 64,
+        },
+    );
+    let driver = sagas.clone().drive_forever();
+    Ok((
+        OrdersServiceServer::new(OrdersApi::new(store, sagas)),
+        driver,
+    ))
 }

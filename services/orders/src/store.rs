@@ -1,14 +1,19 @@
 //! The orders schema's SQL. Every write is one statement or one transaction, so a failed call
 //! leaves nothing half-written.
 
+use std::time::Duration;
+
 use tokio_postgres::Row;
 use uuid::Uuid;
 use waybill_runtime::{Db, DbError};
 
-use crate::domain::{Item, NewOrder, Order, OrderStatus};
+use crate::{
+    domain::{Item, NewOrder, Order, OrderStatus},
+    outbox,
+};
 
 const ORDER_COLUMNS: &str = "o.id, o.customer_id, o.delivery_address, o.status, o.cancel_reason, \
-     o.created_at, o.updated_at, \
+     o.created_at, o.updated_at, o.zone, o.courier_id, \
      ARRAY(SELECT sku FROM orders.order_items i WHERE i.order_id = o.id ORDER BY line_no) AS skus, \
      ARRAY(SELECT quantity FROM orders.order_items i WHERE i.order_id = o.id ORDER BY line_no) AS quantities";
 
@@ -32,8 +37,9 @@ impl OrderStore {
         Self { db }
     }
 
-    /// Stores a new PENDING order with its items, atomically, in one round trip.
-    pub async fn insert(&self, order: &NewOrder) -> Result<Order, DbError> {
+    /// Stores a new PENDING order with its items and its saga (FORWARD, leased to the caller
+    /// for `lease`), atomically, in one round trip.
+    pub async fn insert(&self, order: &NewOrder, lease: Duration) -> Result<Order, DbError> {
         let id = Uuid::now_v7();
         let skus: Vec<&str> = order.items.iter().map(|i| i.sku.as_str()).collect();
         let quantities: Vec<i32> = order.items.iter().map(|i| i.quantity).collect();
@@ -42,13 +48,16 @@ impl OrderStore {
         let statement = client
             .prepare_cached(
                 "WITH placed AS (
-                     INSERT INTO orders.orders (id, customer_id, delivery_address, status)
-                     VALUES ($1, $2, $3, 'PENDING')
+                     INSERT INTO orders.orders (id, customer_id, delivery_address, status, zone)
+                     VALUES ($1, $2, $3, 'PENDING', $6)
                      RETURNING created_at, updated_at
                  ), lines AS (
                      INSERT INTO orders.order_items (order_id, line_no, sku, quantity)
                      SELECT $1, line_no::smallint, sku, quantity
                      FROM unnest($4::text[], $5::int4[]) WITH ORDINALITY AS l(sku, quantity, line_no)
+                 ), saga AS (
+                     INSERT INTO orders.sagas (order_id, phase, due_at)
+                     SELECT $1, 'FORWARD', now() + make_interval(secs => $7) FROM placed
                  )
                  SELECT created_at, updated_at FROM placed",
             )
@@ -62,6 +71,8 @@ impl OrderStore {
                     &order.delivery_address,
                     &skus,
                     &quantities,
+                    &order.zone,
+                    &lease.as_secs_f64(),
                 ],
             )
             .await?;
@@ -74,6 +85,8 @@ impl OrderStore {
             cancel_reason: String::new(),
             created_at: row.try_get(0)?,
             updated_at: row.try_get(1)?,
+            zone: order.zone.clone(),
+            courier_id: String::new(),
         })
     }
 
@@ -116,12 +129,14 @@ impl OrderStore {
             .collect()
     }
 
-    /// Cancels an order if its state allows; an already cancelled order is returned as is.
+    /// Cancels an order if its state allows, and turns its saga to compensation (release
+    /// the stock, cancel the delivery) in the same transaction; an already cancelled order is
+    /// returned as is.
     pub async fn cancel(&self, id: Uuid, reason: &str) -> Result<Cancelled, DbError> {
         let mut client = self.db.primary().await?;
         let transaction = client.transaction().await?;
-        // Lock the row so a concurrent state change cannot slip between the check and the
-        // update.
+        // Lock the row so a concurrent state change (the saga confirming) cannot slip between
+        // the check and the update.
         let row = transaction
             .query_opt(
                 &format!("SELECT {ORDER_COLUMNS} FROM orders.orders o WHERE o.id = $1 FOR UPDATE"),
@@ -147,14 +162,215 @@ impl OrderStore {
                 &[&id, &reason],
             )
             .await?;
-        transaction.commit().await?;
-        Ok(Cancelled::Done(Order {
+        transaction
+            .execute(
+                "UPDATE orders.sagas
+                 SET phase = 'COMPENSATE', reason = $2, attempts = 0, due_at = now(),
+                     updated_at = now()
+                 WHERE order_id = $1",
+                &[&id, &reason],
+            )
+            .await?;
+        let cancelled = Order {
             status: OrderStatus::Cancelled,
             cancel_reason: reason.to_owned(),
             updated_at: row.try_get(0)?,
             ..order
-        }))
+        };
+        outbox::append(&transaction, &outbox::order_cancelled(&cancelled)).await?;
+        transaction.commit().await?;
+        Ok(Cancelled::Done(cancelled))
     }
+
+    /// Sagas whose lease or retry time has passed, claimed for `lease`.
+    pub async fn claim_due_sagas(&self, limit: i64, lease: Duration) -> Result<Vec<Uuid>, DbError> {
+        let client = self.db.primary().await?;
+        let rows = client
+            .query(
+                "UPDATE orders.sagas SET due_at = now() + make_interval(secs => $2), updated_at = now()
+                 WHERE order_id IN (
+                     SELECT order_id FROM orders.sagas
+                     WHERE phase <> 'DONE' AND due_at <= now()
+                     ORDER BY due_at LIMIT $1
+                     FOR UPDATE SKIP LOCKED)
+                 RETURNING order_id",
+                &[&limit, &lease.as_secs_f64()],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| row.try_get(0).map_err(DbError::from))
+            .collect()
+    }
+
+    /// The order and its saga.
+    pub async fn load_saga(&self, id: Uuid) -> Result<Option<(Order, Saga)>, DbError> {
+        let client = self.db.primary().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT {ORDER_COLUMNS}, s.phase, s.reason, s.attempts
+                 FROM orders.orders o JOIN orders.sagas s ON s.order_id = o.id
+                 WHERE o.id = $1"
+            ))
+            .await?;
+        let Some(row) = client.query_opt(&statement, &[&id]).await? else {
+            return Ok(None);
+        };
+        let phase: &str = row.try_get("phase")?;
+        let phase = Phase::parse(phase)
+            .ok_or_else(|| DbError::Invariant(format!("unknown saga phase {phase:?}")))?;
+        let saga = Saga {
+            phase,
+            reason: row.try_get("reason")?,
+            attempts: row.try_get("attempts")?,
+        };
+        Ok(Some((order_from_row(&row)?, saga)))
+    }
+
+    /// Records a transient failure of `step`; the saga is tried again after `backoff`.
+    pub async fn defer_saga(
+        &self,
+        id: Uuid,
+        step: &str,
+        error: &str,
+        backoff: Duration,
+    ) -> Result<(), DbError> {
+        let client = self.db.primary().await?;
+        client
+            .execute(
+                "UPDATE orders.sagas
+                 SET step = $2, last_error = $3, attempts = attempts + 1,
+                     due_at = now() + make_interval(secs => $4), updated_at = now()
+                 WHERE order_id = $1",
+                &[&id, &step, &error, &backoff.as_secs_f64()],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Turns a FORWARD saga to compensation for `reason`. A saga already compensating (a
+    /// concurrent cancel) keeps its own reason.
+    pub async fn start_compensation(&self, id: Uuid, reason: &str) -> Result<(), DbError> {
+        let client = self.db.primary().await?;
+        client
+            .execute(
+                "UPDATE orders.sagas
+                 SET phase = 'COMPENSATE', reason = $2, attempts = 0, updated_at = now()
+                 WHERE order_id = $1 AND phase = 'FORWARD'",
+                &[&id, &reason],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Ends a FORWARD saga: the order is CONFIRMED with its courier, and OrderConfirmed is in
+    /// the outbox. `None` when the saga is no longer going forward (cancelled meanwhile).
+    pub async fn confirm(&self, id: Uuid, courier_id: &str) -> Result<Option<Order>, DbError> {
+        let mut client = self.db.primary().await?;
+        let transaction = client.transaction().await?;
+        let ended = transaction
+            .execute(
+                "UPDATE orders.sagas SET phase = 'DONE', step = '', last_error = '', updated_at = now()
+                 WHERE order_id = $1 AND phase = 'FORWARD'",
+                &[&id],
+            )
+            .await?;
+        if ended == 0 {
+            return Ok(None);
+        }
+        let row = transaction
+            .query_opt(
+                &format!(
+                    "WITH confirmed AS (
+                         UPDATE orders.orders
+                         SET status = 'CONFIRMED', courier_id = $2, updated_at = now()
+                         WHERE id = $1 AND status = 'PENDING'
+                         RETURNING *
+                     )
+                     SELECT {ORDER_COLUMNS} FROM confirmed o"
+                ),
+                &[&id, &courier_id],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let order = order_from_row(&row)?;
+        outbox::append(&transaction, &outbox::order_confirmed(&order)).await?;
+        transaction.commit().await?;
+        Ok(Some(order))
+    }
+
+    /// Ends a compensating saga: the order is CANCELLED with the saga's reason (unless the
+    /// customer cancelled it already), with OrderCancelled in the outbox.
+    pub async fn finish_compensation(&self, id: Uuid) -> Result<Option<Order>, DbError> {
+        let mut client = self.db.primary().await?;
+        let transaction = client.transaction().await?;
+        let reason: Option<String> = transaction
+            .query_opt(
+                "UPDATE orders.sagas SET phase = 'DONE', step = '', last_error = '', updated_at = now()
+                 WHERE order_id = $1 AND phase = 'COMPENSATE'
+                 RETURNING reason",
+                &[&id],
+            )
+            .await?
+            .map(|row| row.try_get(0))
+            .transpose()?;
+        let Some(reason) = reason else {
+            return Ok(None);
+        };
+        let cancelled = transaction
+            .execute(
+                "UPDATE orders.orders
+                 SET status = 'CANCELLED', cancel_reason = $2, updated_at = now()
+                 WHERE id = $1 AND status <> 'CANCELLED'",
+                &[&id, &reason],
+            )
+            .await?;
+        let row = transaction
+            .query_one(
+                &format!("SELECT {ORDER_COLUMNS} FROM orders.orders o WHERE o.id = $1"),
+                &[&id],
+            )
+            .await?;
+        let order = order_from_row(&row)?;
+        if cancelled == 1 {
+            outbox::append(&transaction, &outbox::order_cancelled(&order)).await?;
+        }
+        transaction.commit().await?;
+        Ok(Some(order))
+    }
+}
+
+/// Which way a saga is going.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Running its steps.
+    Forward,
+    /// Undoing them.
+    Compensate,
+    /// Ended (the order is CONFIRMED or CANCELLED).
+    Done,
+}
+
+impl Phase {
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            "FORWARD" => Some(Phase::Forward),
+            "COMPENSATE" => Some(Phase::Compensate),
+            "DONE" => Some(Phase::Done),
+            _ => None,
+        }
+    }
+}
+
+/// A saga's durable state.
+#[derive(Debug, Clone)]
+pub struct Saga {
+    pub phase: Phase,
+    /// Why it compensates; empty going forward.
+    pub reason: String,
+    /// Transient failures of the current phase so far.
+    pub attempts: i32,
 }
 
 fn order_from_row(row: &Row) -> Result<Order, DbError> {
@@ -177,5 +393,7 @@ fn order_from_row(row: &Row) -> Result<Order, DbError> {
         cancel_reason: row.try_get("cancel_reason")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        zone: row.try_get("zone")?,
+        courier_id: row.try_get("courier_id")?,
     })
 }

@@ -32,6 +32,8 @@ pub struct Db {
 
 struct Inner {
     primary: Pool,
+    /// How to reach the primary, for connections outside the pool.
+    primary_config: tokio_postgres::Config,
     replicas: Vec<Pool>,
     next_replica: AtomicUsize,
 }
@@ -40,6 +42,7 @@ impl Db {
     /// Builds the pools. Connections open lazily, so this succeeds while a database is down;
     /// health reports that instead.
     pub fn connect(config: &DatabaseConfig, primary_url: &str) -> Result<Self, DbError> {
+        let primary_config = pg_config(primary_url, config)?;
         let primary = pool(primary_url, config)?;
         let replicas = config
             .replica_urls
@@ -49,6 +52,7 @@ impl Db {
         Ok(Self {
             inner: Arc::new(Inner {
                 primary,
+                primary_config,
                 replicas,
                 next_replica: AtomicUsize::new(0),
             }),
@@ -58,6 +62,21 @@ impl Db {
     /// A connection to the primary.
     pub async fn primary(&self) -> Result<Client, DbError> {
         self.inner.primary.get().await.map_err(DbError::from)
+    }
+
+    /// A connection to the primary outside the pools, for a session its owner must drive
+    /// itself: LISTEN, whose notifications a pooled connection's driver task drops. The caller
+    /// polls the returned connection (`poll_message`) and closes it by dropping the client.
+    pub async fn connect_primary_unpooled(
+        &self,
+    ) -> Result<
+        (
+            tokio_postgres::Client,
+            tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+        ),
+        DbError,
+    > {
+        Ok(self.inner.primary_config.connect(NoTls).await?)
     }
 
     /// A connection for a read that tolerates replication lag: the next replica in turn, or
@@ -88,7 +107,7 @@ impl Db {
     }
 }
 
-fn pool(url: &str, config: &DatabaseConfig) -> Result<Pool, DbError> {
+fn pg_config(url: &str, config: &DatabaseConfig) -> Result<tokio_postgres::Config, DbError> {
     let mut pg: tokio_postgres::Config = url
         .parse()
         .map_err(|e| DbError::Config(format!("invalid database URL: {e}")))?;
@@ -96,6 +115,11 @@ fn pool(url: &str, config: &DatabaseConfig) -> Result<Pool, DbError> {
     if pg.get_application_name().is_none() {
         pg.application_name("waybill");
     }
+    Ok(pg)
+}
+
+fn pool(url: &str, config: &DatabaseConfig) -> Result<Pool, DbError> {
+    let pg = pg_config(url, config)?;
     let manager = Manager::from_config(
         pg,
         NoTls,
@@ -122,10 +146,10 @@ pub enum DbError {
     #[error("database unavailable: {0}")]
     Unavailable(String),
     /// The transaction lost a serialization race or a deadlock: retryable as a whole.
-    #[error("transaction conflict: {0}")]
+    #[error("transaction conflict: {}", describe(.0))]
     Conflict(tokio_postgres::Error),
     /// Any other database error: a bug or a broken invariant, not the caller's fault.
-    #[error("database error: {0}")]
+    #[error("database error: {}", describe(.0))]
     Query(tokio_postgres::Error),
     /// The pool configuration is invalid.
     #[error("database configuration: {0}")]
@@ -133,6 +157,15 @@ pub enum DbError {
     /// Stored data breaks an invariant the code relies on (a bug or a bad manual edit).
     #[error("database invariant broken: {0}")]
     Invariant(String),
+}
+
+/// The server's message and SQLSTATE, which tokio-postgres's own Display ("db error") hides
+/// in the error's source.
+fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => error.to_string(),
+    }
 }
 
 impl From<PoolError> for DbError {

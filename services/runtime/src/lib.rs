@@ -10,8 +10,10 @@ pub mod db;
 pub mod health;
 pub mod idempotency;
 pub mod migrate;
+pub mod page_token;
 pub mod server;
 pub mod telemetry;
+pub mod validate;
 
 pub use config::{DatabaseConfig, LogConfig, MeshConfig, ServerConfig};
 pub use db::{Db, DbError};

@@ -24,7 +24,11 @@ const PURGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 pub struct Services {
     routes: RoutesBuilder,
     names: Vec<&'static str>,
+    tasks: Vec<BackgroundTask>,
 }
+
+/// Work a service does beside answering calls (a sweeper, a relay, a consumer).
+type BackgroundTask = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
 impl Services {
     /// Adds a generated tonic server; its name is reported by health.
@@ -40,6 +44,13 @@ impl Services {
     {
         self.names.push(S::NAME);
         self.routes.add_service(service);
+        self
+    }
+
+    /// Adds work to run beside the services while the process serves; it is stopped when
+    /// draining starts.
+    pub fn background(&mut self, task: impl Future<Output = ()> + Send + 'static) -> &mut Self {
+        self.tasks.push(Box::pin(task));
         self
     }
 
@@ -76,7 +87,12 @@ pub async fn serve(
     policy: &Policy,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let Services { mut routes, names } = services;
+    let Services {
+        mut routes,
+        names,
+        tasks,
+    } = services;
+    let tasks: Vec<_> = tasks.into_iter().map(tokio::spawn).collect();
 
     let methods = MethodTable::from_descriptor_sets(&[waybill_api::FILE_DESCRIPTOR_SET])
         .map_err(|e| ServeError::Descriptors(e.to_string()))?;
@@ -123,6 +139,7 @@ pub async fn serve(
         result = &mut server => {
             monitor.abort();
             purge.abort();
+            tasks.iter().for_each(|task| task.abort());
             return result.map_err(ServeError::from);
         }
         () = shutdown => {}
@@ -130,6 +147,7 @@ pub async fn serve(
 
     monitor.abort();
     purge.abort();
+    tasks.iter().for_each(|task| task.abort());
     health::set_all(&reporter, &names, ServingStatus::NotServing).await;
     let _ = drain_tx.send(());
     tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining in-flight calls");

@@ -354,3 +354,98 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+// === NATS ===
+
+/// A `nats-server` with JetStream for one test: a free loopback port, a store in a temporary
+/// folder, stopped and the folder deleted when dropped, and also when the test binary dies
+/// (a watchdog shell stops it when its stdin, a pipe from this process, closes).
+///
+/// The binary is `$WAYBILL_NATS_SERVER`, else `nats-server` on `PATH`, else
+/// `/usr/sbin/nats-server` (Debian's `nats-server` package; `scripts/prereqs nats`).
+pub struct NatsServer {
+    watchdog: Child,
+    /// `nats://127.0.0.1:PORT`.
+    pub url: String,
+    dir: PathBuf,
+}
+
+impl NatsServer {
+    /// Starts the server and waits (at most [`PATIENCE`]) until it accepts connections.
+    pub async fn start() -> Self {
+        let bin = nats_server_bin();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .unwrap_or_else(|error| panic!("find a free port: {error}"))
+            .port();
+        let dir =
+            std::env::temp_dir().join(format!("waybill-nats-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::create_dir_all(dir.join("store"))
+            .unwrap_or_else(|error| panic!("create {}: {error}", dir.display()));
+        let watchdog = Command::new("sh")
+            .arg("-c")
+            .arg(
+                r#""$0" -js -a 127.0.0.1 -p "$1" -sd "$2/store" >"$2/nats.log" 2>&1 &
+                server=$!
+                cat >/dev/null
+                kill "$server" 2>/dev/null
+                wait "$server"
+                rm -rf "$2""#,
+            )
+            .arg(&bin)
+            .arg(port.to_string())
+            .arg(&dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| panic!("spawn {}: {error}", bin.display()));
+        let server = Self {
+            watchdog,
+            url: format!("nats://127.0.0.1:{port}"),
+            dir,
+        };
+        let deadline = Instant::now() + PATIENCE;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen on {port} in {PATIENCE:?}:\n{}",
+                server.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        server
+    }
+
+    /// What the server has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("nats.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- nats-server log ({}) ---\n{}", self.url, self.log());
+        }
+        drop(self.watchdog.stdin.take());
+        let _ = self.watchdog.wait();
+    }
+}
+
+fn nats_server_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("WAYBILL_NATS_SERVER") {
+        return PathBuf::from(path);
+    }
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("nats-server"))
+            .find(|path| path.is_file())
+    });
+    let path = on_path.unwrap_or_else(|| PathBuf::from("/usr/sbin/nats-server"));
+    assert!(
+        path.is_file(),
+        "nats-server is missing: install it with scripts/prereqs nats (Debian package nats-server)"
+    );
+    path
+}

@@ -1,5 +1,6 @@
-//! ListOrders page tokens: opaque to clients, and bound to the customer they were issued for,
-//! so a token cannot be replayed against another customer's listing.
+//! Page tokens of per-customer listings (orders, notifications): opaque to clients, and bound
+//! to the customer they were issued for, so a token cannot be replayed against another
+//! customer's listing.
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use uuid::Uuid;
@@ -7,11 +8,14 @@ use uuid::Uuid;
 /// Where the next page starts: after this order id, for this customer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {
+    /// Whose listing.
     pub customer_id: String,
+    /// The last id of the previous page (ids are UUIDv7: newest first is id order).
     pub after: Uuid,
 }
 
 impl Cursor {
+    /// The token to hand out.
     pub fn encode(&self) -> String {
         let mut bytes = Vec::with_capacity(16 + self.customer_id.len());
         bytes.extend_from_slice(self.after.as_bytes());

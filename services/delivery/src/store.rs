@@ -1,0 +1,528 @@
+//! The delivery schema's SQL. Every write is one transaction that changes the delivery, its
+//! courier's load, the history and the outbox together, and tells watchers (NOTIFY, delivered
+//! at commit), so a failed call leaves nothing half-written and nobody hears of a change that
+//! did not commit.
+//!
+//! Concurrency: a delivery's row is locked (`FOR UPDATE`) before any change is decided; an
+//! assignment locks its courier with `SKIP LOCKED`, so concurrent assignments in one zone
+//! spread over its couriers instead of queueing on the least loaded one; the order id is the
+//! deliveries' key, so one order never gets two deliveries.
+
+use tokio_postgres::{Row, Transaction};
+use uuid::Uuid;
+use waybill_api::{delivery::v1 as pb, events::v1 as events};
+use waybill_runtime::{Db, DbError};
+
+use crate::{
+    domain::{Courier, Delivery, DeliveryStatus, Location, TrackingEvent, Transition},
+    outbox, tracking,
+};
+
+const DELIVERY_COLUMNS: &str = "d.order_id, d.customer_id, d.courier_id, d.zone, d.status, \
+     d.lat, d.lng, d.reason, d.version, d.created_at, d.updated_at";
+
+/// The outcome of an assignment.
+pub enum Assigned {
+    /// A courier was assigned now.
+    Created(Delivery),
+    /// The order already had a delivery (any status, CANCELLED included).
+    Existing(Delivery),
+    /// No courier of the zone has capacity left.
+    NoCourier,
+}
+
+/// The outcome of a cancellation.
+pub enum Cancelled {
+    /// The delivery is CANCELLED now, or already was, or a cancellation was recorded for an
+    /// order without one.
+    Done(Delivery),
+    /// The delivery is past ASSIGNED.
+    NotCancellable(Delivery),
+}
+
+/// The outcome of a status or location update.
+pub enum Updated {
+    /// Changed; the new state.
+    Changed(Delivery),
+    /// Already in the asked status; nothing written.
+    Unchanged(Delivery),
+    /// The delivery's state does not allow it.
+    Forbidden(Delivery),
+    /// No delivery for the order.
+    NotFound,
+}
+
+/// The delivery schema's queries over one process's pools. Cheap to clone.
+#[derive(Clone)]
+pub struct DeliveryStore {
+    db: Db,
+}
+
+impl DeliveryStore {
+    /// A store over the given pools.
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    /// Creates a courier or replaces its name, zone and capacity; its load is kept.
+    pub async fn put_courier(
+        &self,
+        id: &str,
+        name: &str,
+        zone: &str,
+        capacity: i32,
+    ) -> Result<Courier, DbError> {
+        let client = self.db.primary().await?;
+        let statement = client
+            .prepare_cached(
+                "INSERT INTO delivery.couriers (id, name, zone, capacity) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (id) DO UPDATE
+                 SET name = excluded.name, zone = excluded.zone, capacity = excluded.capacity,
+                     updated_at = now()
+                 RETURNING id, name, zone, capacity, active",
+            )
+            .await?;
+        let row = client
+            .query_one(&statement, &[&id, &name, &zone, &capacity])
+            .await?;
+        Ok(Courier {
+            id: row.try_get("id")?,
+            name: row.try_get("name")?,
+            zone: row.try_get("zone")?,
+            capacity: row.try_get("capacity")?,
+            active: row.try_get("active")?,
+        })
+    }
+
+    /// Assigns the least loaded courier of `zone` with capacity left, unless the order
+    /// already has a delivery, which is returned as is.
+    pub async fn assign(
+        &self,
+        order_id: Uuid,
+        customer_id: &str,
+        zone: &str,
+    ) -> Result<Assigned, DbError> {
+        let mut client = self.db.primary().await?;
+        let tx = client.transaction().await?;
+        if let Some(existing) = select_delivery(&*tx, order_id, false).await? {
+            return Ok(Assigned::Existing(existing));
+        }
+        let Some(courier_id) = lock_courier(&tx, zone).await? else {
+            return Ok(Assigned::NoCourier);
+        };
+        tx.execute(
+            "UPDATE delivery.couriers SET active = active + 1, updated_at = now() WHERE id = $1",
+            &[&courier_id],
+        )
+        .await?;
+        // The key decides between concurrent assignments of one order: the loser waits for
+        // the winner's commit, inserts nothing, and returns the winner's delivery.
+        let inserted = tx
+            .query_opt(
+                &format!(
+                    "INSERT INTO delivery.deliveries AS d
+                         (order_id, customer_id, courier_id, zone, status, version)
+                     VALUES ($1, $2, $3, $4, 'ASSIGNED', 1)
+                     ON CONFLICT (order_id) DO NOTHING
+                     RETURNING {DELIVERY_COLUMNS}"
+                ),
+                &[&order_id, &customer_id, &courier_id, &zone],
+            )
+            .await?;
+        let Some(row) = inserted else {
+            // Undo this transaction's claim on the courier.
+            tx.rollback().await?;
+            return match select_delivery(&**client, order_id, false).await? {
+                Some(winner) => Ok(Assigned::Existing(winner)),
+                None => Err(DbError::Invariant(format!(
+                    "delivery {order_id} conflicted on insert but is not there"
+                ))),
+            };
+        };
+        let delivery = delivery_from_row(&row)?;
+        record(&tx, &delivery, None).await?;
+        outbox::append(
+            &*tx,
+            outbox::COURIER_ASSIGNED,
+            &order_id.to_string(),
+            &events::CourierAssigned {
+                order_id: order_id.to_string(),
+                customer_id: customer_id.to_owned(),
+                courier_id,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Assigned::Created(delivery))
+    }
+
+    /// Cancels an ASSIGNED delivery and frees its courier. For an order without a delivery
+    /// it records a CANCELLED one without a courier, so that a late assignment is refused.
+    pub async fn cancel(&self, order_id: Uuid, reason: &str) -> Result<Cancelled, DbError> {
+        let mut client = self.db.primary().await?;
+        let tx = client.transaction().await?;
+        let delivery = match select_delivery(&*tx, order_id, true).await? {
+            Some(delivery) => delivery,
+            None => {
+                let inserted = tx
+                    .query_opt(
+                        &format!(
+                            "INSERT INTO delivery.deliveries AS d
+                                 (order_id, status, reason, version)
+                             VALUES ($1, 'CANCELLED', $2, 1)
+                             ON CONFLICT (order_id) DO NOTHING
+                             RETURNING {DELIVERY_COLUMNS}"
+                        ),
+                        &[&order_id, &reason],
+                    )
+                    .await?;
+                if let Some(row) = inserted {
+                    // No outbox event: nothing was being delivered, and the order's own
+                    // cancellation event tells the world.
+                    let tombstone = delivery_from_row(&row)?;
+                    record(&tx, &tombstone, None).await?;
+                    tx.commit().await?;
+                    return Ok(Cancelled::Done(tombstone));
+                }
+                // An assignment committed in between: cancel that one (a new statement sees
+                // it, as this transaction reads committed data).
+                select_delivery(&*tx, order_id, true)
+                    .await?
+                    .ok_or_else(|| {
+                        DbError::Invariant(format!(
+                            "delivery {order_id} conflicted on insert but is not there"
+                        ))
+                    })?
+            }
+        };
+        match change_status(&tx, delivery, DeliveryStatus::Cancelled, None, reason).await? {
+            Updated::Changed(delivery) => {
+                tx.commit().await?;
+                Ok(Cancelled::Done(delivery))
+            }
+            Updated::Unchanged(delivery) => Ok(Cancelled::Done(delivery)),
+            Updated::Forbidden(delivery) => Ok(Cancelled::NotCancellable(delivery)),
+            Updated::NotFound => Err(DbError::Invariant(format!(
+                "delivery {order_id} vanished under a row lock"
+            ))),
+        }
+    }
+
+    /// Moves a delivery to `to` if the lifecycle allows, with an optional location and, for
+    /// FAILED, a reason.
+    pub async fn update_status(
+        &self,
+        order_id: Uuid,
+        to: DeliveryStatus,
+        location: Option<Location>,
+        reason: &str,
+    ) -> Result<Updated, DbError> {
+        let mut client = self.db.primary().await?;
+        let tx = client.transaction().await?;
+        let Some(delivery) = select_delivery(&*tx, order_id, true).await? else {
+            return Ok(Updated::NotFound);
+        };
+        let outcome = change_status(&tx, delivery, to, location, reason).await?;
+        if matches!(outcome, Updated::Changed(_)) {
+            tx.commit().await?;
+        }
+        Ok(outcome)
+    }
+
+    /// Records the courier's location while the delivery is PICKED_UP or IN_TRANSIT.
+    pub async fn update_location(
+        &self,
+        order_id: Uuid,
+        location: Location,
+    ) -> Result<Updated, DbError> {
+        let mut client = self.db.primary().await?;
+        let tx = client.transaction().await?;
+        let Some(delivery) = select_delivery(&*tx, order_id, true).await? else {
+            return Ok(Updated::NotFound);
+        };
+        if !delivery.status.tracks_location() {
+            return Ok(Updated::Forbidden(delivery));
+        }
+        let row = tx
+            .query_one(
+                &format!(
+                    "UPDATE delivery.deliveries AS d
+                     SET lat = $2, lng = $3, version = version + 1, updated_at = now()
+                     WHERE order_id = $1
+                     RETURNING {DELIVERY_COLUMNS}"
+                ),
+                &[&order_id, &location.latitude, &location.longitude],
+            )
+            .await?;
+        let delivery = delivery_from_row(&row)?;
+        record(&tx, &delivery, Some(location)).await?;
+        tx.commit().await?;
+        Ok(Updated::Changed(delivery))
+    }
+
+    /// A delivery and its history, oldest first, from a replica, in one statement so both
+    /// come from one snapshot.
+    pub async fn get_with_history(
+        &self,
+        order_id: Uuid,
+    ) -> Result<Option<(Delivery, Vec<TrackingEvent>)>, DbError> {
+        let client = self.db.replica().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT {DELIVERY_COLUMNS},
+                     ARRAY(SELECT version FROM delivery.tracking_events e
+                           WHERE e.order_id = d.order_id ORDER BY version) AS h_version,
+                     ARRAY(SELECT status FROM delivery.tracking_events e
+                           WHERE e.order_id = d.order_id ORDER BY version) AS h_status,
+                     ARRAY(SELECT lat FROM delivery.tracking_events e
+                           WHERE e.order_id = d.order_id ORDER BY version) AS h_lat,
+                     ARRAY(SELECT lng FROM delivery.tracking_events e
+                           WHERE e.order_id = d.order_id ORDER BY version) AS h_lng,
+                     ARRAY(SELECT at FROM delivery.tracking_events e
+                           WHERE e.order_id = d.order_id ORDER BY version) AS h_at
+                 FROM delivery.deliveries d WHERE d.order_id = $1"
+            ))
+            .await?;
+        let Some(row) = client.query_opt(&statement, &[&order_id]).await? else {
+            return Ok(None);
+        };
+        let delivery = delivery_from_row(&row)?;
+        let versions: Vec<i64> = row.try_get("h_version")?;
+        let statuses: Vec<String> = row.try_get("h_status")?;
+        let lats: Vec<Option<f64>> = row.try_get("h_lat")?;
+        let lngs: Vec<Option<f64>> = row.try_get("h_lng")?;
+        let ats: Vec<chrono::DateTime<chrono::Utc>> = row.try_get("h_at")?;
+        let history = versions
+            .into_iter()
+            .zip(statuses)
+            .zip(lats.into_iter().zip(lngs))
+            .zip(ats)
+            .map(|(((version, status), (lat, lng)), at)| {
+                Ok(TrackingEvent {
+                    version,
+                    status: parse_status(&status)?,
+                    location: location(lat, lng),
+                    at,
+                })
+            })
+            .collect::<Result<_, DbError>>()?;
+        Ok(Some((delivery, history)))
+    }
+
+    /// A delivery as it stands now, from the primary (a watcher's first message must not be
+    /// older than the changes it is told of next).
+    pub async fn current(&self, order_id: Uuid) -> Result<Option<Delivery>, DbError> {
+        let client = self.db.primary().await?;
+        select_delivery(&**client, order_id, false).await
+    }
+
+    /// The changes of a delivery after `version`, oldest first, each with the delivery as it
+    /// stands now (one statement: one snapshot), from the primary.
+    pub async fn changes_since(
+        &self,
+        order_id: Uuid,
+        version: i64,
+    ) -> Result<Vec<(TrackingEvent, Delivery)>, DbError> {
+        let client = self.db.primary().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT {DELIVERY_COLUMNS}, e.version AS e_version, e.status AS e_status,
+                     e.lat AS e_lat, e.lng AS e_lng, e.at AS e_at
+                 FROM delivery.deliveries d
+                 JOIN delivery.tracking_events e ON e.order_id = d.order_id AND e.version > $2
+                 WHERE d.order_id = $1
+                 ORDER BY e.version"
+            ))
+            .await?;
+        client
+            .query(&statement, &[&order_id, &version])
+            .await?
+            .iter()
+            .map(|row| {
+                let status: &str = row.try_get("e_status")?;
+                let event = TrackingEvent {
+                    version: row.try_get("e_version")?,
+                    status: parse_status(status)?,
+                    location: location(row.try_get("e_lat")?, row.try_get("e_lng")?),
+                    at: row.try_get("e_at")?,
+                };
+                Ok((event, delivery_from_row(row)?))
+            })
+            .collect()
+    }
+}
+
+/// Picks and locks the least loaded courier of `zone` with capacity left. Couriers other
+/// transactions hold are skipped; only when every candidate is held does it wait for them
+/// (their holders may not end up using the last capacity), so a busy zone neither queues on
+/// one courier nor refuses while capacity is left. Postgres re-checks `active < capacity` on
+/// the latest version of the row it locks, so capacity is never exceeded.
+async fn lock_courier(tx: &Transaction<'_>, zone: &str) -> Result<Option<String>, DbError> {
+    const PICK: &str = "SELECT id FROM delivery.couriers
+                        WHERE zone = $1 AND active < capacity
+                        ORDER BY active, id
+                        LIMIT 1
+                        FOR UPDATE";
+    if let Some(row) = tx
+        .query_opt(&format!("{PICK} SKIP LOCKED"), &[&zone])
+        .await?
+    {
+        return Ok(Some(row.try_get(0)?));
+    }
+    match tx.query_opt(PICK, &[&zone]).await? {
+        Some(row) => Ok(Some(row.try_get(0)?)),
+        None => Ok(None),
+    }
+}
+
+/// Applies a status change to a delivery locked by `tx`, if the lifecycle allows: the row,
+/// the courier's load when the delivery ends, the history, the outbox and the watchers. The
+/// caller commits on [`Updated::Changed`].
+async fn change_status(
+    tx: &Transaction<'_>,
+    delivery: Delivery,
+    to: DeliveryStatus,
+    location: Option<Location>,
+    reason: &str,
+) -> Result<Updated, DbError> {
+    match delivery.status.transition(to) {
+        Transition::Unchanged => return Ok(Updated::Unchanged(delivery)),
+        Transition::Forbidden => return Ok(Updated::Forbidden(delivery)),
+        Transition::Allowed => {}
+    }
+    let reason = if matches!(to, DeliveryStatus::Failed | DeliveryStatus::Cancelled) {
+        reason
+    } else {
+        ""
+    };
+    let row = tx
+        .query_one(
+            &format!(
+                "UPDATE delivery.deliveries AS d
+                 SET status = $2, lat = coalesce($3, lat), lng = coalesce($4, lng), reason = $5,
+                     version = version + 1, updated_at = now()
+                 WHERE order_id = $1
+                 RETURNING {DELIVERY_COLUMNS}"
+            ),
+            &[
+                &delivery.order_id,
+                &to.as_str(),
+                &location.map(|l| l.latitude),
+                &location.map(|l| l.longitude),
+                &reason,
+            ],
+        )
+        .await?;
+    let changed = delivery_from_row(&row)?;
+    if to.is_final()
+        && let Some(courier_id) = &changed.courier_id
+    {
+        tx.execute(
+            "UPDATE delivery.couriers SET active = active - 1, updated_at = now() WHERE id = $1",
+            &[courier_id],
+        )
+        .await?;
+    }
+    record(tx, &changed, location).await?;
+    let status: pb::DeliveryStatus = to.into();
+    outbox::append(
+        tx,
+        outbox::STATUS_CHANGED,
+        &changed.order_id.to_string(),
+        &events::DeliveryStatusChanged {
+            order_id: changed.order_id.to_string(),
+            customer_id: changed.customer_id.clone(),
+            status: status as i32,
+            reason: changed.reason.clone(),
+        },
+    )
+    .await?;
+    Ok(Updated::Changed(changed))
+}
+
+/// Appends the change that made `delivery` to its history and tells every process's
+/// watchers (the notification is delivered at commit, and only if it commits).
+async fn record(
+    tx: &Transaction<'_>,
+    delivery: &Delivery,
+    reported: Option<Location>,
+) -> Result<(), DbError> {
+    tx.execute(
+        "INSERT INTO delivery.tracking_events (order_id, version, status, lat, lng, at)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+        &[
+            &delivery.order_id,
+            &delivery.version,
+            &delivery.status.as_str(),
+            &reported.map(|l| l.latitude),
+            &reported.map(|l| l.longitude),
+            &delivery.updated_at,
+        ],
+    )
+    .await?;
+    tx.execute(
+        "SELECT pg_notify($1, $2)",
+        &[&tracking::CHANNEL, &delivery.order_id.to_string()],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn select_delivery(
+    client: &impl tokio_postgres::GenericClient,
+    order_id: Uuid,
+    for_update: bool,
+) -> Result<Option<Delivery>, DbError> {
+    let lock = if for_update { " FOR UPDATE" } else { "" };
+    client
+        .query_opt(
+            &format!(
+                "SELECT {DELIVERY_COLUMNS} FROM delivery.deliveries d WHERE d.order_id = $1{lock}"
+            ),
+            &[&order_id],
+        )
+        .await?
+        .map(|row| delivery_from_row(&row))
+        .transpose()
+}
+
+fn delivery_from_row(row: &Row) -> Result<Delivery, DbError> {
+    Ok(Delivery {
+        order_id: row.try_get("order_id")?,
+        customer_id: row.try_get("customer_id")?,
+        courier_id: row.try_get("courier_id")?,
+        zone: row.try_get("zone")?,
+        status: parse_status(row.try_get("status")?)?,
+        location: location(row.try_get("lat")?, row.try_get("lng")?),
+        reason: row.try_get("reason")?,
+        version: row.try_get("version")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn parse_status(text: &str) -> Result<DeliveryStatus, DbError> {
+    DeliveryStatus::parse(text).ok_or_else(|| {
+        DbError::Invariant(format!("unknown delivery status {text:?} in the database"))
+    })
+}
+
+fn location(lat: Option<f64>, lng: Option<f64>) -> Option<Location> {
+    Some(Location {
+        latitude: lat?,
+        longitude: lng?,
+    })
+}
+
+impl From<DeliveryStatus> for pb::DeliveryStatus {
+    fn from(status: DeliveryStatus) -> Self {
+        match status {
+            DeliveryStatus::Assigned => pb::DeliveryStatus::Assigned,
+            DeliveryStatus::PickedUp => pb::DeliveryStatus::PickedUp,
+            DeliveryStatus::InTransit => pb::DeliveryStatus::InTransit,
+            DeliveryStatus::Delivered => pb::DeliveryStatus::Delivered,
+            DeliveryStatus::Failed => pb::DeliveryStatus::Failed,
+            DeliveryStatus::Cancelled => pb::DeliveryStatus::Cancelled,
+        }
+    }
+}

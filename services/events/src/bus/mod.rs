@@ -1,0 +1,143 @@
+//! The event bus: Postgres (the default) or NATS JetStream (to scale out), one cloneable
+//! [`Bus`] chosen by configuration ([`BusConfig`]).
+
+pub(crate) mod nats;
+pub(crate) mod postgres;
+
+use std::sync::Arc;
+
+use waybill_runtime::{Db, DbError};
+
+/// Which bus carries events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BusKind {
+    /// Tables in the `bus` schema, woken by LISTEN/NOTIFY: nothing more to run.
+    Postgres,
+    /// A NATS JetStream stream: more throughput, and consumers off the database's back.
+    Nats,
+}
+
+/// How a process reaches the event bus (flags and `WAYBILL_*` variables).
+#[derive(Clone, Debug, clap::Args)]
+pub struct BusConfig {
+    /// Which event bus carries events between services.
+    #[arg(long, env = "WAYBILL_EVENT_BUS", value_enum, default_value_t = BusKind::Postgres)]
+    pub event_bus: BusKind,
+
+    /// NATS server URL(s), comma-separated, for `--event-bus nats` (nats://host:4222).
+    #[arg(long, env = "WAYBILL_NATS_URL", hide_env_values = true)]
+    pub nats_url: Option<String>,
+}
+
+impl BusConfig {
+    /// Connects the configured bus. Postgres: the `bus` schema of `db` (the services'
+    /// database). NATS: connects and creates or updates the stream.
+    pub async fn connect(&self, db: Db) -> Result<Bus, BusError> {
+        match self.event_bus {
+            BusKind::Postgres => Ok(Bus::postgres(db)),
+            BusKind::Nats => {
+                let url = self.nats_url.as_deref().ok_or_else(|| {
+                    BusError::Config("--event-bus nats needs --nats-url (WAYBILL_NATS_URL)".into())
+                })?;
+                Bus::nats(url).await
+            }
+        }
+    }
+}
+
+/// The event bus, cheap to clone.
+#[derive(Clone)]
+pub struct Bus {
+    pub(crate) inner: BusInner,
+}
+
+#[derive(Clone)]
+pub(crate) enum BusInner {
+    Postgres(Arc<postgres::PgBus>),
+    Nats(Arc<nats::NatsBus>),
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Bus").field(&self.kind()).finish()
+    }
+}
+
+impl Bus {
+    /// The Postgres bus in the `bus` schema of `db`'s primary (migrate [`crate::SCHEMA`]
+    /// there). Connects lazily.
+    pub fn postgres(db: Db) -> Self {
+        Self {
+            inner: BusInner::Postgres(Arc::new(postgres::PgBus { db })),
+        }
+    }
+
+    /// Connects to NATS at `url` (within a few seconds, or fails) and creates or updates the
+    /// `WAYBILL` stream. The client reconnects by itself afterwards.
+    pub async fn nats(url: &str) -> Result<Self, BusError> {
+        Ok(Self {
+            inner: BusInner::Nats(Arc::new(nats::NatsBus::connect(url).await?)),
+        })
+    }
+
+    /// Which bus this is.
+    pub fn kind(&self) -> BusKind {
+        match self.inner {
+            BusInner::Postgres(_) => BusKind::Postgres,
+            BusInner::Nats(_) => BusKind::Nats,
+        }
+    }
+}
+
+/// A failure of the bus or of the database behind it.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The database failed (classified as in the rest of waybill).
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// NATS could not be reached or refused a request.
+    #[error("nats: {0}")]
+    Nats(String),
+    /// The bus is configured wrongly.
+    #[error("event bus configuration: {0}")]
+    Config(String),
+    /// There is no such dead letter (replayed already, or never dead).
+    #[error("no dead letter of event {event_id} for subscription {subscription:?}")]
+    NotFound {
+        /// The subscription asked for.
+        subscription: String,
+        /// The event asked for.
+        event_id: uuid::Uuid,
+    },
+}
+
+impl From<tokio_postgres::Error> for BusError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        BusError::Db(error.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bus: BusConfig,
+    }
+
+    #[test]
+    fn postgres_is_the_default_bus() {
+        let cli = Cli::try_parse_from(["x"]).unwrap();
+        assert_eq!(cli.bus.event_bus, BusKind::Postgres);
+        let cli =
+            Cli::try_parse_from(["x", "--event-bus", "nats", "--nats-url", "nats://h:1"]).unwrap();
+        assert_eq!(cli.bus.event_bus, BusKind::Nats);
+        assert_eq!(cli.bus.nats_url.as_deref(), Some("nats://h:1"));
+    }
+}

@@ -1,0 +1,389 @@
+//! The NATS JetStream bus: one stream (`WAYBILL`, subjects `waybill.>`), one durable pull
+//! consumer per subscription, the envelope in headers, dead letters in Postgres.
+
+use std::{str::FromStr, time::Duration};
+
+use async_nats::{
+    HeaderMap, HeaderName, HeaderValue,
+    jetstream::{
+        self, AckKind,
+        consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
+        message::PublishMessage,
+        stream,
+    },
+};
+use chrono::{DateTime, Utc};
+use tokio_stream::StreamExt;
+use uuid::Uuid;
+use waybill_runtime::Db;
+
+use crate::{
+    Event, HandlerError,
+    bus::BusError,
+    consumer::{Inbox, Outcome},
+    dead_letters,
+    shutdown::Shutdown,
+};
+
+/// The one stream every event goes to.
+pub(crate) const STREAM: &str = "WAYBILL";
+/// How long the stream remembers message ids to drop re-publishes.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// How long an event nobody acked stays in the stream.
+const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Messages a consumer fetches per pull.
+const PULL_BATCH: usize = 16;
+const FAILURE_FIRST: Duration = Duration::from_millis(200);
+const FAILURE_MAX: Duration = Duration::from_secs(10);
+
+/// Envelope headers (beside `Nats-Msg-Id`, which carries the event id for deduplication, or a
+/// replay's own id).
+const EVENT_ID: &str = "Waybill-Event-Id";
+const KEY: &str = "Waybill-Key";
+const CREATED_AT: &str = "Waybill-Created-At";
+/// On a replayed dead letter: the only subscription that should handle it.
+const REPLAY_FOR: &str = "Waybill-Replay-For";
+
+/// The subject of `topic`.
+pub(crate) fn subject(topic: &str) -> String {
+    format!("waybill.{topic}")
+}
+
+pub(crate) struct NatsBus {
+    js: jetstream::Context,
+}
+
+fn nats_error(what: &str, error: impl std::fmt::Display) -> BusError {
+    BusError::Nats(format!("{what}: {error}"))
+}
+
+impl NatsBus {
+    pub(crate) async fn connect(url: &str) -> Result<Self, BusError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("waybill")
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|e| nats_error("connect", e))?;
+        let js = jetstream::new(client);
+        js.create_or_update_stream(stream::Config {
+            name: STREAM.to_owned(),
+            subjects: vec!["waybill.>".to_owned()],
+            storage: stream::StorageType::File,
+            // A message goes once every consumer interested in it has acked it.
+            retention: stream::RetentionPolicy::Interest,
+            max_age: MAX_AGE,
+            duplicate_window: DUPLICATE_WINDOW,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| nats_error("create stream WAYBILL", e))?;
+        Ok(Self { js })
+    }
+
+    /// Publishes `events` in order and waits for every ack. `replay` marks a dead letter's
+    /// replay: (the subscription it is for, the id that deduplicates this replay).
+    pub(crate) async fn publish(
+        &self,
+        events: &[Event],
+        replay: Option<(&str, &str)>,
+    ) -> Result<(), BusError> {
+        let mut acks = Vec::with_capacity(events.len());
+        for event in events {
+            let mut message = PublishMessage::build()
+                .payload(event.payload.clone().into())
+                .headers(envelope_headers(event));
+            message = match replay {
+                None => message.message_id(event.id.to_string()),
+                Some((subscription, id)) => message.message_id(id).header(REPLAY_FOR, subscription),
+            };
+            let ack = self
+                .js
+                .send_publish(subject(&event.topic), message)
+                .await
+                .map_err(|e| nats_error("publish", e))?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await.map_err(|e| nats_error("publish ack", e))?;
+        }
+        Ok(())
+    }
+
+    /// Runs `inbox`'s subscription until shutdown, reopening the consumer after failures.
+    pub(crate) async fn consume<F: Future>(&self, inbox: &Inbox<'_>, shutdown: &mut Shutdown<F>) {
+        let mut delay = FAILURE_FIRST;
+        while !shutdown.is_done() {
+            let mut messages = match self.open(inbox).await {
+                Ok(messages) => messages,
+                Err(error) => {
+                    tracing::warn!(%error, retry_in = ?delay, "cannot open the NATS consumer");
+                    shutdown.sleep(delay).await;
+                    delay = (delay * 2).min(FAILURE_MAX);
+                    continue;
+                }
+            };
+            tracing::info!(topics = ?inbox.subscription.topics(), "subscription registered");
+            loop {
+                tokio::select! {
+                    () = shutdown.wait() => return,
+                    next = messages.next() => match next {
+                        Some(Ok(message)) => {
+                            delay = FAILURE_FIRST;
+                            self.deliver(inbox, message).await;
+                        }
+                        Some(Err(error)) => {
+                            tracing::warn!(%error, retry_in = ?delay, "NATS consumer failed");
+                            break;
+                        }
+                        None => break,
+                    },
+                }
+            }
+            shutdown.sleep(delay).await;
+            delay = (delay * 2).min(FAILURE_MAX);
+        }
+    }
+
+    /// Creates or updates the subscription's durable consumer and starts pulling.
+    async fn open(&self, inbox: &Inbox<'_>) -> Result<pull::Stream, BusError> {
+        let sub = inbox.subscription;
+        let stream = self
+            .js
+            .get_stream(STREAM)
+            .await
+            .map_err(|e| nats_error("get stream", e))?;
+        let mut config = pull::Config {
+            durable_name: Some(sub.name().to_owned()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: sub.ack_wait(),
+            // One delivery more than attempts: if the last attempt's consumer dies, the next
+            // delivery records the dead letter instead of the server dropping the message.
+            max_deliver: i64::from(sub.max_attempts()) + 1,
+            deliver_policy: DeliverPolicy::New,
+            ..Default::default()
+        };
+        let subjects: Vec<String> = sub.topics().iter().map(|t| subject(t)).collect();
+        if let [only] = subjects.as_slice() {
+            config.filter_subject = only.clone();
+        } else {
+            // Several filter subjects need nats-server 2.10 or newer.
+            config.filter_subjects = subjects;
+        }
+        let consumer: PullConsumer = stream
+            .create_consumer(config)
+            .await
+            .map_err(|e| nats_error("create consumer", e))?;
+        consumer
+            .stream()
+            .max_messages_per_batch(PULL_BATCH)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| nats_error("pull", e))
+    }
+
+    /// Handles one message and acks, naks (retry later) or terminates it (dead letter).
+    async fn deliver(&self, inbox: &Inbox<'_>, message: jetstream::Message) {
+        let sub = inbox.subscription;
+        let attempts = message
+            .info()
+            .map(|info| u32::try_from(info.delivered).unwrap_or(u32::MAX))
+            .unwrap_or(1);
+        let (event, replay_for) = match parse_envelope(&message) {
+            Ok(parsed) => parsed,
+            Err(error) => {
+                // No event id to record it under: nothing to dead-letter, nothing to retry.
+                tracing::error!(subject = %message.subject, %error, "dropping a message that is not a waybill event");
+                settle(&message, AckKind::Term).await;
+                return;
+            }
+        };
+        if replay_for
+            .as_deref()
+            .is_some_and(|target| target != sub.name())
+        {
+            settle(&message, AckKind::Ack).await;
+            return;
+        }
+        let failure = if attempts > sub.max_attempts() {
+            HandlerError::Permanent(format!(
+                "gave up after {} attempts; the last did not finish within the ack wait",
+                sub.max_attempts()
+            ))
+        } else {
+            match inbox.handle(&event).await {
+                Outcome::Handled | Outcome::Duplicate => {
+                    settle(&message, AckKind::Ack).await;
+                    return;
+                }
+                Outcome::Failed(error) => error,
+            }
+        };
+        let give_up =
+            matches!(failure, HandlerError::Permanent(_)) || attempts >= sub.max_attempts();
+        if !give_up {
+            let delay = sub.backoff(attempts);
+            tracing::info!(event_id = %event.id, attempts, retry_in = ?delay, error = %failure,
+                "handler failed; will retry");
+            settle(&message, AckKind::Nak(Some(delay))).await;
+            return;
+        }
+        let attempts = attempts.min(sub.max_attempts());
+        let error = failure.to_string();
+        let recorded = async {
+            let client = inbox.db.primary().await?;
+            dead_letters::record(&**client, sub.name(), &event, attempts, &error).await
+        };
+        match recorded.await {
+            Ok(()) => {
+                dead_letters::log_dead(sub.name(), &event, attempts, &error);
+                settle(&message, AckKind::Term).await;
+            }
+            Err(db_error) => {
+                tracing::warn!(event_id = %event.id, error = %db_error, "cannot record a dead letter; will retry");
+                settle(&message, AckKind::Nak(Some(sub.backoff(attempts)))).await;
+            }
+        }
+    }
+
+    /// Republishes a dead letter for its subscription only, then deletes it. The replay's
+    /// message id is derived from the event id and the time it died, so a repeated replay
+    /// request is deduplicated while a later death of the same event gets a new one.
+    pub(crate) async fn replay(
+        &self,
+        db: &Db,
+        subscription: &str,
+        event_id: Uuid,
+    ) -> Result<(), BusError> {
+        let mut client = db.primary().await?;
+        let tx = client.transaction().await?;
+        let row = tx
+            .query_opt(
+                "SELECT topic, key, payload, headers::text, created_at,
+                        (extract(epoch FROM dead_at) * 1000000)::bigint
+                 FROM bus.dead_letters WHERE subscription = $1 AND event_id = $2
+                 FOR UPDATE",
+                &[&subscription, &event_id],
+            )
+            .await?
+            .ok_or_else(|| BusError::NotFound {
+                subscription: subscription.to_owned(),
+                event_id,
+            })?;
+        let event = Event {
+            id: event_id,
+            topic: row.get(0),
+            key: row.get(1),
+            payload: row.get(2),
+            headers: crate::event::headers_from_json(row.get(3)),
+            created_at: row.get(4),
+        };
+        let replay_id = format!("{event_id}-replay-{}", row.get::<_, i64>(5));
+        self.publish(
+            std::slice::from_ref(&event),
+            Some((subscription, &replay_id)),
+        )
+        .await?;
+        tx.execute(
+            "DELETE FROM bus.dead_letters WHERE subscription = $1 AND event_id = $2",
+            &[&subscription, &event_id],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+async fn settle(message: &jetstream::Message, kind: AckKind) {
+    // A lost ack means a redelivery, which the inbox absorbs.
+    if let Err(error) = message.ack_with(kind).await {
+        tracing::warn!(%error, "cannot ack a NATS message; it will be redelivered");
+    }
+}
+
+/// The envelope of `event` as NATS headers (event headers that NATS cannot carry are dropped).
+fn envelope_headers(event: &Event) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(EVENT_ID, event.id.to_string());
+    headers.insert(KEY, event.key.as_str());
+    headers.insert(CREATED_AT, event.created_at.to_rfc3339());
+    for (name, value) in &event.headers {
+        match (HeaderName::from_str(name), HeaderValue::from_str(value)) {
+            (Ok(name), Ok(value)) => headers.insert(name, value),
+            _ => tracing::warn!(event_id = %event.id, header = %name,
+                "header cannot travel on NATS; dropped"),
+        }
+    }
+    headers
+}
+
+/// The event in `message`, and the subscription it is replayed for, if it is a replay.
+fn parse_envelope(message: &async_nats::Message) -> Result<(Event, Option<String>), String> {
+    let topic = message
+        .subject
+        .strip_prefix("waybill.")
+        .ok_or("subject outside waybill.>")?;
+    let headers = message.headers.as_ref().ok_or("no headers")?;
+    let get = |name: &str| headers.get(name).map(|value| value.as_str().to_owned());
+    let id = get(EVENT_ID)
+        .ok_or("no event id")?
+        .parse::<Uuid>()
+        .map_err(|e| format!("bad event id: {e}"))?;
+    let created_at = get(CREATED_AT)
+        .and_then(|text| DateTime::parse_from_rfc3339(&text).ok())
+        .map_or_else(Utc::now, |time| time.with_timezone(&Utc));
+    let extra = headers
+        .iter()
+        .filter(|(name, _)| {
+            let name: &str = name.as_ref();
+            !name.starts_with("Nats-") && !name.starts_with("Waybill-")
+        })
+        .filter_map(|(name, values)| {
+            let value = values.first()?;
+            Some((name.to_string(), value.as_str().to_owned()))
+        })
+        .collect();
+    let event = Event {
+        id,
+        topic: topic.to_owned(),
+        key: get(KEY).unwrap_or_default(),
+        payload: message.payload.to_vec(),
+        headers: extra,
+        created_at,
+    };
+    Ok((event, get(REPLAY_FOR)))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn the_envelope_survives_headers() {
+        let event = Event::from_payload("orders.order_confirmed", "o-1", vec![7, 8])
+            .with_header("traceparent", "00-abc-def-01")
+            .with_header("bad:name", "x");
+        let message = async_nats::Message {
+            subject: subject(&event.topic).into(),
+            reply: None,
+            payload: event.payload.clone().into(),
+            headers: Some(envelope_headers(&event)),
+            status: None,
+            description: None,
+            length: 0,
+        };
+        let (back, replay) = parse_envelope(&message).unwrap();
+        assert_eq!(replay, None);
+        assert_eq!(back.id, event.id);
+        assert_eq!(back.topic, event.topic);
+        assert_eq!(back.key, event.key);
+        assert_eq!(back.payload, event.payload);
+        assert_eq!(back.created_at, event.created_at);
+        assert_eq!(back.headers.len(), 1);
+        assert_eq!(back.headers["traceparent"], "00-abc-def-01");
+    }
+}

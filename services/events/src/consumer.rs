@@ -1,0 +1,344 @@
+//! Idempotent consumers: a subscription, the handler it runs, and the loop that feeds it.
+//!
+//! Each event is handled in one transaction on the consumer's database that first inserts
+//! `(subscription, event id)` into the consumer's inbox. If the insert conflicts, the event
+//! was handled before (the bus redelivered it after a crash between commit and ack), so the
+//! handler is skipped and the event acked. A failed handler rolls the transaction back (no
+//! inbox row) and the event is retried with exponential backoff, then dead-lettered.
+
+use std::{fmt, future::Future, sync::Arc, time::Duration};
+
+use tracing::Instrument;
+use waybill_runtime::{Db, DbError};
+
+use crate::{
+    Event,
+    bus::{Bus, BusInner},
+    outbox::check_schema,
+    shutdown::Shutdown,
+};
+
+/// What went wrong in a handler, and whether trying again can help.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandlerError {
+    /// A transient failure (a dependency down, a conflict): retried with backoff until the
+    /// subscription's attempts run out.
+    #[error("{0}")]
+    Retry(String),
+    /// The event can never be handled as it is (it does not decode, it breaks a rule):
+    /// dead-lettered at once.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl From<DbError> for HandlerError {
+    fn from(error: DbError) -> Self {
+        HandlerError::Retry(error.to_string())
+    }
+}
+
+impl From<tokio_postgres::Error> for HandlerError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        DbError::from(error).into()
+    }
+}
+
+impl From<prost::DecodeError> for HandlerError {
+    fn from(error: prost::DecodeError) -> Self {
+        HandlerError::Permanent(format!("payload does not decode: {error}"))
+    }
+}
+
+/// What a consumer does with each event.
+#[tonic::async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Handles `event` inside `tx`, the transaction that also records it in the inbox: write
+    /// the consequences through `tx` and they commit together with the inbox row, or not at
+    /// all. Do not commit or roll back `tx` yourself.
+    async fn handle(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        event: &Event,
+    ) -> Result<(), HandlerError>;
+}
+
+/// A named interest in topics, with its retry policy. The name identifies the consumer group:
+/// every process running a consumer of the same subscription shares its events.
+#[derive(Clone, Debug)]
+pub struct Subscription {
+    name: String,
+    topics: Vec<String>,
+    max_attempts: u32,
+    initial_backoff: Duration,
+    max_backoff: Duration,
+    ack_wait: Duration,
+}
+
+/// A subscription name or topic that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid subscription: {0}")]
+pub struct InvalidSubscription(String);
+
+impl Subscription {
+    /// Attempts per event before it is dead-lettered, by default.
+    pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+    /// The first retry delay, by default; each further one doubles.
+    pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_secs(1);
+    /// The longest retry delay, by default.
+    pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(60);
+    /// How long a consumer may work on one event before the bus gives it to another, by
+    /// default.
+    pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+
+    /// A subscription `name` (letters, digits, `-`, `_`; it names a NATS durable consumer) to
+    /// `topics` (lowercase `service.event` names), with the default retry policy.
+    pub fn new<T: Into<String>>(
+        name: impl Into<String>,
+        topics: impl IntoIterator<Item = T>,
+    ) -> Result<Self, InvalidSubscription> {
+        let name = name.into();
+        let valid_name = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !valid_name {
+            return Err(InvalidSubscription(format!(
+                "name {name:?} must be 1 to 64 letters, digits, '-' or '_'"
+            )));
+        }
+        let mut topics: Vec<String> = topics.into_iter().map(Into::into).collect();
+        topics.sort();
+        topics.dedup();
+        if topics.is_empty() {
+            return Err(InvalidSubscription(format!("{name} names no topic")));
+        }
+        if let Some(bad) = topics.iter().find(|topic| !is_topic(topic)) {
+            return Err(InvalidSubscription(format!(
+                "topic {bad:?} must be dot-separated lowercase words, like orders.order_confirmed"
+            )));
+        }
+        Ok(Self {
+            name,
+            topics,
+            max_attempts: Self::DEFAULT_MAX_ATTEMPTS,
+            initial_backoff: Self::DEFAULT_INITIAL_BACKOFF,
+            max_backoff: Self::DEFAULT_MAX_BACKOFF,
+            ack_wait: Self::DEFAULT_ACK_WAIT,
+        })
+    }
+
+    /// Sets the attempts per event (at least 1) before it is dead-lettered.
+    pub fn with_max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// Sets the retry delays: `initial` after the first failure, doubling up to `max`
+    /// (raised to `initial` if lower).
+    pub fn with_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.initial_backoff = initial;
+        self.max_backoff = max.max(initial);
+        self
+    }
+
+    /// Sets how long one attempt may take (at least 1 s) before the bus assumes the consumer
+    /// died and delivers the event again.
+    pub fn with_ack_wait(mut self, ack_wait: Duration) -> Self {
+        self.ack_wait = ack_wait.max(Duration::from_secs(1));
+        self
+    }
+
+    /// The subscription's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its topics, sorted.
+    pub fn topics(&self) -> &[String] {
+        &self.topics
+    }
+
+    /// Attempts per event before dead-lettering.
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// How long one attempt may take before the event is delivered again.
+    pub fn ack_wait(&self) -> Duration {
+        self.ack_wait
+    }
+
+    /// The delay before the attempt after attempt `attempt` (1-based) failed.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let doublings = attempt.saturating_sub(1).min(31);
+        self.initial_backoff
+            .saturating_mul(1 << doublings)
+            .min(self.max_backoff)
+    }
+}
+
+fn is_topic(topic: &str) -> bool {
+    topic.split('.').all(|word| {
+        !word.is_empty()
+            && word
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    })
+}
+
+/// Runs a subscription's handler over the events the bus delivers to it.
+pub struct Consumer {
+    db: Db,
+    bus: Bus,
+    inbox_schema: &'static str,
+    subscription: Subscription,
+    handler: Arc<dyn Handler>,
+}
+
+impl fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Consumer")
+            .field("inbox_schema", &self.inbox_schema)
+            .field("subscription", &self.subscription)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Consumer {
+    /// A consumer that handles `subscription`'s events with `handler` in transactions on `db`,
+    /// recording them in `<inbox_schema>.inbox` (see [`crate::INBOX_TABLE_SQL`]).
+    ///
+    /// Fails only if `inbox_schema` is not a plain lowercase identifier.
+    pub fn new(
+        db: Db,
+        bus: Bus,
+        inbox_schema: &'static str,
+        subscription: Subscription,
+        handler: impl Handler,
+    ) -> Result<Self, DbError> {
+        check_schema(inbox_schema)?;
+        Ok(Self {
+            db,
+            bus,
+            inbox_schema,
+            subscription,
+            handler: Arc::new(handler),
+        })
+    }
+
+    /// Registers the subscription with the bus and handles its events until `shutdown`
+    /// completes (the event in hand is finished first). Database and bus failures are logged
+    /// and retried with backoff; this returns only on shutdown.
+    pub async fn run(self, shutdown: impl Future) {
+        let span = tracing::info_span!("consumer", subscription = %self.subscription.name());
+        async {
+            let mut shutdown = Shutdown::new(shutdown);
+            let inbox = Inbox {
+                db: &self.db,
+                schema: self.inbox_schema,
+                subscription: &self.subscription,
+                handler: self.handler.as_ref(),
+            };
+            match &self.bus.inner {
+                BusInner::Postgres(pg) => pg.consume(&inbox, &mut shutdown).await,
+                BusInner::Nats(nats) => nats.consume(&inbox, &mut shutdown).await,
+            }
+            tracing::info!("consumer stopped");
+        }
+        .instrument(span)
+        .await;
+    }
+}
+
+/// What every bus needs to hand an event to the handler through the inbox.
+pub(crate) struct Inbox<'a> {
+    pub(crate) db: &'a Db,
+    pub(crate) schema: &'static str,
+    pub(crate) subscription: &'a Subscription,
+    pub(crate) handler: &'a dyn Handler,
+}
+
+/// What became of one delivery of an event.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// The handler ran and its transaction committed with the inbox row.
+    Handled,
+    /// The inbox already had the event: handled before, skipped now.
+    Duplicate,
+    /// The handler (or the database) failed; nothing was committed.
+    Failed(HandlerError),
+}
+
+impl Inbox<'_> {
+    /// Handles `event` once: the inbox insert and the handler in one transaction.
+    pub(crate) async fn handle(&self, event: &Event) -> Outcome {
+        // NOTE: metrics — count outcomes (handled, duplicate, failed) per subscription here.
+        match self.try_handle(event).await {
+            Ok(Ok(true)) => Outcome::Handled,
+            Ok(Ok(false)) => Outcome::Duplicate,
+            Ok(Err(error)) => Outcome::Failed(error),
+            Err(error) => Outcome::Failed(HandlerError::Retry(error.to_string())),
+        }
+    }
+
+    async fn try_handle(&self, event: &Event) -> Result<Result<bool, HandlerError>, DbError> {
+        let mut client = self.db.primary().await?;
+        let tx = client.transaction().await?;
+        let inserted = tx
+            .execute(
+                &format!(
+                    "INSERT INTO {}.inbox (subscription, event_id) VALUES ($1, $2)
+                     ON CONFLICT DO NOTHING",
+                    self.schema
+                ),
+                &[&self.subscription.name(), &event.id],
+            )
+            .await?;
+        if inserted == 0 {
+            tx.rollback().await?;
+            return Ok(Ok(false));
+        }
+        match self.handler.handle(&tx, event).await {
+            Ok(()) => {
+                tx.commit().await?;
+                Ok(Ok(true))
+            }
+            Err(error) => {
+                tx.rollback().await?;
+                Ok(Err(error))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn names_and_topics_are_checked() {
+        assert!(Subscription::new("notifications", ["orders.order_confirmed"]).is_ok());
+        assert!(Subscription::new("a.b", ["orders.x"]).is_err());
+        assert!(Subscription::new("", ["orders.x"]).is_err());
+        assert!(Subscription::new("n", Vec::<String>::new()).is_err());
+        assert!(Subscription::new("n", ["orders.>"]).is_err());
+        assert!(Subscription::new("n", ["orders..x"]).is_err());
+        assert!(Subscription::new("n", ["Orders.x"]).is_err());
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let sub = Subscription::new("n", ["t.x"])
+            .unwrap()
+            .with_backoff(Duration::from_millis(100), Duration::from_millis(500));
+        assert_eq!(sub.backoff(1), Duration::from_millis(100));
+        assert_eq!(sub.backoff(2), Duration::from_millis(200));
+        assert_eq!(sub.backoff(3), Duration::from_millis(400));
+        assert_eq!(sub.backoff(4), Duration::from_millis(500));
+        assert_eq!(sub.backoff(400), Duration::from_millis(500));
+        assert_eq!(sub.with_max_attempts(0).max_attempts(), 1);
+    }
+}

@@ -1,0 +1,116 @@
+//! The transactional outbox (emitting side) and the inbox (consuming side), as tables each
+//! service creates in its own schema.
+//!
+//! A service copies [`OUTBOX_TABLE_SQL`] (if it emits events) and [`INBOX_TABLE_SQL`] (if it
+//! consumes them) into one of its migrations, with `{schema}` replaced by its schema name
+//! ([`table_sql`] does the replacing). The queries in this crate expect exactly these columns.
+
+use tokio_postgres::GenericClient;
+use waybill_runtime::DbError;
+
+use crate::event::{Event, headers_to_json, is_identifier};
+
+/// The outbox of schema `{schema}`: events written in the same transaction as the state
+/// change they announce, until the relay moves them to the bus. Ids are UUIDv7, so the relay
+/// publishes in id order, which is creation order.
+pub const OUTBOX_TABLE_SQL: &str = "\
+CREATE TABLE {schema}.outbox (
+    id         uuid        PRIMARY KEY,
+    topic      text        NOT NULL,
+    key        text        NOT NULL,
+    payload    bytea       NOT NULL,
+    headers    jsonb       NOT NULL DEFAULT '{}',
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+";
+
+/// The inbox of schema `{schema}`: one row per event a subscription has handled, written in
+/// the handler's transaction, so an event delivered twice is handled once.
+///
+/// Rows are never needed again once the bus can no longer redeliver the event (a purge by
+/// `received_at` belongs with the service's other housekeeping).
+pub const INBOX_TABLE_SQL: &str = "\
+CREATE TABLE {schema}.inbox (
+    subscription text        NOT NULL,
+    event_id     uuid        NOT NULL,
+    received_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (subscription, event_id)
+);
+";
+
+/// `template` ([`OUTBOX_TABLE_SQL`] or [`INBOX_TABLE_SQL`]) for `schema`.
+pub fn table_sql(template: &str, schema: &str) -> String {
+    template.replace("{schema}", schema)
+}
+
+/// The LISTEN/NOTIFY channel that announces committed outbox rows of `schema`.
+pub fn channel(schema: &str) -> String {
+    format!("waybill_outbox_{schema}")
+}
+
+/// Appends `event` to `schema`'s outbox through `client`, which should be the transaction
+/// that makes the change the event announces (pass `&*transaction` for a pooled one).
+///
+/// It also notifies the relay; Postgres delivers the notification at commit, and not at all on
+/// rollback, so the relay wakes exactly when there is something committed to move.
+pub async fn append(
+    client: &impl GenericClient,
+    schema: &str,
+    event: &Event,
+) -> Result<(), DbError> {
+    check_schema(schema)?;
+    // One round trip: the insert, then the notification if the row went in.
+    let statement = format!(
+        "WITH appended AS (
+             INSERT INTO {schema}.outbox (id, topic, key, payload, headers, created_at)
+             VALUES ($1, $2, $3, $4, $5::text::jsonb, $6)
+             RETURNING 1
+         )
+         SELECT pg_notify($7, '') FROM appended"
+    );
+    client
+        .query(
+            &statement,
+            &[
+                &event.id,
+                &event.topic,
+                &event.key,
+                &event.payload,
+                &headers_to_json(&event.headers),
+                &event.created_at,
+                &channel(schema),
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Rejects a schema name that is not a plain identifier (it is spliced into SQL).
+pub(crate) fn check_schema(schema: &str) -> Result<(), DbError> {
+    if is_identifier(schema) {
+        Ok(())
+    } else {
+        Err(DbError::Config(format!(
+            "invalid schema name {schema:?}: use lowercase letters, digits and _"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_name_the_schema() {
+        let sql = table_sql(OUTBOX_TABLE_SQL, "orders");
+        assert!(sql.starts_with("CREATE TABLE orders.outbox ("));
+        assert!(sql.contains("DEFAULT '{}'"), "only {{schema}} is replaced");
+        assert!(table_sql(INBOX_TABLE_SQL, "delivery").starts_with("CREATE TABLE delivery.inbox"));
+    }
+
+    #[test]
+    fn schema_names_are_checked() {
+        assert!(check_schema("orders").is_ok());
+        assert!(check_schema("orders.outbox; --").is_err());
+    }
+}

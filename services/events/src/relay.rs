@@ -1,0 +1,191 @@
+//! The relay: moves committed outbox rows of one schema to the bus, in id order.
+//!
+//! It sleeps until the outbox's NOTIFY (sent at commit by [`crate::outbox::append`]) or a
+//! slow fallback sweep, then moves batches until the outbox is empty. An idle relay runs no
+//! query but the sweep.
+//!
+//! Several relay processes may run (one per replica of the service); a transaction-scoped
+//! advisory lock per schema lets one move at a time, so the bus receives events in outbox
+//! order, and the others take over when it goes. `FOR UPDATE SKIP LOCKED` keeps a relay
+//! off rows another one is moving regardless.
+
+use std::{future::Future, time::Duration};
+
+use tracing::Instrument;
+use waybill_runtime::{Db, DbError};
+
+use crate::{
+    Event,
+    bus::{Bus, BusError, BusInner, postgres},
+    event::headers_from_json,
+    listen::Listener,
+    outbox::{channel, check_schema},
+    shutdown::Shutdown,
+};
+
+const FAILURE_FIRST: Duration = Duration::from_millis(200);
+const FAILURE_MAX: Duration = Duration::from_secs(10);
+
+/// Moves one schema's outbox to the bus.
+pub struct Relay {
+    db: Db,
+    schema: &'static str,
+    bus: Bus,
+    batch_size: u32,
+    sweep_interval: Duration,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("schema", &self.schema)
+            .field("bus", &self.bus)
+            .field("batch_size", &self.batch_size)
+            .field("sweep_interval", &self.sweep_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one move did.
+enum Moved {
+    /// Moved this many rows (a full batch means: look again at once).
+    Rows(u64),
+    /// Another relay holds the schema's lock; it will move what there is.
+    Busy,
+}
+
+impl Relay {
+    /// Rows moved per transaction, by default.
+    pub const DEFAULT_BATCH_SIZE: u32 = 256;
+    /// How often the relay looks without being notified, by default (a notification is lost
+    /// only while its LISTEN connection is down).
+    pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+    /// A relay for `<schema>.outbox` in `db`'s primary. With the Postgres bus, the bus
+    /// tables must be in that database too (a move is one transaction).
+    ///
+    /// Fails only if `schema` is not a plain lowercase identifier.
+    pub fn new(db: Db, schema: &'static str, bus: Bus) -> Result<Self, BusError> {
+        check_schema(schema)?;
+        Ok(Self {
+            db,
+            schema,
+            bus,
+            batch_size: Self::DEFAULT_BATCH_SIZE,
+            sweep_interval: Self::DEFAULT_SWEEP_INTERVAL,
+        })
+    }
+
+    /// Sets the rows moved per transaction (at least 1).
+    pub fn with_batch_size(mut self, rows: u32) -> Self {
+        self.batch_size = rows.max(1);
+        self
+    }
+
+    /// Sets how often the relay looks without being notified.
+    pub fn with_sweep_interval(mut self, interval: Duration) -> Self {
+        self.sweep_interval = interval;
+        self
+    }
+
+    /// Moves events until `shutdown` completes (a move in progress finishes first).
+    /// Failures are logged and retried with backoff; this returns only on shutdown.
+    pub async fn run(self, shutdown: impl Future) {
+        let span = tracing::info_span!("relay", schema = self.schema);
+        async {
+            let mut shutdown = Shutdown::new(shutdown);
+            let listener = Listener::spawn(self.db.clone(), channel(self.schema), None);
+            let mut delay = FAILURE_FIRST;
+            tracing::info!(bus = ?self.bus.kind(), "relay started");
+            while !shutdown.is_done() {
+                let wait = match self.move_batch().await {
+                    Ok(Moved::Rows(rows)) if rows >= u64::from(self.batch_size) => continue,
+                    Ok(_) => {
+                        delay = FAILURE_FIRST;
+                        self.sweep_interval
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, retry_in = ?delay, "cannot move outbox rows");
+                        let wait = delay;
+                        delay = (delay * 2).min(FAILURE_MAX);
+                        wait
+                    }
+                };
+                tokio::select! {
+                    () = listener.notified() => {}
+                    () = tokio::time::sleep(wait) => {}
+                    () = shutdown.wait() => {}
+                }
+            }
+            tracing::info!("relay stopped");
+        }
+        .instrument(span)
+        .await;
+    }
+
+    /// One transaction: lock the schema's relay slot, move up to a batch, commit.
+    async fn move_batch(&self) -> Result<Moved, BusError> {
+        let mut client = self.db.primary().await?;
+        let tx = client.transaction().await?;
+        let locked: bool = tx
+            .query_one(
+                "SELECT pg_try_advisory_xact_lock(hashtext($1))",
+                &[&format!("waybill.relay.{}", self.schema)],
+            )
+            .await?
+            .get(0);
+        if !locked {
+            return Ok(Moved::Busy);
+        }
+        let limit = i64::from(self.batch_size);
+        let rows = match &self.bus.inner {
+            BusInner::Postgres(_) => postgres::move_outbox(&*tx, self.schema, limit).await?,
+            BusInner::Nats(nats) => {
+                let events = self.select(&tx, limit).await?;
+                nats.publish(&events, None).await?;
+                let ids: Vec<uuid::Uuid> = events.iter().map(|event| event.id).collect();
+                tx.execute(
+                    &format!("DELETE FROM {}.outbox WHERE id = ANY($1)", self.schema),
+                    &[&ids],
+                )
+                .await?;
+                ids.len() as u64
+            }
+        };
+        tx.commit().await?;
+        if rows > 0 {
+            // NOTE: metrics — count relayed events per schema here.
+            tracing::debug!(rows, "moved outbox rows to the bus");
+        }
+        Ok(Moved::Rows(rows))
+    }
+
+    /// The next batch of outbox rows, locked, in id order.
+    async fn select(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        limit: i64,
+    ) -> Result<Vec<Event>, DbError> {
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT id, topic, key, payload, headers::text, created_at
+                     FROM {}.outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                    self.schema
+                ),
+                &[&limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| Event {
+                id: row.get(0),
+                topic: row.get(1),
+                key: row.get(2),
+                payload: row.get(3),
+                headers: headers_from_json(row.get(4)),
+                created_at: row.get(5),
+            })
+            .collect())
+    }
+}

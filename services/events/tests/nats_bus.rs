@@ -1,0 +1,167 @@
+//! The outbox, relay, NATS JetStream bus, inbox and dead letters against a real Postgres and
+//! a real nats-server of the test's own.
+
+// A failed unwrap is a failed test, which is what we want here.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::PublishMessage};
+use common::{Fixture, Recorder, TOPIC, event, init_logs, run_consumer, run_relay};
+use waybill_events::{Bus, BusConfig, BusKind, Consumer, Relay, Subscription, dead_letters};
+use waybill_test_support::{NatsServer, eventually};
+
+async fn nats_bus(fx: &Fixture, nats: &NatsServer) -> Bus {
+    let config = BusConfig {
+        event_bus: BusKind::Nats,
+        nats_url: Some(nats.url.clone()),
+    };
+    let bus = config.connect(fx.db.clone()).await.unwrap();
+    assert_eq!(bus.kind(), BusKind::Nats);
+    bus
+}
+
+async fn stream(nats: &NatsServer) -> jetstream::stream::Stream {
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    jetstream::new(client).get_stream("WAYBILL").await.unwrap()
+}
+
+/// Waits until `name`'s durable consumer exists (events before that are not delivered to it).
+async fn registered(stream: &jetstream::stream::Stream, name: &str) {
+    eventually(&format!("consumer {name} created"), || async {
+        stream.consumer_info(name).await.ok().map(|_| ())
+    })
+    .await;
+}
+
+/// Waits until every consumer has acked everything (interest retention then empties the
+/// stream).
+async fn drained(fx: &Fixture, stream: &jetstream::stream::Stream) {
+    eventually("outbox and stream drained", || async {
+        let messages = stream.get_info().await.unwrap().state.messages;
+        (fx.count("app.outbox").await == 0 && messages == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_committed_event_reaches_the_consumer_once_over_nats() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let fx = Fixture::new().await;
+    let bus = nats_bus(&fx, &nats).await;
+    let stream = stream(&nats).await;
+    let _relay = run_relay(Relay::new(fx.db.clone(), "app", bus.clone()).unwrap());
+    let (a, b) = (Recorder::new("a"), Recorder::new("b"));
+    let sub = |name| Subscription::new(name, [TOPIC]).unwrap();
+    let _a = run_consumer(
+        Consumer::new(fx.db.clone(), bus.clone(), "app", sub("a"), a.clone()).unwrap(),
+    );
+    let _b = run_consumer(
+        Consumer::new(fx.db.clone(), bus.clone(), "app", sub("b"), b.clone()).unwrap(),
+    );
+    registered(&stream, "a").await;
+    registered(&stream, "b").await;
+
+    fx.emit(&event("o-rolled-back"), false).await;
+    let committed = event("o-1");
+    fx.emit(&committed, true).await;
+    eventually("both handled", || async {
+        (a.calls() == 1 && b.calls() == 1).then_some(())
+    })
+    .await;
+    drained(&fx, &stream).await;
+    assert_eq!(
+        a.seen(),
+        vec![committed.clone()],
+        "the envelope arrives intact"
+    );
+    assert_eq!(b.seen(), vec![committed.clone()]);
+
+    // A relay that crashed after publishing but before deleting its rows publishes them
+    // again: the stream drops the copy (same Nats-Msg-Id).
+    fx.emit(&committed, true).await;
+    eventually("the outbox drained", || async {
+        (fx.count("app.outbox").await == 0).then_some(())
+    })
+    .await;
+
+    // Past the duplicate window the copy gets through; the inbox absorbs it.
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let ack = jetstream::new(client)
+        .send_publish(
+            format!("waybill.{TOPIC}"),
+            PublishMessage::build()
+                .payload(committed.payload.clone().into())
+                .message_id(format!("{}-late", committed.id))
+                .header("Waybill-Event-Id", committed.id.to_string())
+                .header("Waybill-Key", committed.key.as_str()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(!ack.duplicate);
+    drained(&fx, &stream).await;
+    assert_eq!(a.calls(), 1, "no second run: {:?}", a.seen());
+    assert_eq!(b.calls(), 1);
+    assert_eq!(fx.effects("a").await, vec![committed.id]);
+    assert_eq!(fx.effects("b").await, vec![committed.id]);
+}
+
+#[tokio::test]
+async fn a_failing_event_is_dead_lettered_and_replayed_once_over_nats() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let fx = Fixture::new().await;
+    let bus = nats_bus(&fx, &nats).await;
+    let stream = stream(&nats).await;
+    let _relay = run_relay(Relay::new(fx.db.clone(), "app", bus.clone()).unwrap());
+    let (a, b) = (Recorder::new("a"), Recorder::new("b"));
+    a.fail(true, false);
+    let sub = |name| {
+        Subscription::new(name, [TOPIC])
+            .unwrap()
+            .with_max_attempts(3)
+            .with_backoff(Duration::from_millis(20), Duration::from_millis(100))
+    };
+    let _a = run_consumer(
+        Consumer::new(fx.db.clone(), bus.clone(), "app", sub("a"), a.clone()).unwrap(),
+    );
+    let _b = run_consumer(
+        Consumer::new(fx.db.clone(), bus.clone(), "app", sub("b"), b.clone()).unwrap(),
+    );
+    registered(&stream, "a").await;
+    registered(&stream, "b").await;
+
+    let doomed = event("o-doomed");
+    fx.emit(&doomed, true).await;
+    let dead = eventually("dead-lettered", || async {
+        let dead = dead_letters::list(&fx.db, Some("a")).await.unwrap();
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].event_id, doomed.id);
+    assert_eq!(dead[0].attempts, 3);
+    assert_eq!(dead[0].last_error, "boom on o-doomed");
+    assert_eq!(a.calls(), 3);
+    drained(&fx, &stream).await;
+    assert_eq!(b.calls(), 1, "the other subscription is unaffected");
+
+    a.fail(false, false);
+    dead_letters::replay(&fx.db, &bus, "a", doomed.id)
+        .await
+        .unwrap();
+    eventually("the replay is handled", || async {
+        (fx.effects("a").await == vec![doomed.id]).then_some(())
+    })
+    .await;
+    drained(&fx, &stream).await;
+    assert_eq!(a.calls(), 4, "handled once after the replay");
+    assert_eq!(a.seen()[3], doomed);
+    assert_eq!(b.calls(), 1, "a replay is for its subscription only");
+    assert!(dead_letters::list(&fx.db, None).await.unwrap().is_empty());
+}

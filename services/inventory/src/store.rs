@@ -1,0 +1,395 @@
+//! The inventory schema's SQL. Item rows are always locked in SKU order, so concurrent
+//! reservations, releases and commits queue behind each other instead of deadlocking, and
+//! every change of stock happens under that lock: stock cannot go negative.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use tokio_postgres::{Row, Transaction, error::SqlState};
+use uuid::Uuid;
+use waybill_runtime::{Db, DbError};
+
+use crate::domain::{Item, NewReservation, Reservation, ReservationState};
+
+const ITEM_COLUMNS: &str = "sku, name, on_hand, reserved, updated_at";
+
+/// Why a reservation change was refused.
+#[derive(Debug)]
+pub enum Refused {
+    /// An item does not have the units asked for.
+    OutOfStock {
+        sku: String,
+        requested: i32,
+        available: i32,
+    },
+    /// An item is not in the catalog.
+    UnknownItem(String),
+    /// The reservation's state forbids the change.
+    State(Reservation),
+    /// No reservation for the order.
+    NotFound,
+}
+
+/// Why a stock change was refused.
+#[derive(Debug)]
+pub enum StockRefused {
+    /// No such item.
+    NotFound,
+    /// The change would leave fewer units on hand than are reserved (or fewer than zero).
+    BelowReserved(Item),
+}
+
+#[derive(Clone)]
+pub struct InventoryStore {
+    db: Db,
+}
+
+impl InventoryStore {
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    /// Creates or replaces an item's name and stock on hand.
+    pub async fn put_item(
+        &self,
+        sku: &str,
+        name: &str,
+        on_hand: i32,
+    ) -> Result<Result<Item, StockRefused>, DbError> {
+        let client = self.db.primary().await?;
+        let result = client
+            .query_one(
+                &format!(
+                    "INSERT INTO inventory.items (sku, name, on_hand) VALUES ($1, $2, $3)
+                     ON CONFLICT (sku) DO UPDATE
+                     SET name = EXCLUDED.name, on_hand = EXCLUDED.on_hand, updated_at = now()
+                     RETURNING {ITEM_COLUMNS}"
+                ),
+                &[&sku, &name, &on_hand],
+            )
+            .await;
+        match result {
+            Ok(row) => Ok(Ok(item_from_row(&row)?)),
+            Err(error) if error.code() == Some(&SqlState::CHECK_VIOLATION) => {
+                let item = self.get_item_from(true, sku).await?;
+                Ok(Err(item.map_or(
+                    StockRefused::NotFound,
+                    StockRefused::BelowReserved,
+                )))
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Adds `delta` units (negative removes) unless that leaves fewer than are reserved.
+    pub async fn adjust_stock(
+        &self,
+        sku: &str,
+        delta: i32,
+    ) -> Result<Result<Item, StockRefused>, DbError> {
+        let client = self.db.primary().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "UPDATE inventory.items
+                     SET on_hand = on_hand + $2, updated_at = now()
+                     WHERE sku = $1 AND on_hand::bigint + $2 >= reserved
+                       AND on_hand::bigint + $2 <= {max}
+                     RETURNING {ITEM_COLUMNS}",
+                    max = crate::domain::MAX_ON_HAND
+                ),
+                &[&sku, &delta],
+            )
+            .await?;
+        match row {
+            Some(row) => Ok(Ok(item_from_row(&row)?)),
+            None => {
+                let item = self.get_item_from(true, sku).await?;
+                Ok(Err(item.map_or(
+                    StockRefused::NotFound,
+                    StockRefused::BelowReserved,
+                )))
+            }
+        }
+    }
+
+    /// One item, from a replica (the catalog tolerates replication lag).
+    pub async fn get_item(&self, sku: &str) -> Result<Option<Item>, DbError> {
+        self.get_item_from(false, sku).await
+    }
+
+    async fn get_item_from(&self, primary: bool, sku: &str) -> Result<Option<Item>, DbError> {
+        let client = if primary {
+            self.db.primary().await?
+        } else {
+            self.db.replica().await?
+        };
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT {ITEM_COLUMNS} FROM inventory.items WHERE sku = $1"
+            ))
+            .await?;
+        client
+            .query_opt(&statement, &[&sku])
+            .await?
+            .map(|row| item_from_row(&row))
+            .transpose()
+    }
+
+    /// Up to `limit` items after `after` in SKU order, from a replica.
+    pub async fn list_items(&self, after: Option<&str>, limit: i64) -> Result<Vec<Item>, DbError> {
+        let client = self.db.replica().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {ITEM_COLUMNS} FROM inventory.items
+                     WHERE ($1::text IS NULL OR sku > $1) ORDER BY sku LIMIT $2"
+                ),
+                &[&after, &limit],
+            )
+            .await?;
+        rows.iter().map(item_from_row).collect()
+    }
+
+    /// Holds every line for the order, or none. A repeat returns the reservation as it
+    /// stands.
+    pub async fn reserve(
+        &self,
+        request: &NewReservation,
+        ttl: Duration,
+    ) -> Result<Result<Reservation, Refused>, DbError> {
+        let mut client = self.db.primary().await?;
+        let tx = client.transaction().await?;
+        let ttl_seconds = ttl.as_secs_f64();
+        // The primary key decides between concurrent reserves of one order: the second waits
+        // for the first to commit and then sees the row.
+        let inserted = tx
+            .query_opt(
+                "INSERT INTO inventory.reservations (order_id, state, expires_at)
+                 VALUES ($1, 'HELD', now() + make_interval(secs => $2))
+                 ON CONFLICT (order_id) DO NOTHING
+                 RETURNING expires_at",
+                &[&request.order_id, &ttl_seconds],
+            )
+            .await?;
+        let Some(inserted) = inserted else {
+            let existing = load_reservation(&tx, request.order_id, false).await?;
+            return Ok(match existing {
+                Some(r) if r.state == ReservationState::Released => Err(Refused::State(r)),
+                Some(r) => Ok(r),
+                None => Err(Refused::NotFound),
+            });
+        };
+
+        let skus: Vec<&str> = request.lines.keys().map(String::as_str).collect();
+        let quantities: Vec<i32> = request.lines.values().copied().collect();
+        let available: BTreeMap<String, i32> = tx
+            .query(
+                "SELECT sku, on_hand - reserved FROM inventory.items
+                 WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
+                &[&skus],
+            )
+            .await?
+            .iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect::<Result<_, DbError>>()?;
+        for (sku, &requested) in &request.lines {
+            match available.get(sku) {
+                None => return Ok(Err(Refused::UnknownItem(sku.clone()))),
+                Some(&available) if available < requested => {
+                    return Ok(Err(Refused::OutOfStock {
+                        sku: sku.clone(),
+                        requested,
+                        available,
+                    }));
+                }
+                Some(_) => {}
+            }
+        }
+        tx.execute(
+            "WITH wanted AS (SELECT * FROM unnest($2::text[], $3::int4[]) AS w(sku, quantity)),
+                  held AS (
+                      UPDATE inventory.items i SET reserved = i.reserved + w.quantity, updated_at = now()
+                      FROM wanted w WHERE i.sku = w.sku
+                  )
+             INSERT INTO inventory.reservation_lines (order_id, sku, quantity)
+             SELECT $1, sku, quantity FROM wanted",
+            &[&request.order_id, &skus, &quantities],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Ok(Reservation {
+            order_id: request.order_id,
+            lines: request.lines.clone(),
+            state: ReservationState::Held,
+            expires_at: inserted.try_get(0)?,
+        }))
+    }
+
+    /// Gives a reservation's stock back. Unknown orders get a tombstone so that a late
+    /// Reserve is refused.
+    pub async fn release(&self, order_id: Uuid) -> Result<Result<Reservation, Refused>, DbError> {
+        let mut client = self.db.primary().await?;
+        let tx = client.transaction().await?;
+        let tombstone = tx
+            .execute(
+                "INSERT INTO inventory.reservations (order_id, state) VALUES ($1, 'RELEASED')
+                 ON CONFLICT (order_id) DO NOTHING",
+                &[&order_id],
+            )
+            .await?;
+        let reservation = load_reservation(&tx, order_id, true).await?;
+        let Some(reservation) = reservation else {
+            return Ok(Err(Refused::NotFound));
+        };
+        if tombstone == 1 {
+            tx.commit().await?;
+            return Ok(Ok(reservation));
+        }
+        // Held units stop being reserved; committed units come back on hand (the order was
+        // cancelled after its stock was committed, before the goods left).
+        let give_back = match reservation.state {
+            ReservationState::Released => return Ok(Ok(reservation)),
+            ReservationState::Held => {
+                "UPDATE inventory.items i SET reserved = i.reserved - l.quantity, updated_at = now()
+                 FROM inventory.reservation_lines l
+                 WHERE l.order_id = $1 AND i.sku = l.sku"
+            }
+            ReservationState::Committed => {
+                "UPDATE inventory.items i SET on_hand = i.on_hand + l.quantity, updated_at = now()
+                 FROM inventory.reservation_lines l
+                 WHERE l.order_id = $1 AND i.sku = l.sku"
+            }
+        };
+        lock_items(&tx, order_id).await?;
+        tx.execute(give_back, &[&order_id]).await?;
+        tx.execute(
+            "UPDATE inventory.reservations
+             SET state = 'RELEASED', expires_at = NULL, updated_at = now()
+             WHERE order_id = $1",
+            &[&order_id],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Ok(Reservation {
+            state: ReservationState::Released,
+            expires_at: None,
+            ..reservation
+        }))
+    }
+
+    /// Makes a HELD reservation final: its units leave on_hand.
+    pub async fn commit(&self, order_id: Uuid) -> Result<Result<Reservation, Refused>, DbError> {
+        let mut client = self.db.primary().await?;
+        let tx = client.transaction().await?;
+        let Some(reservation) = load_reservation(&tx, order_id, true).await? else {
+            return Ok(Err(Refused::NotFound));
+        };
+        match reservation.state {
+            ReservationState::Committed => Ok(Ok(reservation)),
+            ReservationState::Released => Ok(Err(Refused::State(reservation))),
+            ReservationState::Held => {
+                lock_items(&tx, order_id).await?;
+                tx.execute(
+                    "UPDATE inventory.items i
+                     SET on_hand = i.on_hand - l.quantity, reserved = i.reserved - l.quantity,
+                         updated_at = now()
+                     FROM inventory.reservation_lines l
+                     WHERE l.order_id = $1 AND i.sku = l.sku",
+                    &[&order_id],
+                )
+                .await?;
+                tx.execute(
+                    "UPDATE inventory.reservations
+                     SET state = 'COMMITTED', expires_at = NULL, updated_at = now()
+                     WHERE order_id = $1",
+                    &[&order_id],
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(Ok(Reservation {
+                    state: ReservationState::Committed,
+                    expires_at: None,
+                    ..reservation
+                }))
+            }
+        }
+    }
+
+    /// Orders whose HELD reservation has expired, oldest first, at most `limit`.
+    pub async fn expired(&self, limit: i64) -> Result<Vec<Uuid>, DbError> {
+        let client = self.db.primary().await?;
+        let rows = client
+            .query(
+                "SELECT order_id FROM inventory.reservations
+                 WHERE state = 'HELD' AND expires_at < now()
+                 ORDER BY expires_at LIMIT $1",
+                &[&limit],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| row.try_get(0).map_err(DbError::from))
+            .collect()
+    }
+}
+
+/// Locks the reservation's item rows in SKU order (see the module comment).
+async fn lock_items(tx: &Transaction<'_>, order_id: Uuid) -> Result<(), DbError> {
+    tx.execute(
+        "SELECT 1 FROM inventory.items
+         WHERE sku IN (SELECT sku FROM inventory.reservation_lines WHERE order_id = $1)
+         ORDER BY sku FOR UPDATE",
+        &[&order_id],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn load_reservation(
+    tx: &Transaction<'_>,
+    order_id: Uuid,
+    for_update: bool,
+) -> Result<Option<Reservation>, DbError> {
+    let lock = if for_update { "FOR UPDATE" } else { "" };
+    let Some(row) = tx
+        .query_opt(
+            &format!(
+                "SELECT state, expires_at FROM inventory.reservations WHERE order_id = $1 {lock}"
+            ),
+            &[&order_id],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let state: &str = row.try_get(0)?;
+    let state = ReservationState::parse(state).ok_or_else(|| {
+        DbError::Invariant(format!(
+            "unknown reservation state {state:?} in the database"
+        ))
+    })?;
+    let lines = tx
+        .query(
+            "SELECT sku, quantity FROM inventory.reservation_lines WHERE order_id = $1 ORDER BY sku",
+            &[&order_id],
+        )
+        .await?
+        .iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .collect::<Result<_, DbError>>()?;
+    Ok(Some(Reservation {
+        order_id,
+        lines,
+        state,
+        expires_at: row.try_get(1)?,
+    }))
+}
+
+fn item_from_row(row: &Row) -> Result<Item, DbError> {
+    Ok(Item {
+        sku: row.try_get("sku")?,
+        name: row.try_get("name")?,
+        on_hand: row.try_get("on_hand")?,
+        reserved: row.try_get("reserved")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}

@@ -1,0 +1,60 @@
+//! The notifications service: consumes the platform's events and records one notification
+//! per customer and event (order confirmed, courier assigned, delivered, cancelled), then
+//! hands it to the sink; ListNotifications answers from a replica.
+//!
+//! `handler` turns events into notifications inside the consumer's transaction (the inbox
+//! row and the notification commit together), `api` is the gRPC edge.
+
+mod api;
+mod handler;
+
+use waybill_api::notifications::v1::notifications_service_server::NotificationsServiceServer;
+use waybill_events::{Bus, Consumer, Subscription};
+use waybill_runtime::{Db, DbError, Schema};
+
+pub use api::NotificationsApi;
+
+refinery::embed_migrations!("migrations");
+
+/// The `notifications` schema and its migrations.
+pub const SCHEMA: Schema = Schema {
+    name: "notifications",
+    runner: migrations::runner,
+};
+
+/// The subscription's name: every notifications process shares its events.
+pub const SUBSCRIPTION: &str = "notifications";
+
+/// The topics notifications listens to.
+pub const TOPICS: [&str; 4] = [
+    "orders.order_confirmed",
+    "orders.order_cancelled",
+    "delivery.courier_assigned",
+    "delivery.status_changed",
+];
+
+/// The gRPC server and the event consumer to run beside it.
+pub fn server(
+    db: Db,
+    bus: Bus,
+) -> Result<
+    (
+        NotificationsServiceServer<NotificationsApi>,
+        impl Future<Output = ()> + Send + 'static,
+    ),
+    DbError,
+> {
+    let subscription = Subscription::new(SUBSCRIPTION, TOPICS)
+        .map_err(|error| DbError::Config(error.to_string()))?;
+    let consumer = Consumer::new(
+        db.clone(),
+        bus,
+        "notifications",
+        subscription,
+        handler::Notifier,
+    )?;
+    Ok((
+        NotificationsServiceServer::new(NotificationsApi::new(db)),
+        consumer.run(std::future::pending::<()>()),
+    ))
+}

@@ -1,0 +1,368 @@
+//! PlaceOrder's saga, orchestrated here: reserve stock → assign a courier → commit the stock →
+//! confirm the order. When a step fails for good (out of stock, no courier), or the customer
+//! cancels, the compensations run in reverse — cancel the assignment, release the stock — and
+//! the order ends CANCELLED with the reason.
+//!
+//! Durability without a step log: every remote step is keyed by the order id (one
+//! reservation per order, one delivery per order), so repeating a step returns what it did the
+//! first time, and both compensations leave a tombstone, so a forward step that arrives late
+//! (a delayed retry) is refused instead of undoing the compensation. A saga therefore only has
+//! to remember its direction (FORWARD, COMPENSATE, DONE) and its lease: a resumed saga simply
+//! runs its phase again from the start. That keeps the happy path at one database write in
+//! this service per step boundary that matters (insert, confirm) instead of one per step.
+//!
+//! A saga runs in its own task, detached from the PlaceOrder call that started it, so a caller
+//! that hangs up does not stop it midway. Transient failures (a participant UNAVAILABLE or too
+//! slow) defer the saga with backoff; the driver (`drive_forever`) picks up sagas whose lease
+//! or retry time has passed — those of a killed orchestrator included.
+
+use std::{sync::Arc, time::Duration};
+
+use mesh_layer::{balance::Balancer, client::MeshClient};
+use tokio::sync::Semaphore;
+use tonic::{Code, Request, Status, transport::Channel};
+use uuid::Uuid;
+use waybill_api::{
+    delivery::v1::{self as delivery, delivery_service_client::DeliveryServiceClient},
+    inventory::v1::{self as inventory, inventory_service_client::InventoryServiceClient},
+};
+use waybill_runtime::DbError;
+
+use crate::{
+    domain::Order,
+    store::{OrderStore, Phase},
+};
+
+/// The inventory service, through the mesh.
+pub type InventoryClient = InventoryServiceClient<MeshClient<Balancer<Channel>>>;
+/// The delivery service, through the mesh.
+pub type DeliveryClient = DeliveryServiceClient<MeshClient<Balancer<Channel>>>;
+
+/// How sagas run.
+#[derive(Clone, Debug)]
+pub struct SagaSettings {
+    /// How long an orchestrator owns a saga it runs before another may take it over.
+    pub lease: Duration,
+    /// The deadline of each call to a participant.
+    pub step_timeout: Duration,
+    /// Transient failures going forward before the saga gives up and compensates.
+    pub max_attempts: i32,
+    /// How often the driver looks for sagas to resume.
+    pub poll: Duration,
+    /// Most sagas the driver runs at once.
+    pub concurrency: usize,
+}
+
+/// Runs sagas.
+#[derive(Clone)]
+pub struct Orchestrator {
+    store: OrderStore,
+    inventory: InventoryClient,
+    delivery: DeliveryClient,
+    settings: Arc<SagaSettings>,
+    running: Arc<Semaphore>,
+}
+
+/// Why a phase did not complete.
+enum StepError {
+    /// It cannot succeed: compensate with this reason.
+    Permanent(String),
+    /// It may succeed later.
+    Transient { step: &'static str, error: String },
+}
+
+/// At most this many phase changes are followed in one run (forward → compensate → done).
+const MAX_TURNS: usize = 3;
+
+impl Orchestrator {
+    pub fn new(
+        store: OrderStore,
+        inventory: InventoryClient,
+        delivery: DeliveryClient,
+        settings: SagaSettings,
+    ) -> Self {
+        let running = Arc::new(Semaphore::new(settings.concurrency.max(1)));
+        Self {
+            store,
+            inventory,
+            delivery,
+            settings: Arc::new(settings),
+            running,
+        }
+    }
+
+    pub fn settings(&self) -> &SagaSettings {
+        &self.settings
+    }
+
+    /// Runs the saga of an order this orchestrator holds the lease of, in its own task, until
+    /// it ends or is deferred; returns the order as it then stands.
+    pub async fn run_detached(&self, order_id: Uuid) -> Result<Order, Status> {
+        let this = self.clone();
+        match tokio::spawn(async move { this.run(order_id).await }).await {
+            Ok(result) => result.map_err(Status::from),
+            Err(error) => {
+                tracing::error!(%order_id, %error, "saga task failed");
+                Err(Status::internal(
+                    "the order's saga failed; it resumes shortly",
+                ))
+            }
+        }
+    }
+
+    /// Runs an order's saga until it ends or is deferred.
+    pub async fn run(&self, order_id: Uuid) -> Result<Order, DbError> {
+        for _ in 0..MAX_TURNS {
+            let Some((order, saga)) = self.store.load_saga(order_id).await? else {
+                return Err(DbError::Invariant(format!("order {order_id} has no saga")));
+            };
+            match saga.phase {
+                Phase::Done => return Ok(order),
+                Phase::Forward => match self.forward(&order).await {
+                    Ok(courier_id) => {
+                        if let Some(confirmed) = self.store.confirm(order.id, &courier_id).await? {
+                            tracing::info!(%order_id, %courier_id, "order confirmed");
+                            return Ok(confirmed);
+                        }
+                        // Cancelled while going forward: the next turn compensates.
+                    }
+                    Err(StepError::Permanent(reason)) => {
+                        tracing::info!(%order_id, %reason, "saga compensates");
+                        self.store.start_compensation(order.id, &reason).await?;
+                    }
+                    Err(StepError::Transient { step, error }) => {
+                        let attempts = saga.attempts + 1;
+                        if attempts >= self.settings.max_attempts {
+                            let reason =
+                                format!("{step} failed {attempts} times; last error: {error}");
+                            tracing::warn!(%order_id, %reason, "saga gives up and compensates");
+                            self.store.start_compensation(order.id, &reason).await?;
+                        } else {
+                            let backoff = backoff(attempts);
+                            tracing::info!(%order_id, step, %error, ?backoff, "saga step failed; retrying later");
+                            self.store
+                                .defer_saga(order.id, step, &error, backoff)
+                                .await?;
+                            return Ok(order);
+                        }
+                    }
+                },
+                Phase::Compensate => match self.compensate(&order, &saga.reason).await {
+                    Ok(()) => {
+                        if let Some(cancelled) = self.store.finish_compensation(order.id).await? {
+                            tracing::info!(%order_id, reason = %cancelled.cancel_reason, "order cancelled; compensations done");
+                            return Ok(cancelled);
+                        }
+                    }
+                    // Compensation never gives up: stock must come back. A permanent error
+                    // here means a bug or a manual change; it is retried at the longest
+                    // backoff and logged loudly.
+                    Err(StepError::Permanent(error)) => {
+                        tracing::error!(%order_id, %error, "compensation refused; retrying later");
+                        self.store
+                            .defer_saga(order.id, "compensate", &error, MAX_BACKOFF)
+                            .await?;
+                        return Ok(order);
+                    }
+                    Err(StepError::Transient { step, error }) => {
+                        let backoff = backoff(saga.attempts + 1);
+                        tracing::info!(%order_id, step, %error, ?backoff, "compensation failed; retrying later");
+                        self.store
+                            .defer_saga(order.id, step, &error, backoff)
+                            .await?;
+                        return Ok(order);
+                    }
+                },
+            }
+        }
+        Err(DbError::Invariant(format!(
+            "the saga of order {order_id} changed phase more than {MAX_TURNS} times in one run"
+        )))
+    }
+
+    /// Reserve → assign → commit; the assigned courier.
+    async fn forward(&self, order: &Order) -> Result<String, StepError> {
+        let order_id = order.id.to_string();
+        let lines = order
+            .items
+            .iter()
+            .map(|item| inventory::ReservationLine {
+                sku: item.sku.clone(),
+                quantity: item.quantity,
+            })
+            .collect();
+        self.inventory
+            .clone()
+            .reserve(self.request(inventory::ReserveRequest {
+                order_id: order_id.clone(),
+                lines,
+            }))
+            .await
+            .map_err(|status| classify("reserve stock", status))?;
+        let assigned = self
+            .delivery
+            .clone()
+            .assign_courier(self.request(delivery::AssignCourierRequest {
+                order_id: order_id.clone(),
+                customer_id: order.customer_id.clone(),
+                zone: order.zone.clone(),
+            }))
+            .await
+            .map_err(|status| classify("assign a courier", status))?
+            .into_inner();
+        let courier_id = assigned
+            .delivery
+            .map(|d| d.courier_id)
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| StepError::Transient {
+                step: "assign a courier",
+                error: "the delivery service answered without a courier".into(),
+            })?;
+        self.inventory
+            .clone()
+            .commit(self.request(inventory::CommitRequest {
+                order_id: order_id.clone(),
+            }))
+            .await
+            .map_err(|status| classify("commit stock", status))?;
+        Ok(courier_id)
+    }
+
+    /// Cancel the assignment, then release the stock (reverse order of the steps). Both are
+    /// safe whether or not the forward step ever ran.
+    async fn compensate(&self, order: &Order, reason: &str) -> Result<(), StepError> {
+        let order_id = order.id.to_string();
+        self.delivery
+            .clone()
+            .cancel_assignment(self.request(delivery::CancelAssignmentRequest {
+                order_id: order_id.clone(),
+                reason: reason.to_owned(),
+            }))
+            .await
+            .map_err(|status| classify("cancel the assignment", status))?;
+        self.inventory
+            .clone()
+            .release(self.request(inventory::ReleaseRequest { order_id }))
+            .await
+            .map_err(|status| classify("release stock", status))?;
+        Ok(())
+    }
+
+    /// Cancels an order's delivery (for a customer's cancel of a CONFIRMED order).
+    pub async fn cancel_delivery(&self, order_id: Uuid, reason: &str) -> Result<(), Status> {
+        self.delivery
+            .clone()
+            .cancel_assignment(self.request(delivery::CancelAssignmentRequest {
+                order_id: order_id.to_string(),
+                reason: reason.to_owned(),
+            }))
+            .await?;
+        Ok(())
+    }
+
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request.set_timeout(self.settings.step_timeout);
+        request
+    }
+
+    /// Resumes sagas whose lease or retry time has passed, forever.
+    pub async fn drive_forever(self) {
+        let mut ticker = tokio::time::interval(self.settings.poll);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let free = self.running.available_permits();
+            if free == 0 {
+                continue;
+            }
+            let due = match self
+                .store
+                .claim_due_sagas(free.min(256) as i64, self.settings.lease)
+                .await
+            {
+                Ok(due) => due,
+                Err(error) => {
+                    tracing::warn!(%error, "looking for sagas to resume failed");
+                    continue;
+                }
+            };
+            for order_id in due {
+                let Ok(permit) = self.running.clone().acquire_owned().await else {
+                    return;
+                };
+                let this = self.clone();
+                tokio::spawn(async move {
+                    tracing::info!(%order_id, "resuming saga");
+                    if let Err(error) = this.run(order_id).await {
+                        tracing::warn!(%order_id, %error, "resumed saga failed; it is retried when its lease ends");
+                    }
+                    drop(permit);
+                });
+            }
+        }
+    }
+}
+
+/// Longest wait between attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Exponential from 200 ms, capped, with half jitter so that sagas failed together do not
+/// retry together.
+fn backoff(attempt: i32) -> Duration {
+    let exponent = attempt.clamp(0, 16) as u32;
+    let ceiling = Duration::from_millis(200)
+        .saturating_mul(2u32.saturating_pow(exponent))
+        .min(MAX_BACKOFF);
+    ceiling.mul_f64(0.5 + fastrand::f64() / 2.0)
+}
+
+/// Codes that mean the participant refused for good (compensate) versus could not answer now
+/// (retry later).
+fn classify(step: &'static str, status: Status) -> StepError {
+    match status.code() {
+        Code::FailedPrecondition
+        | Code::InvalidArgument
+        | Code::NotFound
+        | Code::AlreadyExists
+        | Code::OutOfRange
+        | Code::PermissionDenied
+        | Code::Unauthenticated
+        | Code::Unimplemented => StepError::Permanent(format!("{step}: {}", status.message())),
+        _ => StepError::Transient {
+            step,
+            error: format!("{:?}: {}", status.code(), status.message()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(backoff(1) <= Duration::from_millis(400));
+        assert!(backoff(1) >= Duration::from_millis(200));
+        assert!(backoff(30) <= MAX_BACKOFF);
+        assert!(backoff(30) >= MAX_BACKOFF / 2);
+    }
+
+    #[test]
+    fn refusals_compensate_and_outages_retry() {
+        assert!(matches!(
+            classify("reserve stock", Status::failed_precondition("out of stock")),
+            StepError::Permanent(reason) if reason == "reserve stock: out of stock"
+        ));
+        for code in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::ResourceExhausted,
+        ] {
+            assert!(matches!(
+                classify("reserve stock", Status::new(code, "x")),
+                StepError::Transient { .. }
+            ));
+        }
+    }
+}

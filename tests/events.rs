@@ -1,0 +1,208 @@
+//! Events between the services end to end: outbox → relay → bus → notifications, on both
+//! buses (Postgres, and NATS JetStream with a real nats-server), and the dead-letter path an
+//! operator uses (`waybill events dead-letters` / `replay`).
+
+// A failed unwrap is a failed test, which is what we want here.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+use prost::Message;
+use tonic::transport::Channel;
+use uuid::Uuid;
+use waybill_api::{
+    delivery::v1::{self as delivery, delivery_service_client::DeliveryServiceClient},
+    events::v1 as events,
+    inventory::v1::{self as inventory, inventory_service_client::InventoryServiceClient},
+    notifications::v1::{
+        self as notifications, notifications_service_client::NotificationsServiceClient,
+    },
+    orders::v1::{self as pb, orders_service_client::OrdersServiceClient},
+};
+use waybill_test_support::{NatsServer, TestDb, Waybill, eventually, waybill_bin};
+
+/// Stocks an item and a courier, places one order, and returns it.
+async fn place_one(channel: Channel, customer: &str) -> pb::Order {
+    InventoryServiceClient::new(channel.clone())
+        .put_item(inventory::PutItemRequest {
+            sku: "SKU-1".into(),
+            name: String::new(),
+            on_hand: 10,
+        })
+        .await
+        .unwrap();
+    DeliveryServiceClient::new(channel.clone())
+        .put_courier(delivery::PutCourierRequest {
+            courier_id: "bike-1".into(),
+            name: String::new(),
+            zone: "default".into(),
+            capacity: 10,
+        })
+        .await
+        .unwrap();
+    OrdersServiceClient::new(channel)
+        .place_order(pb::PlaceOrderRequest {
+            customer_id: customer.into(),
+            items: vec![pb::LineItem {
+                sku: "SKU-1".into(),
+                quantity: 1,
+            }],
+            delivery_address: "1 Main St".into(),
+            zone: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap()
+}
+
+/// The kinds of a customer's notifications, once there are `count` of them, sorted.
+async fn notification_kinds(channel: Channel, customer: &str, count: usize) -> Vec<i32> {
+    let client = NotificationsServiceClient::new(channel);
+    eventually(&format!("{count} notifications for {customer}"), || {
+        let mut client = client.clone();
+        async move {
+            let listed = client
+                .list_notifications(notifications::ListNotificationsRequest {
+                    customer_id: customer.into(),
+                    page_size: 0,
+                    page_token: String::new(),
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .notifications;
+            let mut kinds: Vec<i32> = listed.iter().map(|n| n.kind).collect();
+            kinds.sort_unstable();
+            (kinds.len() >= count).then_some(kinds)
+        }
+    })
+    .await
+}
+
+fn expected_after_confirmation() -> Vec<i32> {
+    let mut kinds = vec![
+        notifications::NotificationKind::OrderConfirmed as i32,
+        notifications::NotificationKind::CourierAssigned as i32,
+    ];
+    kinds.sort_unstable();
+    kinds
+}
+
+#[tokio::test]
+async fn events_flow_over_the_postgres_bus() {
+    let db = TestDb::new().await;
+    let server = Waybill::serve(&db, &[]);
+    let order = place_one(server.channel().await, "c-pg").await;
+    assert_eq!(order.status(), pb::OrderStatus::Confirmed);
+    assert_eq!(
+        notification_kinds(server.channel().await, "c-pg", 2).await,
+        expected_after_confirmation()
+    );
+    // Relayed: nothing left in the outboxes.
+    eventually("the outboxes drain", || async {
+        (db.count("orders.outbox").await == 0 && db.count("delivery.outbox").await == 0)
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn events_flow_over_nats_jetstream() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let server = Waybill::serve(&db, &["--event-bus", "nats", "--nats-url", &nats.url]);
+    let order = place_one(server.channel().await, "c-nats").await;
+    assert_eq!(order.status(), pb::OrderStatus::Confirmed);
+    assert_eq!(
+        notification_kinds(server.channel().await, "c-nats", 2).await,
+        expected_after_confirmation()
+    );
+    // Nothing took the Postgres bus's path.
+    assert_eq!(db.count("bus.messages").await, 0);
+}
+
+fn waybill_events(db: &TestDb, args: &[&str]) -> String {
+    let output = Command::new(waybill_bin())
+        .arg("events")
+        .args(["--primary-url", &db.primary_url])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "waybill events {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// An event whose payload does not decode is dead-lettered at once (retrying cannot help);
+/// an operator sees it, repairs it, and replays it, and it is handled once.
+#[tokio::test]
+async fn a_poisoned_event_is_dead_lettered_and_replays() {
+    let db = TestDb::new().await;
+    let server = Waybill::serve(&db, &[]);
+    // Make sure the notifications subscription exists before the event is published.
+    server.wait_for_log("consumer").await;
+
+    let event_id = Uuid::now_v7();
+    let primary = db.primary().await;
+    primary.batch_execute("BEGIN").await.unwrap();
+    primary
+        .execute(
+            "INSERT INTO orders.outbox (id, topic, key, payload) VALUES ($1, 'orders.order_cancelled', 'k', $2)",
+            &[&event_id, &vec![0xffu8, 0xff, 0xff]],
+        )
+        .await
+        .unwrap();
+    primary
+        .batch_execute("SELECT pg_notify('waybill_outbox_orders', ''); COMMIT")
+        .await
+        .unwrap();
+
+    let listed = eventually("the poisoned event is dead-lettered", || async {
+        let listed = waybill_events(&db, &["dead-letters", "--subscription", "notifications"]);
+        listed.contains(&event_id.to_string()).then_some(listed)
+    })
+    .await;
+    assert!(listed.contains("does not decode"), "{listed}");
+    assert_eq!(db.count("notifications.notifications").await, 0);
+
+    // The repair: the payload the producer meant to send.
+    let order_id = Uuid::now_v7();
+    let repaired = events::OrderCancelled {
+        order_id: order_id.to_string(),
+        customer_id: "c-poison".into(),
+        reason: "repaired".into(),
+    }
+    .encode_to_vec();
+    let updated = primary
+        .execute(
+            "UPDATE bus.dead_letters SET payload = $2 WHERE event_id = $1",
+            &[&event_id, &repaired],
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated, 1);
+    waybill_events(
+        &db,
+        &[
+            "replay",
+            "--subscription",
+            "notifications",
+            &event_id.to_string(),
+        ],
+    );
+
+    let kinds = notification_kinds(server.channel().await, "c-poison", 1).await;
+    assert_eq!(
+        kinds,
+        [notifications::NotificationKind::OrderCancelled as i32]
+    );
+    assert!(
+        waybill_events(&db, &["dead-letters"]).is_empty(),
+        "replayed dead letters are gone"
+    );
+}

@@ -1,0 +1,413 @@
+//! PlaceOrder's saga end to end: real `waybill serve` processes running orders, inventory and
+//! delivery, a real primary and replica. Each test checks what the database ends up holding,
+//! not only what the call answered: no stock left reserved, no courier left busy.
+
+// A failed unwrap is a failed test, which is what we want here.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use tonic::{Request, transport::Channel};
+use waybill_api::{
+    delivery::v1::{self as delivery, delivery_service_client::DeliveryServiceClient},
+    inventory::v1::{self as inventory, inventory_service_client::InventoryServiceClient},
+    notifications::v1::{
+        self as notifications, notifications_service_client::NotificationsServiceClient,
+    },
+    orders::v1::{self as pb, orders_service_client::OrdersServiceClient},
+};
+use waybill_test_support::{ServeOptions, TestDb, Waybill, eventually};
+
+struct Clients {
+    orders: OrdersServiceClient<Channel>,
+    inventory: InventoryServiceClient<Channel>,
+    delivery: DeliveryServiceClient<Channel>,
+    notifications: NotificationsServiceClient<Channel>,
+}
+
+async fn clients(server: &Waybill) -> Clients {
+    let channel = server.channel().await;
+    Clients {
+        orders: OrdersServiceClient::new(channel.clone()),
+        inventory: InventoryServiceClient::new(channel.clone()),
+        delivery: DeliveryServiceClient::new(channel.clone()),
+        notifications: NotificationsServiceClient::new(channel),
+    }
+}
+
+impl Clients {
+    async fn stock(&mut self, sku: &str, on_hand: i32) {
+        self.inventory
+            .put_item(inventory::PutItemRequest {
+                sku: sku.into(),
+                name: format!("item {sku}"),
+                on_hand,
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn courier(&mut self, id: &str, zone: &str, capacity: i32) {
+        self.delivery
+            .put_courier(delivery::PutCourierRequest {
+                courier_id: id.into(),
+                name: format!("courier {id}"),
+                zone: zone.into(),
+                capacity,
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn place(&mut self, customer: &str, sku: &str, quantity: i32) -> pb::Order {
+        self.orders
+            .place_order(place_request(customer, sku, quantity))
+            .await
+            .unwrap()
+            .into_inner()
+            .order
+            .unwrap()
+    }
+
+    /// Waits until the customer's notifications (read from a replica) are exactly `kinds`,
+    /// oldest first, and returns them.
+    async fn notified(
+        &self,
+        customer: &str,
+        kinds: &[notifications::NotificationKind],
+    ) -> Vec<notifications::Notification> {
+        let want: Vec<i32> = kinds.iter().map(|kind| *kind as i32).collect();
+        eventually(&format!("{customer} is notified of {kinds:?}"), || {
+            let mut client = self.notifications.clone();
+            let want = want.clone();
+            async move {
+                let mut listed = client
+                    .list_notifications(notifications::ListNotificationsRequest {
+                        customer_id: customer.into(),
+                        page_size: 0,
+                        page_token: String::new(),
+                    })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .notifications;
+                listed.reverse();
+                let got: Vec<i32> = listed.iter().map(|n| n.kind).collect();
+                (got == want).then_some(listed)
+            }
+        })
+        .await
+    }
+
+    async fn order(&mut self, order_id: &str) -> pb::Order {
+        self.orders
+            .get_order(pb::GetOrderRequest {
+                order_id: order_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .order
+            .unwrap()
+    }
+}
+
+fn place_request(customer: &str, sku: &str, quantity: i32) -> pb::PlaceOrderRequest {
+    pb::PlaceOrderRequest {
+        customer_id: customer.into(),
+        items: vec![pb::LineItem {
+            sku: sku.into(),
+            quantity,
+        }],
+        delivery_address: "1 Main St".into(),
+        zone: "north".into(),
+    }
+}
+
+/// (on_hand, reserved) of an item, read from the primary.
+async fn stock_of(db: &TestDb, sku: &str) -> (i32, i32) {
+    let row = db
+        .primary()
+        .await
+        .query_one(
+            "SELECT on_hand, reserved FROM inventory.items WHERE sku = $1",
+            &[&sku],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// Active deliveries of a courier, read from the primary.
+async fn courier_load(db: &TestDb, courier: &str) -> i32 {
+    db.primary()
+        .await
+        .query_one(
+            "SELECT active FROM delivery.couriers WHERE id = $1",
+            &[&courier],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+fn status(order: &pb::Order) -> pb::OrderStatus {
+    pb::OrderStatus::try_from(order.status).unwrap()
+}
+
+#[tokio::test]
+async fn an_order_is_confirmed_and_delivered() {
+    let db = TestDb::new().await;
+    let server = Waybill::serve(&db, &[]);
+    let mut clients = clients(&server).await;
+    clients.stock("SKU-1", 5).await;
+    clients.courier("bike-1", "north", 2).await;
+
+    let order = clients.place("c-1", "SKU-1", 2).await;
+    assert_eq!(status(&order), pb::OrderStatus::Confirmed, "{order:?}");
+    assert_eq!(order.courier_id, "bike-1");
+    assert_eq!(order.zone, "north");
+    // Committed: the units left on_hand, nothing stays reserved.
+    assert_eq!(stock_of(&db, "SKU-1").await, (3, 0));
+    assert_eq!(courier_load(&db, "bike-1").await, 1);
+
+    for next in [
+        delivery::DeliveryStatus::PickedUp,
+        delivery::DeliveryStatus::InTransit,
+        delivery::DeliveryStatus::Delivered,
+    ] {
+        clients
+            .delivery
+            .update_status(delivery::UpdateStatusRequest {
+                order_id: order.order_id.clone(),
+                status: next as i32,
+                location: None,
+                reason: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(courier_load(&db, "bike-1").await, 0);
+    let stored = clients.order(&order.order_id).await;
+    assert_eq!(status(&stored), pb::OrderStatus::Confirmed);
+
+    // Through the outboxes, the bus and the notifications consumer. The assignment and the
+    // confirmation come from two services' outboxes, so their relative order is not fixed.
+    use notifications::NotificationKind as Kind;
+    let notified = eventually("the customer is notified of all three", || {
+        let clients = &clients;
+        async move {
+            let mut client = clients.notifications.clone();
+            let listed = client
+                .list_notifications(notifications::ListNotificationsRequest {
+                    customer_id: "c-1".into(),
+                    page_size: 0,
+                    page_token: String::new(),
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .notifications;
+            let mut kinds: Vec<i32> = listed.iter().map(|n| n.kind).collect();
+            kinds.sort_unstable();
+            let mut want = vec![
+                Kind::OrderConfirmed as i32,
+                Kind::CourierAssigned as i32,
+                Kind::Delivered as i32,
+            ];
+            want.sort_unstable();
+            (kinds == want).then_some(listed)
+        }
+    })
+    .await;
+    assert!(notified.iter().all(|n| n.order_id == order.order_id));
+    // Delivered is last: it was caused after the other two had been published.
+    assert_eq!(notified[0].kind, Kind::Delivered as i32);
+}
+
+#[tokio::test]
+async fn out_of_stock_cancels_and_leaves_nothing_reserved() {
+    let db = TestDb::new().await;
+    let server = Waybill::serve(&db, &[]);
+    let mut clients = clients(&server).await;
+    clients.stock("SKU-1", 1).await;
+    clients.courier("bike-1", "north", 5).await;
+
+    let order = clients.place("c-1", "SKU-1", 2).await;
+    assert_eq!(status(&order), pb::OrderStatus::Cancelled, "{order:?}");
+    assert!(
+        order.cancel_reason.contains("SKU-1"),
+        "the reason names the item: {:?}",
+        order.cancel_reason
+    );
+    assert_eq!(stock_of(&db, "SKU-1").await, (1, 0));
+    // The forward step never reached the courier; the compensation left a tombstone only.
+    assert_eq!(courier_load(&db, "bike-1").await, 0);
+    let notified = clients
+        .notified("c-1", &[notifications::NotificationKind::OrderCancelled])
+        .await;
+    assert!(notified[0].message.contains("SKU-1"), "{notified:?}");
+}
+
+#[tokio::test]
+async fn no_courier_releases_the_stock() {
+    let db = TestDb::new().await;
+    let server = Waybill::serve(&db, &[]);
+    let mut clients = clients(&server).await;
+    clients.stock("SKU-1", 5).await;
+    // A courier, but in another zone.
+    clients.courier("bike-1", "south", 5).await;
+
+    let order = clients.place("c-1", "SKU-1", 2).await;
+    assert_eq!(status(&order), pb::OrderStatus::Cancelled, "{order:?}");
+    assert!(
+        order.cancel_reason.contains("north"),
+        "the reason names the zone: {:?}",
+        order.cancel_reason
+    );
+    assert_eq!(stock_of(&db, "SKU-1").await, (5, 0));
+    let reservation_state: String = db
+        .primary()
+        .await
+        .query_one(
+            "SELECT state FROM inventory.reservations WHERE order_id = $1::text::uuid",
+            &[&order.order_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(reservation_state, "RELEASED");
+}
+
+#[tokio::test]
+async fn the_same_key_twice_places_one_order() {
+    let db = TestDb::new().await;
+    let server = Waybill::serve(&db, &[]);
+    let mut clients = clients(&server).await;
+    clients.stock("SKU-1", 5).await;
+    clients.courier("bike-1", "north", 5).await;
+
+    let mut placed = Vec::new();
+    for _ in 0..2 {
+        let mut request = Request::new(place_request("c-1", "SKU-1", 1));
+        request
+            .metadata_mut()
+            .insert("idempotency-key", "order-attempt-1".parse().unwrap());
+        placed.push(
+            clients
+                .orders
+                .place_order(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .order
+                .unwrap(),
+        );
+    }
+    assert_eq!(placed[0].order_id, placed[1].order_id);
+    assert_eq!(db.count("orders.orders").await, 1);
+    assert_eq!(stock_of(&db, "SKU-1").await, (4, 0));
+}
+
+#[tokio::test]
+async fn twenty_orders_for_the_last_unit_one_wins() {
+    let db = TestDb::new().await;
+    let server = Waybill::serve(&db, &[]);
+    let mut clients = clients(&server).await;
+    clients.stock("LAST", 1).await;
+    clients.courier("bike-1", "north", 100).await;
+
+    let calls: Vec<_> = (0..20)
+        .map(|n| {
+            let mut orders = clients.orders.clone();
+            tokio::spawn(async move {
+                orders
+                    .place_order(place_request(&format!("c-{n}"), "LAST", 1))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .order
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut orders = Vec::new();
+    for call in calls {
+        orders.push(call.await.unwrap());
+    }
+    let confirmed = orders
+        .iter()
+        .filter(|o| status(o) == pb::OrderStatus::Confirmed)
+        .count();
+    let cancelled = orders
+        .iter()
+        .filter(|o| status(o) == pb::OrderStatus::Cancelled)
+        .count();
+    assert_eq!((confirmed, cancelled), (1, 19), "{orders:#?}");
+    assert_eq!(stock_of(&db, "LAST").await, (0, 0));
+    assert_eq!(courier_load(&db, "bike-1").await, 1);
+}
+
+/// An orchestrator killed (SIGKILL) after reserving the stock, while its courier assignment
+/// hangs, leaves a saga whose lease runs out; a second process resumes it to the end.
+#[tokio::test]
+async fn a_saga_killed_midway_completes_after_restart() {
+    let db = TestDb::new().await;
+    // The first process's AssignCourier hangs, so its saga is stuck between reserve and
+    // assign when it is killed.
+    let mut first = Waybill::start(
+        &db,
+        ServeOptions {
+            policy: Some(
+                r#"{"methodConfig": [{"name": [{"service": "waybill.delivery.v1.DeliveryService", "method": "AssignCourier"}],
+                    "faults": {"delay": {"duration": "60s", "percent": 100}}}]}"#,
+            ),
+            args: &["--saga-lease", "2s", "--saga-step-timeout", "30s"],
+            ..ServeOptions::default()
+        },
+    );
+    let mut first_clients = clients(&first).await;
+    first_clients.stock("SKU-1", 5).await;
+    first_clients.courier("bike-1", "north", 5).await;
+
+    let mut orders = first_clients.orders.clone();
+    let placing = tokio::spawn(async move {
+        let mut request = Request::new(place_request("c-1", "SKU-1", 2));
+        request.set_timeout(Duration::from_secs(20));
+        orders.place_order(request).await
+    });
+    // Reserved, and stuck in the assignment.
+    eventually("the stock is reserved", || async {
+        (stock_of(&db, "SKU-1").await == (5, 2)).then_some(())
+    })
+    .await;
+    first.kill();
+    assert!(placing.await.unwrap().is_err(), "the caller saw the crash");
+    let order_id: String = db
+        .primary()
+        .await
+        .query_one("SELECT id::text FROM orders.orders", &[])
+        .await
+        .unwrap()
+        .get(0);
+
+    let second = Waybill::serve(&db, &["--saga-poll", "100ms"]);
+    let orders = clients(&second).await.orders;
+    let order = eventually("the saga resumes and confirms the order", || {
+        let mut clients_orders = orders.clone();
+        let order_id = order_id.clone();
+        async move {
+            let order = clients_orders
+                .get_order(pb::GetOrderRequest { order_id })
+                .await
+                .ok()?
+                .into_inner()
+                .order?;
+            (order.status == pb::OrderStatus::Confirmed as i32).then_some(order)
+        }
+    })
+    .await;
+    assert_eq!(order.courier_id, "bike-1");
+    assert_eq!(stock_of(&db, "SKU-1").await, (3, 0));
+    assert_eq!(courier_load(&db, "bike-1").await, 1);
+}
