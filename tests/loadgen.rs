@@ -26,6 +26,7 @@ async fn loadgen_reports_what_it_sent_and_the_server_stored() {
             // build on a machine that may be busy: what is under test is the count, not speed.
             "--timeout",
             "10s",
+            "--seed",
         ])
         .arg("--json")
         .arg(&report_path)
@@ -60,4 +61,28 @@ async fn loadgen_reports_what_it_sent_and_the_server_stored() {
     assert!(p50 > 0 && p50 <= p99, "{report}");
     // Every call carried its own idempotency key: one order each, no more, no less.
     assert_eq!(db.count("orders.orders").await, ok as i64);
+    // The seeded catalog and couriers let every saga confirm, and the report says so.
+    let confirmed: i64 = db
+        .primary()
+        .await
+        .query_one(
+            "SELECT count(*) FROM orders.orders WHERE status = 'CONFIRMED'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let outcome = |name: &str| report["orders"][name].as_u64().unwrap();
+    assert_eq!(
+        outcome("confirmed") + outcome("cancelled") + outcome("pending"),
+        ok,
+        "every answered PlaceOrder is counted once: {report}"
+    );
+    // A saga deferred on a busy machine (pending when answered) may have confirmed since.
+    let confirmed = confirmed as u64;
+    assert!(
+        (outcome("confirmed")..=outcome("confirmed") + outcome("pending")).contains(&confirmed),
+        "{confirmed} confirmed in the database: {report}"
+    );
+    assert!(outcome("confirmed") > 0, "{report}");
 }

@@ -21,7 +21,9 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tonic::{Code, transport::Channel};
 use waybill_api::{
+    delivery::v1::{self as delivery, delivery_service_client::DeliveryServiceClient},
     echo::v1::{EchoRequest, echo_service_client::EchoServiceClient},
+    inventory::v1::{self as inventory, inventory_service_client::InventoryServiceClient},
     orders::v1::{self as pb, orders_service_client::OrdersServiceClient},
 };
 
@@ -55,7 +57,14 @@ pub struct LoadgenArgs {
     /// Also write the report as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// First stock the items the orders name (SKU-0 … SKU-49) and put couriers in the default
+    /// zone, so placed orders can be confirmed (PutItem and PutCourier are idempotent).
+    #[arg(long)]
+    seed: bool,
 }
+
+/// Couriers `--seed` puts in the default zone, each of the largest capacity.
+const SEED_COURIERS: usize = 200;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -88,6 +97,16 @@ struct Report {
     throughput: f64,
     /// Latency of all finished calls from their scheduled start, in microseconds.
     latency_us: Percentiles,
+    /// How the PlaceOrder calls that returned OK ended (their saga's outcome).
+    orders: OrderOutcomes,
+}
+
+#[derive(Serialize, Default)]
+struct OrderOutcomes {
+    confirmed: u64,
+    cancelled: u64,
+    /// The saga was still running (deferred after a transient failure) when the call returned.
+    pending: u64,
 }
 
 #[derive(Serialize)]
@@ -102,6 +121,9 @@ struct Percentiles {
 #[derive(Default)]
 struct Tally {
     ok: AtomicU64,
+    confirmed: AtomicU64,
+    cancelled: AtomicU64,
+    pending: AtomicU64,
     in_flight: AtomicU64,
     errors: Mutex<std::collections::BTreeMap<String, u64>>,
 }
@@ -139,6 +161,10 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
             .map(EchoServiceClient::new)
             .collect(),
     };
+
+    if args.seed {
+        seed(channels[0].clone()).await?;
+    }
 
     let tally = Arc::new(Tally::default());
     let histogram = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
@@ -190,8 +216,17 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
                     let _ = histogram.record(micros.max(1));
                 }
                 match result {
-                    Ok(()) => {
+                    Ok(outcome) => {
                         tally.ok.fetch_add(1, Ordering::Relaxed);
+                        let counter = match outcome {
+                            Some(pb::OrderStatus::Confirmed) => Some(&tally.confirmed),
+                            Some(pb::OrderStatus::Cancelled) => Some(&tally.cancelled),
+                            Some(_) => Some(&tally.pending),
+                            None => None,
+                        };
+                        if let Some(counter) = counter {
+                            counter.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                     Err(code) => {
                         if let Ok(mut errors) = tally.errors.lock() {
@@ -249,6 +284,11 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
             p999: histogram.value_at_quantile(0.999),
             max: histogram.max(),
         },
+        orders: OrderOutcomes {
+            confirmed: tally.confirmed.load(Ordering::Relaxed),
+            cancelled: tally.cancelled.load(Ordering::Relaxed),
+            pending: tally.pending.load(Ordering::Relaxed),
+        },
     };
     println!(
         "{:?} at {}/s for {:.1} s: sent {}, ok {} ({:.0}/s), failed {:?}, not sent {}",
@@ -269,6 +309,13 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         report.latency_us.p999 as f64 / 1000.0,
         report.latency_us.max as f64 / 1000.0,
     );
+    let orders = &report.orders;
+    if orders.confirmed + orders.cancelled + orders.pending > 0 {
+        println!(
+            "orders: {} confirmed, {} cancelled, {} pending",
+            orders.confirmed, orders.cancelled, orders.pending
+        );
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("write {}", path.display()))?;
@@ -282,7 +329,7 @@ async fn call(
     sequence: u64,
     customers: u32,
     timeout: Duration,
-) -> Result<(), Code> {
+) -> Result<Option<pb::OrderStatus>, Code> {
     let connection = sequence as usize % clients.orders.len();
     let customer = format!("loadgen-{}", fastrand::u32(..customers.max(1)));
     let place = match scenario {
@@ -302,7 +349,7 @@ async fn call(
                 .clone()
                 .echo(request)
                 .await
-                .map(drop)
+                .map(|_| None)
         }
         _ if place => {
             let mut request = tonic::Request::new(pb::PlaceOrderRequest {
@@ -323,7 +370,7 @@ async fn call(
                 .clone()
                 .place_order(request)
                 .await
-                .map(drop)
+                .map(|response| response.into_inner().order.map(|order| order.status()))
         }
         _ => {
             let mut request = tonic::Request::new(pb::ListOrdersRequest {
@@ -336,8 +383,37 @@ async fn call(
                 .clone()
                 .list_orders(request)
                 .await
-                .map(drop)
+                .map(|_| None)
         }
     };
     result.map_err(|status| status.code())
+}
+
+/// Stocks SKU-0 … SKU-49 and puts [`SEED_COURIERS`] couriers in the default zone.
+async fn seed(channel: Channel) -> anyhow::Result<()> {
+    let mut inventory = InventoryServiceClient::new(channel.clone());
+    for n in 0..50 {
+        inventory
+            .put_item(inventory::PutItemRequest {
+                sku: format!("SKU-{n}"),
+                name: format!("Load item {n}"),
+                on_hand: 1_000_000_000,
+            })
+            .await
+            .context("seeding the catalog (is the inventory service running?)")?;
+    }
+    let mut delivery = DeliveryServiceClient::new(channel);
+    for n in 0..SEED_COURIERS {
+        delivery
+            .put_courier(delivery::PutCourierRequest {
+                courier_id: format!("loadgen-courier-{n}"),
+                name: String::new(),
+                zone: "default".into(),
+                capacity: 1000,
+            })
+            .await
+            .context("seeding couriers (is the delivery service running?)")?;
+    }
+    eprintln!("seeded 50 items and {SEED_COURIERS} couriers in zone \"default\"");
+    Ok(())
 }

@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve gRPC services (all of them, or those named) until SIGTERM or SIGINT.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Apply pending schema migrations for the named services (default: all) and exit.
     Migrate(MigrateArgs),
     /// A local PostgreSQL primary and streaming replica for development.
@@ -71,7 +71,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve::run(args).await,
+            Command::Serve(args) => serve::run(*args).await,
             Command::Migrate(args) => {
                 let (primary, _) = dev::resolve_database(&args.database, &args.dev_dir)?;
                 // The mesh schema (idempotency keys) and the bus (Postgres bus tables, dead

@@ -36,6 +36,10 @@ RELEASE = "waybill"
 NAMESPACE = "shop"
 # The scenarios: every values file directly in tests/helm/values/ (not invalid/).
 SCENARIOS = sorted(p.stem for p in VALUES.glob("*.yaml"))
+# The delivery platform the chart deploys by default (`waybill serve --services <name>` each),
+# and who calls whom: the orders saga calls inventory and delivery.
+PLATFORM = ("delivery", "inventory", "notifications", "orders")
+ORDERS_CALLS = {"inventory": "WAYBILL_INVENTORY_TARGET", "delivery": "WAYBILL_DELIVERY_TARGET"}
 CRD_GROUP = "monitoring.coreos.com/"
 WAYBILL_UID = 10001
 POSTGRES_UID = 999  # the postgres image's own user (see templates/_helpers.tpl)
@@ -107,6 +111,43 @@ def pod_specs(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]
 
 def env_of(container: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def container_env(deployment: dict[str, Any]) -> dict[str, Any]:
+    return env_of(deployment["spec"]["template"]["spec"]["containers"][0])
+
+
+def pod_labels(workload: dict[str, Any]) -> dict[str, str]:
+    return workload["spec"]["template"]["metadata"]["labels"]
+
+
+def grpc_peers(spec: dict[str, Any], direction: str, port: int = 50051) -> list[dict[str, Any]]:
+    """The peers a NetworkPolicy admits on `port` ("ingress": from, "egress": to)."""
+    side = "from" if direction == "ingress" else "to"
+    return [peer for rule in spec.get(direction) or [] if any(p.get("port") == port for p in rule.get("ports", []))
+            for peer in rule.get(side, [])]
+
+
+def admits_pods(peers: list[dict[str, Any]], labels: dict[str, str]) -> bool:
+    """Whether a same-namespace podSelector peer selects pods with these labels."""
+    return any("podSelector" in p and "namespaceSelector" not in p and selects(p["podSelector"], labels) for p in peers)
+
+
+def event_bus(values: dict[str, Any]) -> str:
+    """The bus the chart should pick for these values (eventBus.type, else nats when configured)."""
+    bus = values.get("eventBus", {})
+    nats = values.get("nats", {}).get("enabled", False) or bool(bus.get("nats", {}).get("url"))
+    return bus.get("type") or ("nats" if nats else "postgres")
+
+
+def rust_env_defaults() -> dict[str, str]:
+    """WAYBILL_* variable -> the binary's default, read from the clap attributes in the source."""
+    defaults = {}
+    pattern = re.compile(r'env = "(WAYBILL_[A-Z_]+)",\s*(?:value_enum,\s*)?default_value(?:_t)? = "?([^",)]+)"?')
+    for path in [p for top in ("cli", "services", "mesh-layer") for p in (ROOT / top).glob("**/src/**/*.rs")]:
+        for name, value in pattern.findall(path.read_text()):
+            defaults[name] = value
+    return defaults
 
 
 def seconds(duration: str) -> float:
@@ -364,18 +405,139 @@ class Workloads(unittest.TestCase):
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
         self.assertIn("checksum/mesh-policy", annotations)
 
-    def test_nats_url_only_when_nats_is_enabled(self) -> None:
+    def test_event_bus_is_nats_exactly_when_nats_is_configured(self) -> None:
         for scenario in SCENARIOS:
-            enabled = SCENARIO_VALUES[scenario].get("nats", {}).get("enabled", False)
+            values = SCENARIO_VALUES[scenario]
+            bus = event_bus(values)
             for name, deployment in services_of(RENDERED[scenario]).items():
-                env = env_of(deployment["spec"]["template"]["spec"]["containers"][0])
-                self.assertEqual("WAYBILL_NATS_URL" in env, enabled, f"{scenario}/{name}")
+                with self.subTest(scenario=scenario, service=name):
+                    env = container_env(deployment)
+                    self.assertEqual(env["WAYBILL_EVENT_BUS"], bus)
+                    self.assertEqual("WAYBILL_NATS_URL" in env, bus == "nats")
+            bundled = values.get("nats", {}).get("enabled", False)
             statefulsets = [s["metadata"]["name"] for s in of_kind(RENDERED[scenario], "StatefulSet")]
-            self.assertEqual("waybill-nats" in statefulsets, enabled, scenario)
+            self.assertEqual("waybill-nats" in statefulsets, bundled, scenario)
         nats = next(s for s in of_kind(RENDERED["nats-enabled"], "StatefulSet") if s["metadata"]["name"] == "waybill-nats")
         container = nats["spec"]["template"]["spec"]["containers"][0]
         self.assertEqual(container["image"], "nats:2.10-alpine")
         self.assertIn("--jetstream", container["args"])
+        # The default install needs nothing but Postgres.
+        self.assertEqual(event_bus(SCENARIO_VALUES["default"]), "postgres")
+
+    def test_bundled_nats_url_is_the_bundled_nats_service(self) -> None:
+        objects = RENDERED["nats-enabled"]
+        nats = next(s for s in of_kind(objects, "StatefulSet") if s["metadata"]["name"] == "waybill-nats")
+        client_port = next(p["containerPort"] for p in nats["spec"]["template"]["spec"]["containers"][0]["ports"]
+                           if p["name"] == "client")
+        urls = {container_env(d)["WAYBILL_NATS_URL"] for d in services_of(objects).values()}
+        self.assertEqual(len(urls), 1, urls)
+        match = re.fullmatch(r"nats://([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:([0-9]+)", urls.pop())
+        self.assertIsNotNone(match, "nats://<service>.<namespace>.svc.cluster.local:<port>")
+        name, namespace, port = match.group(1), match.group(2), int(match.group(3))
+        self.assertEqual(namespace, NAMESPACE)
+        (service,) = [s for s in of_kind(objects, "Service") if s["metadata"]["name"] == name]
+        self.assertNotEqual(service["spec"].get("clusterIP"), "None", "the ClusterIP Service, not the governing one")
+        self.assertTrue(selects(service["spec"]["selector"], pod_labels(nats)), "the Service selects the NATS pod")
+        (service_port,) = [p for p in service["spec"]["ports"] if p["port"] == port]
+        self.assertIn(service_port["targetPort"], ("client", client_port))
+        # Every service may reach that pod on that port.
+        for policy in of_kind(objects, "NetworkPolicy"):
+            self.assertTrue(admits_pods(grpc_peers(policy["spec"], "egress", client_port), pod_labels(nats)),
+                            f'{policy["metadata"]["name"]} cannot reach NATS')
+
+    def test_external_nats_is_used_as_given_and_admitted_by_port(self) -> None:
+        objects = RENDERED["production"]
+        bus = SCENARIO_VALUES["production"]["eventBus"]["nats"]
+        ports = {int(m) for m in re.findall(r":([0-9]+)(?:,|$)", bus["url"])}
+        self.assertEqual(ports, {4222, 4223})
+        self.assertFalse([s for s in of_kind(objects, "StatefulSet") if s["metadata"]["name"].endswith("-nats")])
+        for name, deployment in services_of(objects).items():
+            self.assertEqual(container_env(deployment)["WAYBILL_NATS_URL"], bus["url"], name)
+        for policy in of_kind(objects, "NetworkPolicy"):
+            for port in ports:
+                self.assertEqual(grpc_peers(policy["spec"], "egress", port), bus["egressTo"],
+                                 f'{policy["metadata"]["name"]}: NATS port {port}')
+
+    def test_default_values_deploy_the_four_platform_services(self) -> None:
+        objects = RENDERED["default"]
+        deployments = services_of(objects)
+        self.assertEqual(sorted(deployments), list(PLATFORM))
+        for name, deployment in deployments.items():
+            env = container_env(deployment)
+            self.assertEqual(env["WAYBILL_SERVICES"], name, "one service per Deployment")
+            probe = deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["service"]
+            self.assertEqual(probe, f"waybill.{name}.v1.{name.capitalize()}Service")
+        # The migration Job names no services, so `waybill migrate` takes the binary's full set
+        # (mesh, bus and every service's schema).
+        (job,) = of_kind(objects, "Job")
+        self.assertNotIn("WAYBILL_SERVICES", env_of(job["spec"]["template"]["spec"]["containers"][0]))
+
+    def test_orders_targets_are_headless_services_of_the_release(self) -> None:
+        for scenario in SCENARIOS:
+            objects = RENDERED[scenario]
+            deployments = services_of(objects)
+            for callee, variable in ORDERS_CALLS.items():
+                with self.subTest(scenario=scenario, callee=callee):
+                    target = container_env(deployments["orders"])[variable]
+                    match = re.fullmatch(r"dns://([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:([0-9]+)", target)
+                    self.assertIsNotNone(match, target)
+                    name, namespace, port = match.group(1), match.group(2), int(match.group(3))
+                    self.assertEqual(namespace, NAMESPACE)
+                    (service,) = [s for s in of_kind(objects, "Service") if s["metadata"]["name"] == name]
+                    self.assertEqual(service["spec"]["clusterIP"], "None", "headless: every ready pod, balanced per call")
+                    self.assertIs(service["spec"].get("publishNotReadyAddresses", False), False)
+                    self.assertTrue(selects(service["spec"]["selector"], pod_labels(deployments[callee])))
+                    self.assertFalse(selects(service["spec"]["selector"], pod_labels(deployments["orders"])))
+                    (service_port,) = [p for p in service["spec"]["ports"] if p["port"] == port]
+                    self.assertEqual(service_port["targetPort"], "grpc")
+            # Only orders calls anything.
+            for name, deployment in deployments.items():
+                targets = sorted(k for k in container_env(deployment) if k.endswith("_TARGET"))
+                self.assertEqual(targets, sorted(ORDERS_CALLS.values()) if name == "orders" else [], f"{scenario}/{name}")
+
+    def test_saga_and_reservation_settings_reach_their_services(self) -> None:
+        saga = {"lease": "WAYBILL_SAGA_LEASE", "stepTimeout": "WAYBILL_SAGA_STEP_TIMEOUT",
+                "maxAttempts": "WAYBILL_SAGA_MAX_ATTEMPTS", "poll": "WAYBILL_SAGA_POLL"}
+        reservations = {"ttl": "WAYBILL_RESERVATION_TTL", "sweep": "WAYBILL_RESERVATION_SWEEP"}
+        chart = yaml.safe_load((CHART / "values.yaml").read_text())
+        for scenario in SCENARIOS:
+            deployments = services_of(RENDERED[scenario])
+            overrides = SCENARIO_VALUES[scenario].get("services", {})
+            for service, group, names in (("orders", "saga", saga), ("inventory", "reservations", reservations)):
+                env = container_env(deployments[service])
+                expected = {**chart["services"][service][group], **overrides.get(service, {}).get(group, {})}
+                for key, variable in names.items():
+                    self.assertEqual(env[variable], str(expected[key]), f"{scenario}/{service}: {variable}")
+                for other, deployment in deployments.items():
+                    if other != service:
+                        self.assertFalse(set(names.values()) & set(container_env(deployment)), f"{scenario}/{other}")
+            for name, deployment in deployments.items():
+                self.assertEqual(container_env(deployment)["WAYBILL_OUTBOX_RELAY"], "true", f"{scenario}/{name}")
+        # production.yaml overrides part of the saga: the rest keeps the chart's defaults.
+        env = container_env(services_of(RENDERED["production"])["orders"])
+        self.assertEqual((env["WAYBILL_SAGA_LEASE"], env["WAYBILL_SAGA_STEP_TIMEOUT"]), ("15s", "2s"))
+
+    def test_chart_defaults_are_the_binarys_defaults(self) -> None:
+        # The chart sets every variable explicitly; its defaults must not drift from the binary's.
+        binary = rust_env_defaults()
+        chart = yaml.safe_load((CHART / "values.yaml").read_text())
+        defaults, services = chart["serviceDefaults"], chart["services"]
+        expected = {
+            "WAYBILL_SAGA_LEASE": services["orders"]["saga"]["lease"],
+            "WAYBILL_SAGA_STEP_TIMEOUT": services["orders"]["saga"]["stepTimeout"],
+            "WAYBILL_SAGA_MAX_ATTEMPTS": services["orders"]["saga"]["maxAttempts"],
+            "WAYBILL_SAGA_POLL": services["orders"]["saga"]["poll"],
+            "WAYBILL_RESERVATION_TTL": services["inventory"]["reservations"]["ttl"],
+            "WAYBILL_RESERVATION_SWEEP": services["inventory"]["reservations"]["sweep"],
+            "WAYBILL_OUTBOX_RELAY": defaults["outboxRelay"],
+            "WAYBILL_DB_POOL_SIZE": defaults["dbPoolSize"],
+            "WAYBILL_DB_TIMEOUT": defaults["dbTimeout"],
+            "WAYBILL_HEALTH_INTERVAL": defaults["healthInterval"],
+            "WAYBILL_SHUTDOWN_GRACE": f'{defaults["shutdownGraceSeconds"]}s',
+        }
+        for variable, value in expected.items():
+            self.assertIn(variable, binary, f"{variable} is no longer a flag of the binary")
+            self.assertEqual(str(value).lower(), binary[variable], variable)
 
 
 class PerService(unittest.TestCase):
@@ -417,38 +579,75 @@ class PerService(unittest.TestCase):
 
     def test_adding_a_service_is_a_values_change(self) -> None:
         values = {"database": {"existingSecret": "db"},
-                  "services": {"inventory": {"grpcService": "waybill.inventory.v1.InventoryService", "callers": ["orders"]}}}
+                  "services": {"billing": {"grpcService": "waybill.billing.v1.BillingService", "callers": ["orders"]}}}
         objects = render(values)
-        self.assertEqual(sorted(services_of(objects)), ["inventory", "orders"])
-        kinds = {o["kind"] for o in objects if o["metadata"]["labels"].get("app.kubernetes.io/component") == "inventory"}
+        self.assertEqual(sorted(services_of(objects)), sorted([*PLATFORM, "billing"]))
+        kinds = {o["kind"] for o in objects if o["metadata"]["labels"].get("app.kubernetes.io/component") == "billing"}
         self.assertEqual(kinds, {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget",
                                  "HorizontalPodAutoscaler", "NetworkPolicy"})
 
     def test_network_policy_admits_only_declared_callers(self) -> None:
         objects = RENDERED["production"]
         policies = {n["metadata"]["labels"]["app.kubernetes.io/component"]: n["spec"] for n in of_kind(objects, "NetworkPolicy")}
-        pods = {name: d["spec"]["template"]["metadata"]["labels"] for name, d in services_of(objects).items()}
+        pods = {name: pod_labels(d) for name, d in services_of(objects).items()}
+        clients = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
+
+        def callers(name: str) -> list[str]:
+            peers = grpc_peers(policies[name], "ingress")
+            return sorted(other for other, labels in pods.items() if admits_pods(peers, labels))
+
+        def callees(name: str) -> list[str]:
+            peers = grpc_peers(policies[name], "egress")
+            return sorted(other for other, labels in pods.items() if admits_pods(peers, labels))
+
         # echo declares orders as its only caller and takes no outside clients.
-        grpc_from = [peer for rule in policies["echo"]["ingress"] for peer in rule["from"]
-                     if any(p["port"] == 50051 for p in rule["ports"])]
-        self.assertEqual(len(grpc_from), 1)
-        self.assertTrue(selects(grpc_from[0]["podSelector"], pods["orders"]))
-        self.assertFalse(selects(grpc_from[0]["podSelector"], pods["echo"]))
+        self.assertEqual(callers("echo"), ["orders"])
+        self.assertEqual(grpc_peers(policies["echo"], "ingress"), [{"podSelector": {"matchLabels": {
+            "app.kubernetes.io/name": "waybill", "app.kubernetes.io/instance": "waybill",
+            "app.kubernetes.io/component": "orders"}}}])
         # orders is the public API: clients from the configured namespaces, and no service calls it.
-        orders_from = [peer for rule in policies["orders"]["ingress"] for peer in rule["from"]
-                       if any(p["port"] == 50051 for p in rule["ports"])]
-        self.assertEqual(orders_from, [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}])
-        # orders may call echo (it is echo's declared caller); echo may call no service.
-        def egress_to_services(spec: dict[str, Any]) -> list[str]:
-            return [name for rule in spec["egress"] for peer in rule.get("to", []) if "podSelector" in peer
-                    for name, labels in pods.items() if selects(peer["podSelector"], labels)]
-        self.assertEqual(egress_to_services(policies["orders"]), ["echo"])
-        self.assertEqual(egress_to_services(policies["echo"]), [])
+        self.assertEqual(grpc_peers(policies["orders"], "ingress"), [clients])
+        # The saga: orders may call inventory and delivery (services.orders.calls), and echo (its
+        # declared caller); they admit orders. Nothing else calls a service.
+        self.assertEqual(callees("orders"), ["delivery", "echo", "inventory"])
+        self.assertEqual(callers("inventory"), ["orders"])
+        self.assertEqual(callers("delivery"), ["orders"])
+        self.assertEqual(callers("notifications"), [])
+        for name in ("delivery", "echo", "inventory", "notifications"):
+            self.assertEqual(callees(name), [], name)
         # Egress to DNS, the database CIDR and the collector port.
         ports = {p["port"] for rule in policies["orders"]["egress"] for p in rule.get("ports", [])}
         self.assertTrue({53, 5432, 4317} <= ports, ports)
         # Prometheus may reach the metrics port (metrics.enabled in production.yaml).
         self.assertTrue(any(p["port"] == 9090 for rule in policies["orders"]["ingress"] for p in rule["ports"]))
+
+    def test_network_policy_admits_the_saga_in_every_scenario(self) -> None:
+        for scenario in SCENARIOS:
+            objects = RENDERED[scenario]
+            policies = {n["metadata"]["labels"]["app.kubernetes.io/component"]: n["spec"] for n in of_kind(objects, "NetworkPolicy")}
+            pods = {name: pod_labels(d) for name, d in services_of(objects).items()}
+            for callee in ORDERS_CALLS:
+                with self.subTest(scenario=scenario, callee=callee):
+                    self.assertTrue(admits_pods(grpc_peers(policies[callee], "ingress"), pods["orders"]), "ingress")
+                    self.assertTrue(admits_pods(grpc_peers(policies["orders"], "egress"), pods[callee]), "egress")
+                    self.assertFalse(admits_pods(grpc_peers(policies[callee], "egress"), pods["orders"]),
+                                     "no calls back to orders")
+
+    def test_every_service_reaches_postgres(self) -> None:
+        for scenario in SCENARIOS:
+            values = SCENARIO_VALUES[scenario]
+            bundled = values.get("postgresql", {}).get("enabled", False)
+            cidrs = values.get("database", {}).get("egressCidrs", [])
+            for policy in of_kind(RENDERED[scenario], "NetworkPolicy"):
+                with self.subTest(scenario=scenario, policy=policy["metadata"]["name"]):
+                    rules = [r for r in policy["spec"]["egress"] if any(p.get("port") == 5432 for p in r.get("ports", []))]
+                    self.assertEqual(len(rules), 1)
+                    if bundled:
+                        continue  # podSelector peers: test_network_policy_reaches_bundled_databases_and_nats
+                    if cidrs:
+                        self.assertEqual([p["ipBlock"]["cidr"] for p in rules[0]["to"]], cidrs)
+                    else:
+                        self.assertNotIn("to", rules[0], "no CIDRs: the port to any address")
 
     def test_network_policy_default_denies_an_internal_service(self) -> None:
         values = {"database": {"existingSecret": "db"},

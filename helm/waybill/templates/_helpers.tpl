@@ -126,6 +126,56 @@ Usage: $services := include "waybill.services" . | fromYaml
 {{- $_ := set $out $name $settings }}
 {{- end }}
 {{- end }}
+{{- range $name, $settings := $out }}
+{{- range $callee := $settings.calls }}
+{{- if not (hasKey $out $callee) }}
+{{- fail (printf "services.%s.calls: %q is not an enabled service (enable services.%s, or drop it from calls and point %s at it with extraEnv)" $name $callee $callee (include "waybill.targetEnvName" $callee)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- toYaml $out }}
+{{- end }}
+
+{{/*
+Name of the variable that tells a service where another one is: WAYBILL_<CALLEE>_TARGET
+(--inventory-target is WAYBILL_INVENTORY_TARGET).
+Usage: include "waybill.targetEnvName" "inventory"
+*/}}
+{{- define "waybill.targetEnvName" -}}
+{{- printf "WAYBILL_%s_TARGET" (. | replace "-" "_" | upper) }}
+{{- end }}
+
+{{/*
+The target a caller is given for one service: its headless Service by fully qualified name, so
+the client resolves every ready pod and balances per call (p2c), re-resolving every 5 s.
+Usage: include "waybill.serviceTarget" (dict "root" $ "name" "inventory")
+*/}}
+{{- define "waybill.serviceTarget" -}}
+{{- printf "dns://%s.%s.svc.%s:50051" (include "waybill.headlessServiceName" .) .root.Release.Namespace .root.Values.clusterDomain }}
+{{- end }}
+
+{{/*
+Who may call whom, from callers and calls together: name -> {"callers": [...], "callees": [...]}
+over the enabled services. A service's callers are its declared callers plus every service that
+lists it in calls; its callees are its calls plus every service that lists it among callers.
+Usage: $graph := include "waybill.callGraph" (dict "services" $services) | fromYaml
+*/}}
+{{- define "waybill.callGraph" -}}
+{{- $services := .services }}
+{{- $out := dict }}
+{{- range $name, $svc := $services }}
+{{- $callers := $svc.callers | default list }}
+{{- $callees := $svc.calls | default list }}
+{{- range $other, $otherSvc := $services }}
+{{- if has $name ($otherSvc.calls | default list) }}
+{{- $callers = append $callers $other }}
+{{- end }}
+{{- if has $name ($otherSvc.callers | default list) }}
+{{- $callees = append $callees $other }}
+{{- end }}
+{{- end }}
+{{- $_ := set $out $name (dict "callers" ($callers | uniq | sortAlpha) "callees" ($callees | uniq | sortAlpha)) }}
+{{- end }}
 {{- toYaml $out }}
 {{- end }}
 
@@ -169,10 +219,41 @@ Bundled Postgres: client Services (ClusterIP) of the primary and the replica.
 {{- end }}
 
 {{/*
-Bundled NATS client URL.
+The event bus (WAYBILL_EVENT_BUS): eventBus.type when set, else nats when NATS is configured
+(the bundled one or eventBus.nats.url), else postgres. Fails on a contradiction the schema
+cannot express as clearly.
+*/}}
+{{- define "waybill.eventBus" -}}
+{{- $natsConfigured := or .Values.nats.enabled .Values.eventBus.nats.url }}
+{{- $type := .Values.eventBus.type | default (ternary "nats" "postgres" (not (not $natsConfigured))) }}
+{{- if and (eq $type "nats") (not $natsConfigured) }}
+{{- fail "eventBus.type is nats: set nats.enabled (the bundled NATS) or eventBus.nats.url (your own)" }}
+{{- end }}
+{{- $type }}
+{{- end }}
+
+{{/*
+NATS client URL(s) of the event bus: eventBus.nats.url, else the bundled NATS Service.
 */}}
 {{- define "waybill.natsUrl" -}}
-{{- printf "nats://%s-nats:4222" (include "waybill.fullname" .) }}
+{{- if .Values.eventBus.nats.url }}
+{{- .Values.eventBus.nats.url }}
+{{- else }}
+{{- printf "nats://%s-nats.%s.svc.%s:4222" (include "waybill.fullname" .) .Release.Namespace .Values.clusterDomain }}
+{{- end }}
+{{- end }}
+
+{{/*
+The client ports of eventBus.nats.url (NATS' default 4222 where a URL names none), as a JSON
+list, for the NetworkPolicy egress rule.
+*/}}
+{{- define "waybill.externalNatsPorts" -}}
+{{- $ports := list }}
+{{- range $url := splitList "," .Values.eventBus.nats.url }}
+{{- $port := regexFind ":[0-9]+$" (urlParse (trim $url)).host | trimPrefix ":" | default "4222" }}
+{{- $ports = append $ports (int $port) }}
+{{- end }}
+{{- $ports | uniq | toJson }}
 {{- end }}
 
 {{/*

@@ -101,7 +101,8 @@
 //!   ack, `DeliverPolicy::New`, `max_deliver` = attempts + 1: the extra delivery records the
 //!   dead letter when the last attempt's consumer died). A failed attempt is NAKed with the
 //!   backoff delay; a dead letter is written to Postgres, then the message terminated.
-//!   Several topics in one subscription need nats-server ≥ 2.10 (`filter_subjects`).
+//!   A subscription of several topics filters on the whole stream and acks the topics it did
+//!   not ask for (several filter subjects would need nats-server 2.10; Debian ships 2.9).
 //! - **Replaying a NATS dead letter republishes it** with header `Waybill-Replay-For:
 //!   <subscription>` (other subscriptions ack and skip it) and a message id derived from the
 //!   event id and the time it died (a repeated replay request is deduplicated, a later death

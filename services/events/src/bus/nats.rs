@@ -163,13 +163,13 @@ impl NatsBus {
             deliver_policy: DeliverPolicy::New,
             ..Default::default()
         };
-        let subjects: Vec<String> = sub.topics().iter().map(|t| subject(t)).collect();
-        if let [only] = subjects.as_slice() {
-            config.filter_subject = only.clone();
-        } else {
-            // Several filter subjects need nats-server 2.10 or newer.
-            config.filter_subjects = subjects;
-        }
+        // One topic: the server filters. Several: several filter subjects need nats-server
+        // 2.10 (Debian stable ships 2.9, which silently ignores them), so the consumer takes
+        // the whole stream and `deliver` acks what the subscription did not ask for.
+        config.filter_subject = match sub.topics() {
+            [only] => subject(only),
+            _ => subject(">"),
+        };
         let consumer: PullConsumer = stream
             .create_consumer(config)
             .await
@@ -203,6 +203,7 @@ impl NatsBus {
         if replay_for
             .as_deref()
             .is_some_and(|target| target != sub.name())
+            || !sub.topics().contains(&event.topic)
         {
             settle(&message, AckKind::Ack).await;
             return;
