@@ -327,6 +327,7 @@ async fn a_delivery_goes_from_assigned_to_delivered_with_its_history() {
     let response = client
         .get_delivery(pb::GetDeliveryRequest {
             order_id: order_id.clone(),
+            consistency_token: String::new(),
         })
         .await
         .unwrap()
@@ -603,6 +604,7 @@ async fn bad_input_is_rejected_naming_every_field_and_nothing_is_written() {
     let error = client
         .get_delivery(pb::GetDeliveryRequest {
             order_id: "nope".into(),
+            consistency_token: String::new(),
         })
         .await
         .unwrap_err();
@@ -620,6 +622,7 @@ async fn bad_input_is_rejected_naming_every_field_and_nothing_is_written() {
     let error = client
         .get_delivery(pb::GetDeliveryRequest {
             order_id: unknown.clone(),
+            consistency_token: String::new(),
         })
         .await
         .unwrap_err();

@@ -86,3 +86,48 @@ async fn loadgen_reports_what_it_sent_and_the_server_stored() {
     );
     assert!(outcome("confirmed") > 0, "{report}");
 }
+
+/// The tracking scenario: every delivery watched reaches DELIVERED with every update seen in
+/// order, and the database agrees.
+#[tokio::test]
+async fn loadgen_tracks_deliveries_to_the_end() {
+    let db = TestDb::new().await;
+    let server = Waybill::serve(&db, &[]);
+    let report_path = std::env::temp_dir().join(format!("{}-track.json", db.name));
+    let output = Command::new(waybill_bin())
+        .args(["loadgen", "--addr", &server.endpoint(), "--seed"])
+        .args([
+            "--scenario",
+            "track-deliveries",
+            "--rate",
+            "10",
+            "--duration",
+            "2s",
+        ])
+        .args(["--timeout", "10s", "--json"])
+        .arg(&report_path)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&report_path);
+    assert_eq!(report["errors"].get("DataLoss"), None, "{report}");
+    let confirmed = report["orders"]["confirmed"].as_u64().unwrap();
+    assert!(confirmed > 0, "{report}");
+    let delivered: i64 = db
+        .primary()
+        .await
+        .query_one(
+            "SELECT count(*) FROM delivery.deliveries WHERE status = 'DELIVERED'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(delivered as u64, confirmed, "{report}");
+}

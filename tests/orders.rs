@@ -78,21 +78,22 @@ fn violated_fields(status: &Status) -> Vec<String> {
 async fn a_placed_order_can_be_read_back() {
     let (_db, _server, mut client) = start().await;
 
-    let placed = client
+    let response = client
         .place_order(place_request("c-1"))
         .await
         .unwrap()
-        .into_inner()
-        .order
-        .unwrap();
+        .into_inner();
+    let placed = response.order.unwrap();
     assert_eq!(placed.status(), pb::OrderStatus::Confirmed, "{placed:?}");
     assert_eq!(placed.courier_id, "van-1");
     assert_eq!(placed.zone, "default");
     assert!(placed.create_time.is_some());
 
+    // The token makes the read see the write, whichever node serves it.
     let fetched = client
         .get_order(pb::GetOrderRequest {
             order_id: placed.order_id.clone(),
+            consistency_token: response.consistency_token,
         })
         .await
         .unwrap()
@@ -166,6 +167,7 @@ async fn unknown_and_malformed_order_ids_are_told_apart() {
     let unknown = client
         .get_order(pb::GetOrderRequest {
             order_id: uuid::Uuid::now_v7().to_string(),
+            consistency_token: String::new(),
         })
         .await
         .unwrap_err();
@@ -174,6 +176,7 @@ async fn unknown_and_malformed_order_ids_are_told_apart() {
     let malformed = client
         .get_order(pb::GetOrderRequest {
             order_id: "order-1'; DROP TABLE orders.orders; --".into(),
+            consistency_token: String::new(),
         })
         .await
         .unwrap_err();
@@ -209,6 +212,7 @@ async fn listing_pages_through_a_customers_orders_newest_first() {
                 customer_id: "c-pages".into(),
                 page_size: 2,
                 page_token: token,
+                consistency_token: String::new(),
             })
             .await
             .unwrap()
@@ -231,6 +235,7 @@ async fn listing_pages_through_a_customers_orders_newest_first() {
             customer_id: "c-pages".into(),
             page_size: 1,
             page_token: String::new(),
+            consistency_token: String::new(),
         })
         .await
         .unwrap()
@@ -240,6 +245,7 @@ async fn listing_pages_through_a_customers_orders_newest_first() {
             customer_id: "someone-else".into(),
             page_size: 1,
             page_token: first.next_page_token,
+            consistency_token: String::new(),
         })
         .await
         .unwrap_err();
@@ -249,6 +255,7 @@ async fn listing_pages_through_a_customers_orders_newest_first() {
             customer_id: String::new(),
             page_size: -1,
             page_token: "%%%".into(),
+            consistency_token: String::new(),
         })
         .await
         .unwrap_err();
@@ -295,6 +302,7 @@ async fn cancelling_is_idempotent_and_recorded() {
     let stored = client
         .get_order(pb::GetOrderRequest {
             order_id: order.order_id,
+            consistency_token: String::new(),
         })
         .await
         .unwrap()

@@ -60,13 +60,23 @@ impl Clients {
     }
 
     async fn place(&mut self, customer: &str, sku: &str, quantity: i32) -> pb::Order {
-        self.orders
+        self.place_with_token(customer, sku, quantity).await.0
+    }
+
+    /// The order and the consistency token of its placement.
+    async fn place_with_token(
+        &mut self,
+        customer: &str,
+        sku: &str,
+        quantity: i32,
+    ) -> (pb::Order, String) {
+        let response = self
+            .orders
             .place_order(place_request(customer, sku, quantity))
             .await
             .unwrap()
-            .into_inner()
-            .order
-            .unwrap()
+            .into_inner();
+        (response.order.unwrap(), response.consistency_token)
     }
 
     /// Waits until the customer's notifications (read from a replica) are exactly `kinds`,
@@ -99,10 +109,12 @@ impl Clients {
         .await
     }
 
-    async fn order(&mut self, order_id: &str) -> pb::Order {
+    /// An order as the primary has it (a token newer than every write so far).
+    async fn order(&mut self, order_id: &str, token: &str) -> pb::Order {
         self.orders
             .get_order(pb::GetOrderRequest {
                 order_id: order_id.into(),
+                consistency_token: token.into(),
             })
             .await
             .unwrap()
@@ -163,7 +175,7 @@ async fn an_order_is_confirmed_and_delivered() {
     clients.stock("SKU-1", 5).await;
     clients.courier("bike-1", "north", 2).await;
 
-    let order = clients.place("c-1", "SKU-1", 2).await;
+    let (order, token) = clients.place_with_token("c-1", "SKU-1", 2).await;
     assert_eq!(status(&order), pb::OrderStatus::Confirmed, "{order:?}");
     assert_eq!(order.courier_id, "bike-1");
     assert_eq!(order.zone, "north");
@@ -188,7 +200,7 @@ async fn an_order_is_confirmed_and_delivered() {
             .unwrap();
     }
     assert_eq!(courier_load(&db, "bike-1").await, 0);
-    let stored = clients.order(&order.order_id).await;
+    let stored = clients.order(&order.order_id, &token).await;
     assert_eq!(status(&stored), pb::OrderStatus::Confirmed);
 
     // Through the outboxes, the bus and the notifications consumer. The assignment and the
@@ -398,7 +410,10 @@ async fn a_saga_killed_midway_completes_after_restart() {
         let order_id = order_id.clone();
         async move {
             let order = clients_orders
-                .get_order(pb::GetOrderRequest { order_id })
+                .get_order(pb::GetOrderRequest {
+                    order_id,
+                    consistency_token: String::new(),
+                })
                 .await
                 .ok()?
                 .into_inner()

@@ -33,6 +33,9 @@ pub enum OrdersCommand {
         target: Target,
         /// The order's id.
         order_id: String,
+        /// A consistency token printed by a write: read that write back.
+        #[arg(long, default_value = "")]
+        after: String,
     },
     /// List a customer's orders, newest first.
     List {
@@ -47,6 +50,9 @@ pub enum OrdersCommand {
         /// Token from the previous page.
         #[arg(long, default_value = "")]
         page_token: String,
+        /// A consistency token printed by a write: list with that write in.
+        #[arg(long, default_value = "")]
+        after: String,
     },
     /// Cancel an order.
     Cancel {
@@ -115,17 +121,23 @@ pub async fn run(command: OrdersCommand) -> anyhow::Result<()> {
                     .context("--idempotency-key must be visible ASCII")?;
                 request.metadata_mut().insert("idempotency-key", key);
             }
-            target
-                .client()
-                .await?
-                .place_order(request)
-                .await
-                .map(|r| print_order(r.into_inner().order))
+            target.client().await?.place_order(request).await.map(|r| {
+                let r = r.into_inner();
+                print_order(r.order);
+                eprintln!("consistency token: {}", r.consistency_token);
+            })
         }
-        OrdersCommand::Get { target, order_id } => target
+        OrdersCommand::Get {
+            target,
+            order_id,
+            after,
+        } => target
             .client()
             .await?
-            .get_order(pb::GetOrderRequest { order_id })
+            .get_order(pb::GetOrderRequest {
+                order_id,
+                consistency_token: after,
+            })
             .await
             .map(|r| print_order(r.into_inner().order)),
         OrdersCommand::List {
@@ -133,6 +145,7 @@ pub async fn run(command: OrdersCommand) -> anyhow::Result<()> {
             customer,
             page_size,
             page_token,
+            after,
         } => target
             .client()
             .await?
@@ -140,6 +153,7 @@ pub async fn run(command: OrdersCommand) -> anyhow::Result<()> {
                 customer_id: customer,
                 page_size,
                 page_token,
+                consistency_token: after,
             })
             .await
             .map(|r| {

@@ -75,6 +75,10 @@ enum Scenario {
     ListOrders,
     /// 80 % ListOrders, 20 % PlaceOrder.
     Mixed,
+    /// A whole delivery, watched: PlaceOrder, then TrackDelivery while the courier moves it
+    /// PICKED_UP → IN_TRANSIT → DELIVERED; latency is the whole flow, and a watcher that
+    /// misses or reorders an update counts as DataLoss. Needs `--seed` (or stock and couriers).
+    TrackDeliveries,
     /// EchoService/Echo (needs `serve --services echo`).
     Echo,
 }
@@ -131,6 +135,7 @@ struct Tally {
 #[derive(Clone)]
 struct Clients {
     orders: Vec<OrdersServiceClient<Channel>>,
+    delivery: Vec<DeliveryServiceClient<Channel>>,
     echo: Vec<EchoServiceClient<Channel>>,
 }
 
@@ -159,6 +164,11 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
             .iter()
             .cloned()
             .map(EchoServiceClient::new)
+            .collect(),
+        delivery: channels
+            .iter()
+            .cloned()
+            .map(DeliveryServiceClient::new)
             .collect(),
     };
 
@@ -333,7 +343,7 @@ async fn call(
     let connection = sequence as usize % clients.orders.len();
     let customer = format!("loadgen-{}", fastrand::u32(..customers.max(1)));
     let place = match scenario {
-        Scenario::PlaceOrders => true,
+        Scenario::PlaceOrders | Scenario::TrackDeliveries => true,
         Scenario::ListOrders | Scenario::Echo => false,
         Scenario::Mixed => fastrand::u8(..5) == 0,
     };
@@ -366,17 +376,31 @@ async fn call(
             if let Ok(key) = key.parse() {
                 request.metadata_mut().insert("idempotency-key", key);
             }
-            clients.orders[connection]
+            let order = clients.orders[connection]
                 .clone()
                 .place_order(request)
                 .await
-                .map(|response| response.into_inner().order.map(|order| order.status()))
+                .map(|response| response.into_inner().order);
+            match order {
+                Ok(Some(order))
+                    if scenario == Scenario::TrackDeliveries
+                        && order.status() == pb::OrderStatus::Confirmed =>
+                {
+                    let delivery = clients.delivery[connection].clone();
+                    track(delivery, order.order_id, timeout)
+                        .await
+                        .map(|()| Some(pb::OrderStatus::Confirmed))
+                }
+                Ok(order) => Ok(order.map(|order| order.status())),
+                Err(status) => Err(status),
+            }
         }
         _ => {
             let mut request = tonic::Request::new(pb::ListOrdersRequest {
                 customer_id: customer,
                 page_size: 10,
                 page_token: String::new(),
+                consistency_token: String::new(),
             });
             request.set_timeout(timeout);
             clients.orders[connection]
@@ -415,5 +439,45 @@ async fn seed(channel: Channel) -> anyhow::Result<()> {
             .context("seeding couriers (is the delivery service running?)")?;
     }
     eprintln!("seeded 50 items and {SEED_COURIERS} couriers in zone \"default\"");
+    Ok(())
+}
+
+/// Watches one delivery while moving it to DELIVERED; every update must reach the watcher, in
+/// order. A missed or reordered update is reported as DATA_LOSS.
+async fn track(
+    mut delivery: DeliveryServiceClient<Channel>,
+    order_id: String,
+    timeout: Duration,
+) -> Result<(), tonic::Status> {
+    let mut request = tonic::Request::new(delivery::TrackDeliveryRequest {
+        order_id: order_id.clone(),
+    });
+    request.set_timeout(timeout);
+    let mut updates = delivery.track_delivery(request).await?.into_inner();
+    let expect = |updates: Option<delivery::TrackDeliveryResponse>,
+                  want: delivery::DeliveryStatus| {
+        match updates.and_then(|u| u.delivery) {
+            Some(d) if d.status() == want => Ok(()),
+            other => Err(tonic::Status::data_loss(format!(
+                "watcher expected {want:?}, got {other:?}"
+            ))),
+        }
+    };
+    expect(updates.message().await?, delivery::DeliveryStatus::Assigned)?;
+    for next in [
+        delivery::DeliveryStatus::PickedUp,
+        delivery::DeliveryStatus::InTransit,
+        delivery::DeliveryStatus::Delivered,
+    ] {
+        let mut update = tonic::Request::new(delivery::UpdateStatusRequest {
+            order_id: order_id.clone(),
+            status: next as i32,
+            location: None,
+            reason: String::new(),
+        });
+        update.set_timeout(timeout);
+        delivery.update_status(update).await?;
+        expect(updates.message().await?, next)?;
+    }
     Ok(())
 }

@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use waybill_runtime::{DatabaseConfig, Db, MeshConfig, ServerConfig, server};
+use waybill_runtime::{DatabaseConfig, Db, MeshConfig, ServerConfig, admin::Admin, server};
 
 use crate::{
     dev,
@@ -34,6 +34,9 @@ pub struct ServeArgs {
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let policy = args.mesh.load().map_err(anyhow::Error::msg)?;
+    // First: the recorder must be installed before servers and clients cache their handles.
+    let admin = Admin::bind(args.server.admin_listen).await?;
+    let admin_address = admin.local_addr()?;
     let (primary, replicas) = dev::resolve_database(&args.database, &args.dev_dir)?;
     let database = DatabaseConfig {
         replica_urls: replicas,
@@ -75,6 +78,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         services.names().join(",")
     );
     tracing::info!(%address, services = ?services.names(), replicas = database.replica_urls.len(), "serving");
+    // On stderr, never stdout (whose one line scripts parse); the test harness reads this.
+    tracing::info!("admin listening on http://{admin_address}/metrics");
+    tokio::spawn(admin.serve());
 
     server::serve(
         listener,

@@ -13,6 +13,7 @@
 //! | [`retry`] | client | lost calls, without retry storms (budget, no amplification) |
 //! | [`shed`] | server | unbounded queueing under overload |
 //! | [`fault`] | server | untested failure paths |
+//! | [`red`] | server | errors and latency nobody sees (requests by code, duration) |
 //!
 //! [`server::stack`] composes the server side, [`client::stack`] the client side. The layers speak HTTP/2 requests carrying
 //! gRPC (`http::Request<tonic::body::Body>`), so they wrap tonic servers and channels alike.
@@ -34,6 +35,7 @@ pub mod idempotency;
 pub mod method;
 pub mod metrics;
 pub mod policy;
+pub mod red;
 pub mod retry;
 pub mod server;
 pub mod shed;

@@ -68,6 +68,13 @@ impl MethodTable {
         })
     }
 
+    /// Every method: its path and facts.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &MethodInfo)> {
+        self.methods
+            .iter()
+            .map(|(path, info)| (path.as_str(), info))
+    }
+
     /// The facts for a path; an unknown method is treated as non-idempotent and streaming,
     /// the assumptions under which no layer does anything unsafe.
     pub fn get(&self, path: &str) -> MethodInfo {

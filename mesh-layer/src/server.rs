@@ -1,5 +1,7 @@
-//! The server-side stack, outermost first: trace span → deadline enforcement → injected faults
-//! → load shedding → idempotency → handler. Faults sit inside the deadline so injected delays
+//! The server-side stack, outermost first: trace span → RED metrics → deadline enforcement →
+//! injected faults → load shedding → idempotency → handler. The metrics sit outside every
+//! layer that answers by itself, so shed, failed-fast and replayed calls are counted with
+//! their codes. Faults sit inside the deadline so injected delays
 //! count against it, and outside shedding so an injected failure does not hold a concurrency
 //! slot. Idempotency is innermost: a shed or failed-fast call never claims its key.
 
@@ -21,6 +23,7 @@ use crate::{
     idempotency::{IdempotencyLayer, IdempotencyStore},
     method::MethodTable,
     policy::Policy,
+    red::RedLayer,
     shed::LoadShedLayer,
 };
 
@@ -60,11 +63,13 @@ pub fn trace() -> Trace {
 }
 
 /// The mesh layers of a server (all but tracing), built from one policy.
-pub type ServerStack =
-    Stack<IdempotencyLayer, Stack<LoadShedLayer, Stack<FaultLayer, ServerDeadlineLayer>>>;
+pub type ServerStack = Stack<
+    IdempotencyLayer,
+    Stack<LoadShedLayer, Stack<FaultLayer, Stack<ServerDeadlineLayer, RedLayer>>>,
+>;
 
-/// Builds the server stack from `policy`, for the methods `methods` describes, keeping
-/// idempotency keys in `store`. Build it once per server: the load-shedding limit is shared
+/// Builds the server stack from `policy`, for the methods `methods` describes (which are
+/// also the methods the RED metrics name), keeping idempotency keys in `store`. Build it once per server: the load-shedding limit is shared
 /// by everything the stack wraps.
 pub fn stack(
     policy: &Policy,
@@ -75,7 +80,10 @@ pub fn stack(
         IdempotencyLayer::new(store, policy, methods.clone()),
         Stack::new(
             LoadShedLayer::new(policy.load_shedding()),
-            Stack::new(FaultLayer::new(policy.clone()), ServerDeadlineLayer),
+            Stack::new(
+                FaultLayer::new(policy.clone()),
+                Stack::new(ServerDeadlineLayer, RedLayer::new(methods)),
+            ),
         ),
     )
 }

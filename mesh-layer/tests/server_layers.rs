@@ -172,7 +172,7 @@ async fn overload_is_refused_at_once_but_health_checks_pass() {
     );
     tokio::task::yield_now().await;
     assert_eq!(
-        layer.limit().unwrap().in_flight(),
+        layer.limit_for("/s.S/M").unwrap().in_flight(),
         2,
         "health checks hold no slot"
     );
@@ -187,12 +187,19 @@ async fn overload_is_refused_at_once_but_health_checks_pass() {
     assert_eq!(marker(&refused), Some("load-shed"));
     assert_eq!(started.elapsed(), Duration::ZERO, "refused without waiting");
 
+    // Another gRPC service on the same server has a limit of its own: the full one does not
+    // starve it (a caller waiting on a callee in the same process must not shed the callee).
+    let other = tokio::spawn(service.clone().oneshot(request("/s.Other/M", None)));
+    tokio::task::yield_now().await;
+    assert_eq!(layer.limit_for("/s.Other/M").unwrap().in_flight(), 1);
+    held.push(other);
+
     release.notify_waiters();
     for call in held {
         assert_eq!(code(&call.await.unwrap().unwrap()), Code::Ok);
     }
     assert_eq!(code(&health.await.unwrap().unwrap()), Code::Ok);
-    assert_eq!(layer.limit().unwrap().in_flight(), 0);
+    assert_eq!(layer.limit_for("/s.S/M").unwrap().in_flight(), 0);
 }
 
 #[tokio::test(start_paused = true)]

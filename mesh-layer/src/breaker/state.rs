@@ -135,8 +135,10 @@ impl Breaker {
     /// A closed circuit for `endpoint` (the name used in logs and metrics).
     pub fn new(endpoint: impl Into<String>, policy: BreakerPolicy) -> Arc<Self> {
         let open_for = policy.base_open;
+        let endpoint = endpoint.into();
+        metrics::breaker_created(&endpoint);
         Arc::new(Self {
-            endpoint: endpoint.into(),
+            endpoint,
             state: Mutex::new(State {
                 circuit: Circuit::Closed {
                     window: Window::new(policy.window),

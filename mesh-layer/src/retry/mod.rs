@@ -44,7 +44,7 @@ use crate::{
     context::CallContext,
     grpc::{self, IDEMPOTENCY_KEY, PREVIOUS_ATTEMPTS, Pushback},
     method::MethodTable,
-    metrics,
+    metrics::{self, MethodMetrics},
     policy::Policy,
 };
 
@@ -61,6 +61,8 @@ struct Shared {
     methods: MethodTable,
     budget: TpsBudget,
     latency: TypicalLatency,
+    /// `mesh_client_requests_total` handles, per method.
+    calls: MethodMetrics,
 }
 
 impl RetryLayer {
@@ -70,6 +72,7 @@ impl RetryLayer {
         Self {
             shared: Arc::new(Shared {
                 budget: TpsBudget::new(budget.ttl, budget.min_per_second, budget.retry_ratio),
+                calls: MethodMetrics::new(&methods),
                 policy,
                 methods,
                 latency: TypicalLatency::default(),
@@ -115,6 +118,7 @@ where
         // Every original request earns retry credit, retried or not.
         shared.budget.deposit();
         let path = request.uri().path();
+        shared.calls.get(path).client_call();
         let info = shared.methods.get(path);
         let method = shared.policy.method(path);
         let eligible = method.retry.is_some()

@@ -15,6 +15,8 @@ pub struct GradientLimit {
     limit: AtomicU32,
     state: Mutex<State>,
     policy: ShedPolicy,
+    /// The gRPC service it limits, for its gauge.
+    service: String,
 }
 
 #[derive(Debug)]
@@ -65,8 +67,9 @@ pub struct Permit {
 }
 
 impl GradientLimit {
-    /// A limit starting at `policy.initial_limit`.
-    pub fn new(policy: &ShedPolicy) -> Self {
+    /// A limit starting at `policy.initial_limit`, for the gRPC service named `service`.
+    pub fn new(policy: &ShedPolicy, service: &str) -> Self {
+        metrics::concurrency_limit(service, policy.initial_limit);
         Self {
             in_flight: AtomicU32::new(0),
             limit: AtomicU32::new(policy.initial_limit),
@@ -76,6 +79,7 @@ impl GradientLimit {
                 short_rtt: Ewma::new(10),
             }),
             policy: policy.clone(),
+            service: service.to_owned(),
         }
     }
 
@@ -132,7 +136,7 @@ impl GradientLimit {
         );
         let new_limit = state.estimate as u32;
         if self.limit.swap(new_limit, Ordering::Relaxed) != new_limit {
-            metrics::concurrency_limit(new_limit);
+            metrics::concurrency_limit(&self.service, new_limit);
         }
     }
 }
@@ -167,10 +171,13 @@ mod tests {
 
     #[test]
     fn admits_up_to_the_limit_and_frees_slots_on_drop() {
-        let limit = Arc::new(GradientLimit::new(&ShedPolicy {
-            initial_limit: 2,
-            ..policy()
-        }));
+        let limit = Arc::new(GradientLimit::new(
+            &ShedPolicy {
+                initial_limit: 2,
+                ..policy()
+            },
+            "s.S",
+        ));
         let a = limit.try_acquire().unwrap();
         let _b = limit.try_acquire().unwrap();
         assert!(
@@ -183,7 +190,7 @@ mod tests {
 
     #[test]
     fn shrinks_when_latency_rises_and_regrows_when_it_falls() {
-        let limit = Arc::new(GradientLimit::new(&policy()));
+        let limit = Arc::new(GradientLimit::new(&policy(), "s.S"));
         // Steady state at full use: 10 ms calls.
         for _ in 0..200 {
             limit.on_sample(Duration::from_millis(10), 20);
@@ -213,7 +220,7 @@ mod tests {
 
     #[test]
     fn sub_slack_jitter_does_not_shrink_the_limit() {
-        let limit = Arc::new(GradientLimit::new(&policy()));
+        let limit = Arc::new(GradientLimit::new(&policy(), "s.S"));
         // A 50 µs handler whose latency jitters to 500 µs under load: noise, not queueing.
         for i in 0..500 {
             let rtt = if i % 2 == 0 { 50 } else { 500 };
@@ -224,10 +231,13 @@ mod tests {
 
     #[test]
     fn stays_within_bounds() {
-        let limit = Arc::new(GradientLimit::new(&ShedPolicy {
-            min_limit: 5,
-            ..policy()
-        }));
+        let limit = Arc::new(GradientLimit::new(
+            &ShedPolicy {
+                min_limit: 5,
+                ..policy()
+            },
+            "s.S",
+        ));
         for _ in 0..1000 {
             limit.on_sample(Duration::from_millis(1), 1000);
         }

@@ -9,11 +9,18 @@
 //! compares recent latency with the long-run latency. When recent calls are slower than the
 //! long-run average by more than the tolerance, work is queueing somewhere (CPU, database
 //! pool), so the limit shrinks; while latency holds, it grows by a small queue allowance.
+//!
+//! Each gRPC service on a server has its own limit (a partition, as in Netflix's partitioned
+//! limiters). With one shared limit, a process serving orders and inventory together would
+//! let PlaceOrder calls, which wait on their own Reserve calls to the same process, take every
+//! slot and shed those Reserve calls: a priority inversion. Per service, each behaves as it
+//! would in a process of its own.
 
 mod limit;
 
 use std::{
-    sync::Arc,
+    collections::HashMap,
+    sync::{Arc, RwLock},
     task::{Context, Poll},
 };
 
@@ -26,25 +33,63 @@ pub use limit::GradientLimit;
 
 use crate::{BoxFuture, grpc, metrics, policy::ShedPolicy};
 
-/// Refuses calls beyond the adaptive concurrency limit. One limit is shared by all clones, so
-/// apply the layer once per server.
+/// Refuses calls beyond the adaptive concurrency limit of their gRPC service. The limits are
+/// shared by all clones, so apply the layer once per server.
 #[derive(Clone, Debug)]
 pub struct LoadShedLayer {
     /// `None`: shedding is off and the layer passes calls through.
-    limit: Option<Arc<GradientLimit>>,
+    limits: Option<Arc<Limits>>,
+}
+
+/// One limit per gRPC service, made on its first call.
+#[derive(Debug)]
+struct Limits {
+    policy: ShedPolicy,
+    by_service: RwLock<HashMap<String, Arc<GradientLimit>>>,
+}
+
+impl Limits {
+    fn for_path(&self, path: &str) -> Arc<GradientLimit> {
+        // "/pkg.Service/Method" → "pkg.Service"
+        let service = path
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        let known = self
+            .by_service
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(service)
+            .cloned();
+        known.unwrap_or_else(|| {
+            self.by_service
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .entry(service.to_owned())
+                .or_insert_with(|| Arc::new(GradientLimit::new(&self.policy, service)))
+                .clone()
+        })
+    }
 }
 
 impl LoadShedLayer {
-    /// A layer with its own limit, or a pass-through one when `policy` is `None`.
+    /// A layer with its own limits, or a pass-through one when `policy` is `None`.
     pub fn new(policy: Option<&ShedPolicy>) -> Self {
         Self {
-            limit: policy.map(|p| Arc::new(GradientLimit::new(p))),
+            limits: policy.map(|policy| {
+                Arc::new(Limits {
+                    policy: policy.clone(),
+                    by_service: RwLock::default(),
+                })
+            }),
         }
     }
 
-    /// The shared limit, for inspection.
-    pub fn limit(&self) -> Option<&Arc<GradientLimit>> {
-        self.limit.as_ref()
+    /// The limit of the gRPC service that `path` (`/pkg.Service/Method`) calls, for
+    /// inspection; `None` when shedding is off.
+    pub fn limit_for(&self, path: &str) -> Option<Arc<GradientLimit>> {
+        self.limits.as_ref().map(|limits| limits.for_path(path))
     }
 }
 
@@ -54,7 +99,7 @@ impl<S> Layer<S> for LoadShedLayer {
     fn layer(&self, inner: S) -> Self::Service {
         LoadShed {
             inner,
-            limit: self.limit.clone(),
+            limits: self.limits.clone(),
         }
     }
 }
@@ -67,7 +112,7 @@ fn is_health_check(request: &Request<Body>) -> bool {
 #[derive(Clone, Debug)]
 pub struct LoadShed<S> {
     inner: S,
-    limit: Option<Arc<GradientLimit>>,
+    limits: Option<Arc<Limits>>,
 }
 
 impl<S> Service<Request<Body>> for LoadShed<S>
@@ -86,9 +131,10 @@ where
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         // Health checks are never shed: a liveness probe refused under load would get the
         // process restarted exactly when it is busiest.
-        let Some(limit) = self.limit.as_ref().filter(|_| !is_health_check(&request)) else {
+        let Some(limits) = self.limits.as_ref().filter(|_| !is_health_check(&request)) else {
             return Box::pin(self.inner.call(request));
         };
+        let limit = limits.for_path(request.uri().path());
         let Some(permit) = limit.try_acquire() else {
             let path = request.uri().path();
             tracing::debug!(method = %path, limit = limit.current(), "shed: over the concurrency limit");

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 use waybill_api::delivery::v1 as pb;
 use waybill_runtime::{
-    Db,
+    ConsistencyToken, Db,
     validate::{Violations, precondition_failure, timestamp},
 };
 
@@ -178,8 +178,10 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
                 status.as_str()
             )
         })?;
+        let token = self.store.consistency_token().await?;
         Ok(Response::new(pb::UpdateStatusResponse {
             delivery: Some(to_proto(delivery)),
+            consistency_token: token.as_str().to_owned(),
         }))
     }
 
@@ -210,8 +212,10 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
                 delivery.status.as_str()
             )
         })?;
+        let token = self.store.consistency_token().await?;
         Ok(Response::new(pb::UpdateLocationResponse {
             delivery: Some(to_proto(delivery)),
+            consistency_token: token.as_str().to_owned(),
         }))
     }
 
@@ -219,8 +223,27 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
         &self,
         request: Request<pb::GetDeliveryRequest>,
     ) -> Result<Response<pb::GetDeliveryResponse>, Status> {
-        let order_id = parse_order_id(&request.get_ref().order_id)?;
-        match self.store.get_with_history(order_id).await? {
+        let request = request.into_inner();
+        let mut violations = Violations::default();
+        let order_id = violations.uuid(&request.order_id, "order_id");
+        let token = if request.consistency_token.is_empty() {
+            None
+        } else {
+            let token = ConsistencyToken::parse(&request.consistency_token);
+            if token.is_none() {
+                violations.add(
+                    "consistency_token",
+                    "is not a consistency_token returned by a write",
+                );
+            }
+            token
+        };
+        let order_id = checked(order_id, violations)?;
+        match self
+            .store
+            .get_with_history(order_id, token.as_ref())
+            .await?
+        {
             Some((delivery, history)) => Ok(Response::new(pb::GetDeliveryResponse {
                 delivery: Some(to_proto(delivery)),
                 history: history.into_iter().map(event_to_proto).collect(),

@@ -11,7 +11,7 @@
 use tokio_postgres::{Row, Transaction};
 use uuid::Uuid;
 use waybill_api::{delivery::v1 as pb, events::v1 as events};
-use waybill_runtime::{Db, DbError};
+use waybill_runtime::{ConsistencyToken, Db, DbError};
 
 use crate::{
     domain::{Courier, Delivery, DeliveryStatus, Location, TrackingEvent, Transition},
@@ -260,13 +260,19 @@ impl DeliveryStore {
         Ok(Updated::Changed(delivery))
     }
 
-    /// A delivery and its history, oldest first, from a replica, in one statement so both
+    /// A token covering every write committed so far.
+    pub async fn consistency_token(&self) -> Result<ConsistencyToken, DbError> {
+        self.db.consistency_token().await
+    }
+
+    /// A delivery and its history, oldest first, from a replica that reflects `after`, in one statement so both
     /// come from one snapshot.
     pub async fn get_with_history(
         &self,
         order_id: Uuid,
+        after: Option<&ConsistencyToken>,
     ) -> Result<Option<(Delivery, Vec<TrackingEvent>)>, DbError> {
-        let client = self.db.replica().await?;
+        let client = self.db.replica_after(after).await?;
         let statement = client
             .prepare_cached(&format!(
                 "SELECT {DELIVERY_COLUMNS},

@@ -2,9 +2,8 @@
 //! replica of the delivery service.
 //!
 //! Every state-changing transaction runs `pg_notify(CHANNEL, order_id)`, which Postgres
-//! delivers at commit to every session listening. Each process keeps ONE such session, a
-//! dedicated connection outside the pool (a pooled connection's driver drops notifications),
-//! and fans notifications out through a [`Hub`]: a map from order id to a broadcast channel,
+//! delivers at commit to every session listening. Each process keeps ONE such session
+//! (`waybill_runtime::listen`), and fans notifications out through a [`Hub`]: a map from order id to a broadcast channel,
 //! an entry per watched delivery, removed when its last watcher leaves. So a thousand
 //! watchers cost one connection, and a change costs one notification per process.
 //!
@@ -18,26 +17,18 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, Once},
-    time::Duration,
 };
 
 use tokio::sync::broadcast;
-use tokio_postgres::AsyncMessage;
 use uuid::Uuid;
-use waybill_runtime::Db;
+use waybill_runtime::{
+    Db,
+    listen::{Heard, listen_forever},
+};
 
 /// The notification channel of delivery changes; the payload is the order id.
 pub const CHANNEL: &str = "waybill_delivery_tracking";
 
-/// First wait before reconnecting the listening session; doubled up to [`MAX_BACKOFF`].
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
-/// Longest wait between reconnection attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// How often an idle listening session is probed, so a dead TCP connection is noticed (and
-/// watchers resynchronized) in seconds rather than after the kernel's keepalive hours.
-const PROBE_INTERVAL: Duration = Duration::from_secs(10);
-/// How long a probe may take before the session is deemed dead.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Signals buffered per delivery; a watcher further behind reads again instead.
 const SIGNAL_BUFFER: usize = 8;
 
@@ -76,7 +67,7 @@ impl Hub {
     /// Starts watching `order_id`. Call it before reading the delivery's state.
     pub fn subscribe(&self, order_id: Uuid) -> Subscription {
         self.inner.listener.call_once(|| {
-            tokio::spawn(listen_forever(self.clone()));
+            tokio::spawn(listen(self.clone()));
         });
         let receiver = self
             .watched()
@@ -145,87 +136,20 @@ impl Drop for Subscription {
     }
 }
 
-/// Keeps one LISTEN session open for the life of the process, reconnecting with bounded
-/// exponential backoff, and feeds its notifications to `hub`.
-async fn listen_forever(hub: Hub) {
-    let mut backoff = MIN_BACKOFF;
-    loop {
-        match listen_once(&hub).await {
-            Ok(()) => backoff = MIN_BACKOFF,
-            Err(error) => {
-                tracing::warn!(%error, retry_in = ?backoff, "delivery tracking: listening session failed");
-            }
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
-    }
-}
-
-/// One listening session, until its connection fails. `Ok` once it had been listening.
-async fn listen_once(hub: &Hub) -> Result<(), waybill_runtime::DbError> {
-    let (client, mut connection) = hub.inner.db.connect_primary_unpooled().await?;
-    let (closed_tx, mut closed_rx) = tokio::sync::oneshot::channel();
-    let dispatch_hub = hub.clone();
-    // The connection must be polled for queries on `client` to progress, and polling it is
-    // also how notifications arrive.
-    let driver = tokio::spawn(async move {
-        let result = loop {
-            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                Some(Ok(AsyncMessage::Notification(notification))) => {
-                    match Uuid::parse_str(notification.payload()) {
-                        Ok(order_id) => dispatch_hub.notify(order_id),
-                        Err(_) => tracing::debug!(
-                            payload = notification.payload(),
-                            "delivery tracking: ignoring a foreign notification"
-                        ),
-                    }
-                }
-                Some(Ok(_)) => {}
-                Some(Err(error)) => break Err(error),
-                None => break Ok(()),
-            }
-        };
-        let _ = closed_tx.send(result);
-    });
-    let listening = async {
-        client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
-        Ok::<_, tokio_postgres::Error>(())
-    };
-    let started = tokio::select! {
-        result = listening => result,
-        _ = &mut closed_rx => {
-            driver.abort();
-            return Err(waybill_runtime::DbError::Unavailable(
-                "connection closed before LISTEN".into(),
-            ));
-        }
-    };
-    if let Err(error) = started {
-        driver.abort();
-        return Err(error.into());
-    }
-    tracing::info!("delivery tracking: listening for changes");
-    // Changes made while no session listened were not heard: have every watcher read again.
-    hub.notify_all();
-
-    let outcome = loop {
-        tokio::select! {
-            closed = &mut closed_rx => break closed,
-            () = tokio::time::sleep(PROBE_INTERVAL) => {
-                let probe = tokio::time::timeout(PROBE_TIMEOUT, client.simple_query("")).await;
-                if !matches!(probe, Ok(Ok(_))) {
-                    tracing::warn!("delivery tracking: listening session does not answer");
-                    break Ok(Ok(()));
-                }
-            }
-        }
-    };
-    driver.abort();
-    match outcome {
-        Ok(Err(error)) => {
-            tracing::warn!(%error, "delivery tracking: listening session lost");
-        }
-        _ => tracing::warn!("delivery tracking: listening session closed"),
-    }
-    Ok(())
+/// Keeps one LISTEN session open for the life of the process and feeds what it hears to
+/// `hub`.
+async fn listen(hub: Hub) {
+    let db = hub.inner.db.clone();
+    listen_forever(db, CHANNEL.to_owned(), |heard| match heard {
+        // Changes made while no session listened were not heard: every watcher reads again.
+        Heard::Connected => hub.notify_all(),
+        Heard::Notification(payload) => match Uuid::parse_str(payload) {
+            Ok(order_id) => hub.notify(order_id),
+            Err(_) => tracing::debug!(
+                payload,
+                "delivery tracking: ignoring a foreign notification"
+            ),
+        },
+    })
+    .await;
 }

@@ -273,13 +273,19 @@ pub(crate) enum Outcome {
 impl Inbox<'_> {
     /// Handles `event` once: the inbox insert and the handler in one transaction.
     pub(crate) async fn handle(&self, event: &Event) -> Outcome {
-        // NOTE: metrics — count outcomes (handled, duplicate, failed) per subscription here.
-        match self.try_handle(event).await {
+        let outcome = match self.try_handle(event).await {
             Ok(Ok(true)) => Outcome::Handled,
             Ok(Ok(false)) => Outcome::Duplicate,
             Ok(Err(error)) => Outcome::Failed(error),
             Err(error) => Outcome::Failed(HandlerError::Retry(error.to_string())),
-        }
+        };
+        let name = match outcome {
+            Outcome::Handled => "handled",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Failed(_) => "failed",
+        };
+        waybill_runtime::metrics::consumer_outcome(self.subscription.name(), name);
+        outcome
     }
 
     async fn try_handle(&self, event: &Event) -> Result<Result<bool, HandlerError>, DbError> {

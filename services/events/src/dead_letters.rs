@@ -117,7 +117,7 @@ pub(crate) async fn record(
 
 /// Logs a give-up: the one place a dead-lettered event is reported.
 pub(crate) fn log_dead(subscription: &str, event: &Event, attempts: u32, error: &str) {
-    // NOTE: metrics — count dead letters per subscription and topic here.
+    waybill_runtime::metrics::dead_letter(subscription, &event.topic);
     tracing::warn!(
         %subscription,
         event_id = %event.id,

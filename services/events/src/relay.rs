@@ -25,6 +25,8 @@ use crate::{
 
 const FAILURE_FIRST: Duration = Duration::from_millis(200);
 const FAILURE_MAX: Duration = Duration::from_secs(10);
+/// How often the outbox's backlog and the age of its oldest event are sampled for metrics.
+const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Moves one schema's outbox to the bus.
 pub struct Relay {
@@ -96,8 +98,13 @@ impl Relay {
             let mut shutdown = Shutdown::new(shutdown);
             let listener = Listener::spawn(self.db.clone(), channel(self.schema), None);
             let mut delay = FAILURE_FIRST;
+            let mut next_sample = tokio::time::Instant::now();
             tracing::info!(bus = ?self.bus.kind(), "relay started");
             while !shutdown.is_done() {
+                if tokio::time::Instant::now() >= next_sample {
+                    self.sample().await;
+                    next_sample = tokio::time::Instant::now() + SAMPLE_INTERVAL;
+                }
                 let wait = match self.move_batch().await {
                     Ok(Moved::Rows(rows)) if rows >= u64::from(self.batch_size) => continue,
                     Ok(_) => {
@@ -111,6 +118,8 @@ impl Relay {
                         wait
                     }
                 };
+                let wait =
+                    wait.min(next_sample.saturating_duration_since(tokio::time::Instant::now()));
                 tokio::select! {
                     () = listener.notified() => {}
                     () = tokio::time::sleep(wait) => {}
@@ -154,10 +163,34 @@ impl Relay {
         };
         tx.commit().await?;
         if rows > 0 {
-            // NOTE: metrics — count relayed events per schema here.
+            waybill_runtime::metrics::outbox_relayed(self.schema, rows);
             tracing::debug!(rows, "moved outbox rows to the bus");
         }
         Ok(Moved::Rows(rows))
+    }
+
+    /// Samples the backlog (rows in the outbox) and the age of its oldest row for metrics:
+    /// one query per [`SAMPLE_INTERVAL`], never per event. A failure leaves the last values.
+    async fn sample(&self) {
+        let query = format!(
+            "SELECT (SELECT count(*) FROM {schema}.outbox),
+                    (SELECT extract(epoch FROM now() - created_at)::float8
+                     FROM {schema}.outbox ORDER BY id LIMIT 1)",
+            schema = self.schema
+        );
+        let sampled = async {
+            let client = self.db.primary().await?;
+            let row = client.query_one(&query, &[]).await?;
+            Ok::<_, DbError>((row.get::<_, i64>(0), row.get::<_, Option<f64>>(1)))
+        };
+        match sampled.await {
+            Ok((backlog, oldest)) => waybill_runtime::metrics::outbox_sampled(
+                self.schema,
+                u64::try_from(backlog).unwrap_or(0),
+                Duration::try_from_secs_f64(oldest.unwrap_or(0.0)).unwrap_or_default(),
+            ),
+            Err(error) => tracing::debug!(%error, "cannot sample the outbox"),
+        }
     }
 
     /// The next batch of outbox rows, locked, in id order.

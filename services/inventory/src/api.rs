@@ -12,6 +12,7 @@ use waybill_runtime::{
 };
 
 use crate::{
+    cache::ItemCache,
     domain::{Item, MAX_ON_HAND, NewReservation, Reservation, ReservationState},
     store::{InventoryStore, Refused, StockRefused},
 };
@@ -23,14 +24,17 @@ const MAX_PAGE_SIZE: i64 = 1000;
 #[derive(Clone)]
 pub struct InventoryApi {
     store: InventoryStore,
+    cache: ItemCache,
     reservation_ttl: Duration,
 }
 
 impl InventoryApi {
-    /// An inventory service over `db` whose reservations expire after `reservation_ttl`.
-    pub fn new(db: Db, reservation_ttl: Duration) -> Self {
+    /// An inventory service over `db` whose reservations expire after `reservation_ttl` and
+    /// whose GetItem answers from `cache` when it can.
+    pub(crate) fn new(db: Db, reservation_ttl: Duration, cache: ItemCache) -> Self {
         Self {
             store: InventoryStore::new(db),
+            cache,
             reservation_ttl,
         }
     }
@@ -100,12 +104,21 @@ impl pb::inventory_service_server::InventoryService for InventoryApi {
         let mut violations = Violations::default();
         violations.check_id(&sku, "sku");
         violations.into_result(())?;
-        match self.store.get_item(&sku).await? {
-            Some(item) => Ok(Response::new(pb::GetItemResponse {
-                item: Some(item_to_proto(item)),
-            })),
-            None => Err(Status::not_found(format!("item {sku} not found"))),
-        }
+        let item = match self.cache.get(&sku) {
+            Some(item) => item,
+            None => {
+                let item = self
+                    .store
+                    .get_item(&sku)
+                    .await?
+                    .ok_or_else(|| Status::not_found(format!("item {sku} not found")))?;
+                self.cache.insert(&item);
+                item
+            }
+        };
+        Ok(Response::new(pb::GetItemResponse {
+            item: Some(item_to_proto(item)),
+        }))
     }
 
     async fn list_items(

@@ -5,6 +5,7 @@
 //! returns the stock of reservations nobody committed.
 
 mod api;
+mod cache;
 mod domain;
 mod expiry;
 mod store;
@@ -33,9 +34,17 @@ pub struct InventoryConfig {
     /// How often expired reservations are looked for.
     #[arg(long, env = "WAYBILL_RESERVATION_SWEEP", default_value = "5s", value_parser = waybill_runtime::config::parse_duration)]
     pub reservation_sweep: Duration,
+    /// How long GetItem may answer from this process's cache (catalog changes invalidate at
+    /// once; stock held by reservations may lag by up to this). 0 turns the cache off.
+    #[arg(long, env = "WAYBILL_CATALOG_CACHE_TTL", default_value = "1s", value_parser = waybill_runtime::config::parse_duration)]
+    pub catalog_cache_ttl: Duration,
+    /// Most items the catalog cache holds.
+    #[arg(long, env = "WAYBILL_CATALOG_CACHE_SIZE", default_value_t = 100_000)]
+    pub catalog_cache_size: u64,
 }
 
-/// The gRPC server for the inventory service, and the sweeper to run beside it.
+/// The gRPC server for the inventory service, and the work to run beside it (the expiry
+/// sweeper and the cache's invalidation).
 pub fn server(
     db: Db,
     config: &InventoryConfig,
@@ -43,7 +52,11 @@ pub fn server(
     InventoryServiceServer<InventoryApi>,
     impl Future<Output = ()> + Send + 'static,
 ) {
-    let api = InventoryApi::new(db, config.reservation_ttl);
+    let cache = cache::ItemCache::new(config.catalog_cache_ttl, config.catalog_cache_size);
+    let api = InventoryApi::new(db.clone(), config.reservation_ttl, cache.clone());
     let sweeper = expiry::sweep_forever(api.store().clone(), config.reservation_sweep);
-    (InventoryServiceServer::new(api), sweeper)
+    let background = async move {
+        tokio::join!(sweeper, cache.invalidate_forever(db));
+    };
+    (InventoryServiceServer::new(api), background)
 }

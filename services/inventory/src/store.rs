@@ -59,10 +59,14 @@ impl InventoryStore {
         let result = client
             .query_one(
                 &format!(
-                    "INSERT INTO inventory.items (sku, name, on_hand) VALUES ($1, $2, $3)
-                     ON CONFLICT (sku) DO UPDATE
-                     SET name = EXCLUDED.name, on_hand = EXCLUDED.on_hand, updated_at = now()
-                     RETURNING {ITEM_COLUMNS}"
+                    "WITH changed AS (
+                         INSERT INTO inventory.items (sku, name, on_hand) VALUES ($1, $2, $3)
+                         ON CONFLICT (sku) DO UPDATE
+                         SET name = EXCLUDED.name, on_hand = EXCLUDED.on_hand, updated_at = now()
+                         RETURNING {ITEM_COLUMNS}
+                     )
+                     SELECT {ITEM_COLUMNS}, pg_notify('{channel}', sku) FROM changed",
+                    channel = crate::cache::CHANNEL
                 ),
                 &[&sku, &name, &on_hand],
             )
@@ -90,12 +94,16 @@ impl InventoryStore {
         let row = client
             .query_opt(
                 &format!(
-                    "UPDATE inventory.items
-                     SET on_hand = on_hand + $2, updated_at = now()
-                     WHERE sku = $1 AND on_hand::bigint + $2 >= reserved
-                       AND on_hand::bigint + $2 <= {max}
-                     RETURNING {ITEM_COLUMNS}",
-                    max = crate::domain::MAX_ON_HAND
+                    "WITH changed AS (
+                         UPDATE inventory.items
+                         SET on_hand = on_hand + $2::integer, updated_at = now()
+                         WHERE sku = $1 AND on_hand::bigint + $2::integer >= reserved
+                           AND on_hand::bigint + $2::integer <= {max}
+                         RETURNING {ITEM_COLUMNS}
+                     )
+                     SELECT {ITEM_COLUMNS}, pg_notify('{channel}', sku) FROM changed",
+                    max = crate::domain::MAX_ON_HAND,
+                    channel = crate::cache::CHANNEL
                 ),
                 &[&sku, &delta],
             )

@@ -1,9 +1,9 @@
 //! The gRPC edge: protobuf in, domain types inside, protobuf and `Status` out.
 
 use tonic::{Code, Request, Response, Status};
-use uuid::Uuid;
 use waybill_api::orders::v1 as pb;
 use waybill_runtime::{
+    ConsistencyToken,
     page_token::Cursor,
     validate::{Violations, timestamp},
 };
@@ -61,8 +61,10 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
         tracing::info!(order_id = %order.id, customer_id = %order.customer_id, "order placed");
         // The saga has its own task: if this call is abandoned, the saga still finishes.
         let order = self.sagas.run_detached(order.id).await?;
+        let token = self.store.consistency_token().await?;
         Ok(Response::new(pb::PlaceOrderResponse {
             order: Some(to_proto(order)),
+            consistency_token: token.as_str().to_owned(),
         }))
     }
 
@@ -70,8 +72,12 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
         &self,
         request: Request<pb::GetOrderRequest>,
     ) -> Result<Response<pb::GetOrderResponse>, Status> {
-        let id = parse_order_id(&request.get_ref().order_id)?;
-        match self.store.get(id).await? {
+        let request = request.into_inner();
+        let mut violations = Violations::default();
+        let id = violations.uuid(&request.order_id, "order_id");
+        let token = consistency_token(&request.consistency_token, &mut violations);
+        let id = violations.into_parsed(id)?;
+        match self.store.get(id, token.as_ref()).await? {
             Some(order) => Ok(Response::new(pb::GetOrderResponse {
                 order: Some(to_proto(order)),
             })),
@@ -110,12 +116,13 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
                 }
             }
         };
+        let token = consistency_token(&request.consistency_token, &mut violations);
         violations.into_result(())?;
 
         // One extra row tells whether another page follows without a second query.
         let mut orders = self
             .store
-            .list_by_customer(&request.customer_id, after, page_size + 1)
+            .list_by_customer(&request.customer_id, after, page_size + 1, token.as_ref())
             .await?;
         let next_page_token = if orders.len() as i64 > page_size {
             orders.truncate(page_size as usize);
@@ -147,7 +154,7 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
         let id = violations.uuid(&request.order_id, "order_id");
         violations.check_text(&request.reason, "reason", false);
         let id = violations.into_parsed(id)?;
-        let Some(current) = self.store.get(id).await? else {
+        let Some(current) = self.store.get_current(id).await? else {
             return Err(Status::not_found(format!("order {id} not found")));
         };
         if current.status == OrderStatus::Confirmed {
@@ -173,8 +180,10 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
                         tracing::warn!(order_id = %id, %error, "compensation failed; it is retried");
                     }
                 });
+                let token = self.store.consistency_token().await?;
                 Ok(Response::new(pb::CancelOrderResponse {
                     order: Some(to_proto(order)),
+                    consistency_token: token.as_str().to_owned(),
                 }))
             }
             Cancelled::NotCancellable(order) => Err(Status::failed_precondition(format!(
@@ -186,10 +195,19 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
     }
 }
 
-fn parse_order_id(text: &str) -> Result<Uuid, Status> {
-    let mut violations = Violations::default();
-    let id = violations.uuid(text, "order_id");
-    violations.into_parsed(id)
+/// The request's consistency token, if any; a malformed one is a violation.
+fn consistency_token(text: &str, violations: &mut Violations) -> Option<ConsistencyToken> {
+    if text.is_empty() {
+        return None;
+    }
+    let token = ConsistencyToken::parse(text);
+    if token.is_none() {
+        violations.add(
+            "consistency_token",
+            "is not a consistency_token returned by a write",
+        );
+    }
+    token
 }
 
 fn to_proto(order: Order) -> pb::Order {

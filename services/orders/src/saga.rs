@@ -122,6 +122,7 @@ impl Orchestrator {
                     Ok(courier_id) => {
                         if let Some(confirmed) = self.store.confirm(order.id, &courier_id).await? {
                             tracing::info!(%order_id, %courier_id, "order confirmed");
+                            waybill_runtime::metrics::saga_outcome("confirmed");
                             return Ok(confirmed);
                         }
                         // Cancelled while going forward: the next turn compensates.
@@ -140,6 +141,7 @@ impl Orchestrator {
                         } else {
                             let backoff = backoff(attempts);
                             tracing::info!(%order_id, step, %error, ?backoff, "saga step failed; retrying later");
+                            waybill_runtime::metrics::saga_outcome("deferred");
                             self.store
                                 .defer_saga(order.id, step, &error, backoff)
                                 .await?;
@@ -151,6 +153,7 @@ impl Orchestrator {
                     Ok(()) => {
                         if let Some(cancelled) = self.store.finish_compensation(order.id).await? {
                             tracing::info!(%order_id, reason = %cancelled.cancel_reason, "order cancelled; compensations done");
+                            waybill_runtime::metrics::saga_outcome("cancelled");
                             return Ok(cancelled);
                         }
                     }
@@ -159,6 +162,7 @@ impl Orchestrator {
                     // backoff and logged loudly.
                     Err(StepError::Permanent(error)) => {
                         tracing::error!(%order_id, %error, "compensation refused; retrying later");
+                        waybill_runtime::metrics::saga_outcome("deferred");
                         self.store
                             .defer_saga(order.id, "compensate", &error, MAX_BACKOFF)
                             .await?;
@@ -167,6 +171,7 @@ impl Orchestrator {
                     Err(StepError::Transient { step, error }) => {
                         let backoff = backoff(saga.attempts + 1);
                         tracing::info!(%order_id, step, %error, ?backoff, "compensation failed; retrying later");
+                        waybill_runtime::metrics::saga_outcome("deferred");
                         self.store
                             .defer_saga(order.id, step, &error, backoff)
                             .await?;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio_postgres::Row;
 use uuid::Uuid;
-use waybill_runtime::{Db, DbError};
+use waybill_runtime::{Client, ConsistencyToken, Db, DbError};
 
 use crate::{
     domain::{Item, NewOrder, Order, OrderStatus},
@@ -90,9 +90,28 @@ impl OrderStore {
         })
     }
 
-    /// One order, read from the primary so that a client sees its own write at once.
-    pub async fn get(&self, id: Uuid) -> Result<Option<Order>, DbError> {
+    /// One order as the primary has it now.
+    pub async fn get_current(&self, id: Uuid) -> Result<Option<Order>, DbError> {
         let client = self.db.primary().await?;
+        Self::get_on(&client, id).await
+    }
+
+    /// One order from a replica that reflects `after` (see [`Db::replica_after`]).
+    pub async fn get(
+        &self,
+        id: Uuid,
+        after: Option<&ConsistencyToken>,
+    ) -> Result<Option<Order>, DbError> {
+        let client = self.db.replica_after(after).await?;
+        Self::get_on(&client, id).await
+    }
+
+    /// A token covering every write committed so far.
+    pub async fn consistency_token(&self) -> Result<ConsistencyToken, DbError> {
+        self.db.consistency_token().await
+    }
+
+    async fn get_on(client: &Client, id: Uuid) -> Result<Option<Order>, DbError> {
         let statement = client
             .prepare_cached(&format!(
                 "SELECT {ORDER_COLUMNS} FROM orders.orders o WHERE o.id = $1"
@@ -105,14 +124,16 @@ impl OrderStore {
             .transpose()
     }
 
-    /// Up to `limit` of a customer's orders older than `after`, newest first, from a replica.
+    /// Up to `limit` of a customer's orders older than `after`, newest first, from a replica
+    /// that reflects `token`.
     pub async fn list_by_customer(
         &self,
         customer_id: &str,
         after: Option<Uuid>,
         limit: i64,
+        token: Option<&ConsistencyToken>,
     ) -> Result<Vec<Order>, DbError> {
-        let client = self.db.replica().await?;
+        let client = self.db.replica_after(token).await?;
         let statement = client
             .prepare_cached(&format!(
                 "SELECT {ORDER_COLUMNS} FROM orders.orders o

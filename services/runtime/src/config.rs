@@ -39,12 +39,18 @@ pub struct ServerConfig {
     #[arg(long, env = "WAYBILL_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
+    /// Address of the admin HTTP endpoint (Prometheus metrics at /metrics); port 0 picks a
+    /// free port (logged on stderr at startup). Keep it off the public network.
+    #[arg(long, env = "WAYBILL_ADMIN_LISTEN", default_value = "127.0.0.1:9464")]
+    pub admin_listen: SocketAddr,
+
     /// After SIGTERM/SIGINT, how long in-flight calls may run before the process exits anyway.
     /// Keep it below the orchestrator's kill timeout (Kubernetes: terminationGracePeriodSeconds).
     #[arg(long, env = "WAYBILL_SHUTDOWN_GRACE", default_value = "25s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
-    /// How often the primary database is probed for grpc.health.v1.
+    /// How often the primary database is probed for grpc.health.v1, and database metrics
+    /// (pool use, replica lag) are sampled.
     #[arg(long, env = "WAYBILL_HEALTH_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub health_interval: Duration,
 }

@@ -96,6 +96,28 @@ impl Db {
         }
     }
 
+    /// How many replicas are configured.
+    pub fn replica_count(&self) -> usize {
+        self.inner.replicas.len()
+    }
+
+    /// A connection to replica `index` itself, with no fallback (for replication metrics).
+    pub async fn replica_at(&self, index: usize) -> Result<Client, DbError> {
+        let pool = self
+            .inner
+            .replicas
+            .get(index)
+            .ok_or_else(|| DbError::Config(format!("no replica {index}")))?;
+        pool.get().await.map_err(DbError::from)
+    }
+
+    /// The pools' use now: the primary's first, then each replica's in configuration order.
+    pub fn pool_statuses(&self) -> impl Iterator<Item = deadpool_postgres::Status> + '_ {
+        std::iter::once(&self.inner.primary)
+            .chain(&self.inner.replicas)
+            .map(Pool::status)
+    }
+
     /// Whether the primary answers a trivial query within `timeout`.
     pub async fn primary_is_up(&self, timeout: Duration) -> bool {
         let probe = async {
@@ -168,6 +190,17 @@ fn describe(error: &tokio_postgres::Error) -> String {
     }
 }
 
+fn is_io(error: &tokio_postgres::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if cause.is::<std::io::Error>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
 impl From<PoolError> for DbError {
     fn from(error: PoolError) -> Self {
         DbError::Unavailable(error.to_string())
@@ -194,8 +227,10 @@ impl From<tokio_postgres::Error> for DbError {
             {
                 DbError::Unavailable(error.to_string())
             }
-            // No SQLSTATE at all means the connection itself failed.
-            None => DbError::Unavailable(error.to_string()),
+            // No SQLSTATE: the connection failed (an I/O error underneath), or the client
+            // refused the query itself (a parameter or column of the wrong type: a bug).
+            None if is_io(&error) => DbError::Unavailable(error.to_string()),
+            None => DbError::Query(error),
             Some(_) => DbError::Query(error),
         }
     }

@@ -29,7 +29,9 @@ pub async fn monitor(
     let mut last: Option<ServingStatus> = None;
     loop {
         ticker.tick().await;
-        let status = if db.primary_is_up(probe_timeout).await {
+        let up = db.primary_is_up(probe_timeout).await;
+        crate::metrics::primary_up(up);
+        let status = if up {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing

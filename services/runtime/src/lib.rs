@@ -1,14 +1,18 @@
 //! The shared runtime of every waybill service: one configuration, the database pools and
 //! their read routing, per-service schema migrations, health, serving with graceful drain,
-//! and structured logs.
+//! structured logs, and metrics on an admin port.
 //!
 //! A service crate brings only its gRPC implementation, its storage and its migrations; how a
 //! process starts, connects, reports health and stops lives here, once.
 
+pub mod admin;
 pub mod config;
+pub mod consistency;
 pub mod db;
 pub mod health;
 pub mod idempotency;
+pub mod listen;
+pub mod metrics;
 pub mod migrate;
 pub mod page_token;
 pub mod server;
@@ -16,6 +20,7 @@ pub mod telemetry;
 pub mod validate;
 
 pub use config::{DatabaseConfig, LogConfig, MeshConfig, ServerConfig};
-pub use db::{Db, DbError};
+pub use consistency::ConsistencyToken;
+pub use db::{Client, Db, DbError};
 pub use idempotency::{MESH_SCHEMA, PgIdempotencyStore};
 pub use migrate::Schema;

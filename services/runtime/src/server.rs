@@ -105,6 +105,10 @@ pub async fn serve(
     reporter
         .set_service_status(health::LIVENESS, ServingStatus::Serving)
         .await;
+    let sampler = tokio::spawn(crate::metrics::sample_databases(
+        db.clone(),
+        config.health_interval,
+    ));
     let monitor = tokio::spawn(health::monitor(
         db,
         reporter.clone(),
@@ -138,6 +142,7 @@ pub async fn serve(
     tokio::select! {
         result = &mut server => {
             monitor.abort();
+            sampler.abort();
             purge.abort();
             tasks.iter().for_each(|task| task.abort());
             return result.map_err(ServeError::from);
@@ -146,6 +151,7 @@ pub async fn serve(
     }
 
     monitor.abort();
+    sampler.abort();
     purge.abort();
     tasks.iter().for_each(|task| task.abort());
     health::set_all(&reporter, &names, ServingStatus::NotServing).await;

@@ -216,6 +216,9 @@ impl Waybill {
         });
         command
             .args(options.args)
+            // An ephemeral admin port unless the test names one (a flag wins over this), so
+            // that parallel servers never fight over the default 9464.
+            .env("WAYBILL_ADMIN_LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped());
@@ -311,6 +314,27 @@ impl Waybill {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// The admin endpoint's address, read from the line the process logs at startup
+    /// (waits for it). Not available with `TEST_LOG`, which sends the log to the terminal.
+    pub async fn admin_addr(&self) -> SocketAddr {
+        const PREFIX: &str = "admin listening on http://";
+        self.wait_for_log(PREFIX).await;
+        let log = self.log();
+        let rest = &log[log.find(PREFIX).expect("the line was just seen") + PREFIX.len()..];
+        rest.split('/')
+            .next()
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected admin line in the log: {rest:.80}"))
+    }
+
+    /// `GET /metrics` from the admin endpoint: the Prometheus text exposition.
+    pub async fn scrape(&self) -> String {
+        let addr = self.admin_addr().await;
+        let (status, body) = http_get(addr, "/metrics").await;
+        assert_eq!(status, 200, "GET http://{addr}/metrics: {body}");
+        body
+    }
+
     /// Waits up to [`PATIENCE`] until the log contains `text`.
     pub async fn wait_for_log(&self, text: &str) {
         let deadline = Instant::now() + PATIENCE;
@@ -337,6 +361,43 @@ impl Drop for Waybill {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// A plain HTTP/1.1 GET (the admin endpoint speaks nothing fancier): status and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(PATIENCE, exchange)
+        .await
+        .unwrap_or_else(|_| panic!("GET http://{addr}{path}: no answer in {PATIENCE:?}"))
+        .unwrap_or_else(|error| panic!("GET http://{addr}{path}: {error}"));
+    let text = String::from_utf8(response).expect("a UTF-8 response");
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("not an HTTP response: {text:.200}"));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "chunked responses are not read here: {head}"
+    );
+    (status, body.to_owned())
 }
 
 /// Polls `check` until it returns `Some`, failing the test after [`PATIENCE`].
