@@ -13,6 +13,8 @@ pub struct Settings {
     pub orders: waybill_orders::OrdersConfig,
     #[command(flatten)]
     pub inventory: waybill_inventory::InventoryConfig,
+    #[command(flatten)]
+    pub notifications: waybill_notifications::SinkConfig,
 }
 
 /// What a service needs to be built.
@@ -97,8 +99,11 @@ impl ServiceName {
             }
             ServiceName::Delivery => services.add(waybill_delivery::server((*db).clone())),
             ServiceName::Notifications => {
-                let (server, consumer) =
-                    waybill_notifications::server((*db).clone(), (*bus).clone())?;
+                let (server, consumer) = waybill_notifications::server(
+                    (*db).clone(),
+                    (*bus).clone(),
+                    &settings.notifications,
+                )?;
                 services.add(server).background(consumer)
             }
             ServiceName::Echo => services.add(waybill_echo::server(waybill_echo::Echo::new(

@@ -35,12 +35,16 @@ pub use state::{Admission, Breaker, BreakerState};
 use crate::{BoxFuture, grpc, metrics, policy::BreakerPolicy};
 
 /// Whether a code means the endpoint is unwell.
+///
+/// RESOURCE_EXHAUSTED is not: it is a healthy server shedding load, which costs it nothing
+/// and which callers answer by backing off (budgeted retries). Counting it would open the
+/// breaker exactly under overload, and with one endpoint (or all endpoints busy) turn a
+/// partial refusal into a complete outage for the open time.
 pub fn is_failure(code: Code) -> bool {
     matches!(
         code,
         Code::Unavailable
             | Code::DeadlineExceeded
-            | Code::ResourceExhausted
             | Code::Internal
             | Code::Unknown
             | Code::DataLoss

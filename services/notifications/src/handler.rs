@@ -1,11 +1,12 @@
 //! Events in, notifications out. The notification row is written in the consumer's
 //! transaction, together with the inbox row; the unique (event, customer) key makes a repeat
-//! a no-op even without the inbox. The sink here is the log: a webhook sink (POST after
-//! commit, at least once) is the next step.
+//! a no-op even without the inbox. A new notification then goes to the sink (see `sink`).
 
 use uuid::Uuid;
 use waybill_api::{delivery::v1::DeliveryStatus, events::v1 as events};
 use waybill_events::{Event, Handler, HandlerError};
+
+use crate::sink::Sink;
 
 /// What a notification is about, as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,8 +116,10 @@ pub fn notice_for(event: &Event) -> Result<Option<Notice>, HandlerError> {
     Ok(Some(notice))
 }
 
-/// Records notifications.
-pub struct Notifier;
+/// Records notifications and hands each new one to the sink.
+pub struct Notifier {
+    pub sink: Sink,
+}
 
 #[tonic::async_trait]
 impl Handler for Notifier {
@@ -145,14 +148,7 @@ impl Handler for Notifier {
             )
             .await?;
         if inserted == 1 {
-            // The log sink.
-            tracing::info!(
-                customer_id = %notice.customer_id,
-                order_id = %notice.order_id,
-                kind = notice.kind.as_str(),
-                message = %notice.message,
-                "notification"
-            );
+            self.sink.send(event.id, &notice).await?;
         }
         Ok(())
     }

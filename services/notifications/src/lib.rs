@@ -3,10 +3,14 @@
 //! hands it to the sink; ListNotifications answers from a replica.
 //!
 //! `handler` turns events into notifications inside the consumer's transaction (the inbox
-//! row and the notification commit together), `api` is the gRPC edge.
+//! row and the notification commit together), `sink` sends them on (log or webhook), `api`
+//! is the gRPC edge.
 
 mod api;
 mod handler;
+mod sink;
+
+pub use sink::SinkConfig;
 
 use waybill_api::notifications::v1::notifications_service_server::NotificationsServiceServer;
 use waybill_events::{Bus, Consumer, Subscription};
@@ -37,6 +41,7 @@ pub const TOPICS: [&str; 4] = [
 pub fn server(
     db: Db,
     bus: Bus,
+    config: &SinkConfig,
 ) -> Result<
     (
         NotificationsServiceServer<NotificationsApi>,
@@ -51,7 +56,9 @@ pub fn server(
         bus,
         "notifications",
         subscription,
-        handler::Notifier,
+        handler::Notifier {
+            sink: sink::Sink::from_config(config).map_err(DbError::Config)?,
+        },
     )?;
     Ok((
         NotificationsServiceServer::new(NotificationsApi::new(db)),

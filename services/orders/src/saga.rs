@@ -118,7 +118,7 @@ impl Orchestrator {
             };
             match saga.phase {
                 Phase::Done => return Ok(order),
-                Phase::Forward => match self.forward(&order).await {
+                Phase::Forward => match self.forward_with_quick_retries(&order).await {
                     Ok(courier_id) => {
                         if let Some(confirmed) = self.store.confirm(order.id, &courier_id).await? {
                             tracing::info!(%order_id, %courier_id, "order confirmed");
@@ -183,6 +183,25 @@ impl Orchestrator {
         Err(DbError::Invariant(format!(
             "the saga of order {order_id} changed phase more than {MAX_TURNS} times in one run"
         )))
+    }
+
+    /// [`Self::forward`], tried again at once (after a short jittered pause) when a
+    /// participant was briefly unable to answer — a shed call, a connection being replaced —
+    /// so that a momentary refusal does not defer the whole saga and leave the caller with a
+    /// PENDING order. Steps are idempotent, so trying again from the start is safe.
+    async fn forward_with_quick_retries(&self, order: &Order) -> Result<String, StepError> {
+        let mut pause = QUICK_RETRY_PAUSE;
+        for _ in 0..QUICK_RETRIES {
+            match self.forward(order).await {
+                Err(StepError::Transient { step, error }) => {
+                    tracing::debug!(order_id = %order.id, step, %error, "saga step refused; trying again at once");
+                    tokio::time::sleep(pause.mul_f64(0.5 + fastrand::f64())).await;
+                    pause *= 3;
+                }
+                done => return done,
+            }
+        }
+        self.forward(order).await
     }
 
     /// Reserve → assign → commit; the assigned courier.
@@ -308,6 +327,11 @@ impl Orchestrator {
         }
     }
 }
+
+/// Immediate retries of a transiently failed forward phase before the saga is deferred.
+const QUICK_RETRIES: usize = 2;
+/// The first pause between them (then three times as long), jittered.
+const QUICK_RETRY_PAUSE: Duration = Duration::from_millis(20);
 
 /// Longest wait between attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
