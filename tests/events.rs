@@ -11,35 +11,18 @@ use prost::Message;
 use tonic::transport::Channel;
 use uuid::Uuid;
 use waybill_api::{
-    delivery::v1::{self as delivery, delivery_service_client::DeliveryServiceClient},
     events::v1 as events,
-    inventory::v1::{self as inventory, inventory_service_client::InventoryServiceClient},
     notifications::v1::{
         self as notifications, notifications_service_client::NotificationsServiceClient,
     },
     orders::v1::{self as pb, orders_service_client::OrdersServiceClient},
 };
-use waybill_test_support::{NatsServer, TestDb, Waybill, eventually, waybill_bin};
+use waybill_test_support::{NatsServer, TestDb, Waybill, courier, eventually, stock, waybill_bin};
 
 /// Stocks an item and a courier, places one order, and returns it.
 async fn place_one(channel: Channel, customer: &str) -> pb::Order {
-    InventoryServiceClient::new(channel.clone())
-        .put_item(inventory::PutItemRequest {
-            sku: "SKU-1".into(),
-            name: String::new(),
-            on_hand: 10,
-        })
-        .await
-        .unwrap();
-    DeliveryServiceClient::new(channel.clone())
-        .put_courier(delivery::PutCourierRequest {
-            courier_id: "bike-1".into(),
-            name: String::new(),
-            zone: "default".into(),
-            capacity: 10,
-        })
-        .await
-        .unwrap();
+    stock(&channel, "SKU-1", 10).await;
+    courier(&channel, "bike-1", "default", 10).await;
     OrdersServiceClient::new(channel)
         .place_order(pb::PlaceOrderRequest {
             customer_id: customer.into(),

@@ -12,12 +12,10 @@ use tokio::{
     sync::mpsc,
 };
 use waybill_api::{
-    delivery::v1::{self as delivery, delivery_service_client::DeliveryServiceClient},
-    inventory::v1::{self as inventory, inventory_service_client::InventoryServiceClient},
     notifications::v1::{self as pb, notifications_service_client::NotificationsServiceClient},
     orders::v1::{self as orders, orders_service_client::OrdersServiceClient},
 };
-use waybill_test_support::{PATIENCE, TestDb, Waybill, eventually};
+use waybill_test_support::{PATIENCE, TestDb, Waybill, courier, eventually, stock};
 
 /// One POST the receiver got: its idempotency key and JSON body.
 #[derive(Debug)]
@@ -83,23 +81,8 @@ async fn notifications_reach_the_webhook_after_a_refusal() {
     let db = TestDb::new().await;
     let server = Waybill::serve(&db, &["--notify-webhook", &url]);
     let channel = server.channel().await;
-    InventoryServiceClient::new(channel.clone())
-        .put_item(inventory::PutItemRequest {
-            sku: "SKU-1".into(),
-            name: String::new(),
-            on_hand: 5,
-        })
-        .await
-        .unwrap();
-    DeliveryServiceClient::new(channel.clone())
-        .put_courier(delivery::PutCourierRequest {
-            courier_id: "bike-1".into(),
-            name: String::new(),
-            zone: "default".into(),
-            capacity: 5,
-        })
-        .await
-        .unwrap();
+    stock(&channel, "SKU-1", 5).await;
+    courier(&channel, "bike-1", "default", 5).await;
     let order = OrdersServiceClient::new(channel.clone())
         .place_order(orders::PlaceOrderRequest {
             customer_id: "c-hook".into(),

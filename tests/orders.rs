@@ -5,12 +5,8 @@
 
 use tonic::{Code, Status, transport::Channel};
 use tonic_types::StatusExt;
-use waybill_api::{
-    delivery::v1::{self as delivery, delivery_service_client::DeliveryServiceClient},
-    inventory::v1::{self as inventory, inventory_service_client::InventoryServiceClient},
-    orders::v1::{self as pb, orders_service_client::OrdersServiceClient},
-};
-use waybill_test_support::{TestDb, Waybill, wait_for_replica};
+use waybill_api::orders::v1::{self as pb, orders_service_client::OrdersServiceClient};
+use waybill_test_support::{TestDb, Waybill, courier, stock, wait_for_replica};
 
 /// A server with the items of [`place_request`] in stock and a courier in the default zone,
 /// so that placed orders are confirmed.
@@ -18,26 +14,10 @@ async fn start() -> (TestDb, Waybill, OrdersServiceClient<Channel>) {
     let db = TestDb::new().await;
     let server = Waybill::serve(&db, &[]);
     let channel = server.channel().await;
-    let mut inventory = InventoryServiceClient::new(channel.clone());
     for sku in ["SKU-1", "SKU-2"] {
-        inventory
-            .put_item(inventory::PutItemRequest {
-                sku: sku.into(),
-                name: String::new(),
-                on_hand: 1_000_000,
-            })
-            .await
-            .unwrap();
+        stock(&channel, sku, 1_000_000).await;
     }
-    DeliveryServiceClient::new(channel.clone())
-        .put_courier(delivery::PutCourierRequest {
-            courier_id: "van-1".into(),
-            name: String::new(),
-            zone: "default".into(),
-            capacity: 1000,
-        })
-        .await
-        .unwrap();
+    courier(&channel, "van-1", "default", 1000).await;
     (db, server, OrdersServiceClient::new(channel))
 }
 

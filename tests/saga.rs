@@ -10,7 +10,6 @@ use std::time::Duration;
 use tonic::{Request, transport::Channel};
 use waybill_api::{
     delivery::v1::{self as delivery, delivery_service_client::DeliveryServiceClient},
-    inventory::v1::{self as inventory, inventory_service_client::InventoryServiceClient},
     notifications::v1::{
         self as notifications, notifications_service_client::NotificationsServiceClient,
     },
@@ -19,8 +18,8 @@ use waybill_api::{
 use waybill_test_support::{ServeOptions, TestDb, Waybill, eventually};
 
 struct Clients {
+    channel: Channel,
     orders: OrdersServiceClient<Channel>,
-    inventory: InventoryServiceClient<Channel>,
     delivery: DeliveryServiceClient<Channel>,
     notifications: NotificationsServiceClient<Channel>,
 }
@@ -28,8 +27,8 @@ struct Clients {
 async fn clients(server: &Waybill) -> Clients {
     let channel = server.channel().await;
     Clients {
+        channel: channel.clone(),
         orders: OrdersServiceClient::new(channel.clone()),
-        inventory: InventoryServiceClient::new(channel.clone()),
         delivery: DeliveryServiceClient::new(channel.clone()),
         notifications: NotificationsServiceClient::new(channel),
     }
@@ -37,26 +36,11 @@ async fn clients(server: &Waybill) -> Clients {
 
 impl Clients {
     async fn stock(&mut self, sku: &str, on_hand: i32) {
-        self.inventory
-            .put_item(inventory::PutItemRequest {
-                sku: sku.into(),
-                name: format!("item {sku}"),
-                on_hand,
-            })
-            .await
-            .unwrap();
+        waybill_test_support::stock(&self.channel, sku, on_hand).await;
     }
 
     async fn courier(&mut self, id: &str, zone: &str, capacity: i32) {
-        self.delivery
-            .put_courier(delivery::PutCourierRequest {
-                courier_id: id.into(),
-                name: format!("courier {id}"),
-                zone: zone.into(),
-                capacity,
-            })
-            .await
-            .unwrap();
+        waybill_test_support::courier(&self.channel, id, zone, capacity).await;
     }
 
     async fn place(&mut self, customer: &str, sku: &str, quantity: i32) -> pb::Order {

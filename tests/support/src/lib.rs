@@ -510,3 +510,36 @@ fn nats_server_bin() -> PathBuf {
     );
     path
 }
+
+// === Seeding the platform ===
+
+/// Puts `sku` in the catalog with `on_hand` units, through the inventory API.
+pub async fn stock(channel: &tonic::transport::Channel, sku: &str, on_hand: i32) {
+    use waybill_api::inventory::v1::{
+        PutItemRequest, inventory_service_client::InventoryServiceClient,
+    };
+    InventoryServiceClient::new(channel.clone())
+        .put_item(PutItemRequest {
+            sku: sku.into(),
+            name: format!("item {sku}"),
+            on_hand,
+        })
+        .await
+        .unwrap_or_else(|status| panic!("PutItem {sku}: {status:?}"));
+}
+
+/// Puts a courier in `zone` with room for `capacity` deliveries, through the delivery API.
+pub async fn courier(channel: &tonic::transport::Channel, id: &str, zone: &str, capacity: i32) {
+    use waybill_api::delivery::v1::{
+        PutCourierRequest, delivery_service_client::DeliveryServiceClient,
+    };
+    DeliveryServiceClient::new(channel.clone())
+        .put_courier(PutCourierRequest {
+            courier_id: id.into(),
+            name: format!("courier {id}"),
+            zone: zone.into(),
+            capacity,
+        })
+        .await
+        .unwrap_or_else(|status| panic!("PutCourier {id}: {status:?}"));
+}
