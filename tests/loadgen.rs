@@ -19,7 +19,7 @@ async fn loadgen_reports_what_it_sent_and_the_server_stored() {
             "--scenario",
             "place-orders",
             "--rate",
-            "100",
+            "25",
             "--duration",
             "2s",
             // Each PlaceOrder runs its saga (three calls to inventory and delivery) in a debug
@@ -43,8 +43,9 @@ async fn loadgen_reports_what_it_sent_and_the_server_stored() {
 
     let sent = report["sent"].as_u64().unwrap();
     let ok = report["ok"].as_u64().unwrap();
-    // Open loop: 100/s for 2 s schedules 200 calls (give or take the last tick).
-    assert!((195..=201).contains(&sent), "{report}");
+    // Open loop: 25/s for 2 s schedules 50 calls (give or take the last tick). The rate is low
+    // because each call runs a saga in a debug build on a 2-core CI machine.
+    assert!((49..=51).contains(&sent), "{report}");
     assert_eq!(report["not_sent"], 0, "{report}");
     // A busy machine may make the server shed some calls (RESOURCE_EXHAUSTED, by design);
     // every call is either answered or counted as that error, nothing else.

@@ -8,7 +8,8 @@
 //! spread over its couriers instead of queueing on the least loaded one; the order id is the
 //! deliveries' key, so one order never gets two deliveries.
 
-use tokio_postgres::{Row, Transaction};
+use deadpool_postgres::Transaction;
+use tokio_postgres::Row;
 use uuid::Uuid;
 use waybill_api::{delivery::v1 as pb, events::v1 as events};
 use waybill_runtime::{ConsistencyToken, Db, DbError};
@@ -111,7 +112,7 @@ impl DeliveryStore {
             return Ok(Assigned::NoCourier);
         };
         tx.execute(
-            "UPDATE delivery.couriers SET active = active + 1, updated_at = now() WHERE id = $1",
+            &tx.prepare_cached("UPDATE delivery.couriers SET active = active + 1, updated_at = now() WHERE id = $1").await?,
             &[&courier_id],
         )
         .await?;
@@ -119,13 +120,14 @@ impl DeliveryStore {
         // the winner's commit, inserts nothing, and returns the winner's delivery.
         let inserted = tx
             .query_opt(
-                &format!(
+                &tx.prepare_cached(&format!(
                     "INSERT INTO delivery.deliveries AS d
                          (order_id, customer_id, courier_id, zone, status, version)
                      VALUES ($1, $2, $3, $4, 'ASSIGNED', 1)
                      ON CONFLICT (order_id) DO NOTHING
                      RETURNING {DELIVERY_COLUMNS}"
-                ),
+                ))
+                .await?,
                 &[&order_id, &customer_id, &courier_id, &zone],
             )
             .await?;
@@ -166,13 +168,14 @@ impl DeliveryStore {
             None => {
                 let inserted = tx
                     .query_opt(
-                        &format!(
+                        &tx.prepare_cached(&format!(
                             "INSERT INTO delivery.deliveries AS d
                                  (order_id, status, reason, version)
                              VALUES ($1, 'CANCELLED', $2, 1)
                              ON CONFLICT (order_id) DO NOTHING
                              RETURNING {DELIVERY_COLUMNS}"
-                        ),
+                        ))
+                        .await?,
                         &[&order_id, &reason],
                     )
                     .await?;
@@ -245,12 +248,13 @@ impl DeliveryStore {
         }
         let row = tx
             .query_one(
-                &format!(
+                &tx.prepare_cached(&format!(
                     "UPDATE delivery.deliveries AS d
                      SET lat = $2, lng = $3, version = version + 1, updated_at = now()
                      WHERE order_id = $1
                      RETURNING {DELIVERY_COLUMNS}"
-                ),
+                ))
+                .await?,
                 &[&order_id, &location.latitude, &location.longitude],
             )
             .await?;
@@ -370,12 +374,18 @@ async fn lock_courier(tx: &Transaction<'_>, zone: &str) -> Result<Option<String>
                         LIMIT 1
                         FOR UPDATE";
     if let Some(row) = tx
-        .query_opt(&format!("{PICK} SKIP LOCKED"), &[&zone])
+        .query_opt(
+            &tx.prepare_cached(&format!("{PICK} SKIP LOCKED")).await?,
+            &[&zone],
+        )
         .await?
     {
         return Ok(Some(row.try_get(0)?));
     }
-    match tx.query_opt(PICK, &[&zone]).await? {
+    match tx
+        .query_opt(&tx.prepare_cached(PICK).await?, &[&zone])
+        .await?
+    {
         Some(row) => Ok(Some(row.try_get(0)?)),
         None => Ok(None),
     }
@@ -403,13 +413,14 @@ async fn change_status(
     };
     let row = tx
         .query_one(
-            &format!(
+            &tx.prepare_cached(&format!(
                 "UPDATE delivery.deliveries AS d
                  SET status = $2, lat = coalesce($3, lat), lng = coalesce($4, lng), reason = $5,
                      version = version + 1, updated_at = now()
                  WHERE order_id = $1
                  RETURNING {DELIVERY_COLUMNS}"
-            ),
+            ))
+            .await?,
             &[
                 &delivery.order_id,
                 &to.as_str(),
@@ -424,7 +435,7 @@ async fn change_status(
         && let Some(courier_id) = &changed.courier_id
     {
         tx.execute(
-            "UPDATE delivery.couriers SET active = active - 1, updated_at = now() WHERE id = $1",
+            &tx.prepare_cached("UPDATE delivery.couriers SET active = active - 1, updated_at = now() WHERE id = $1").await?,
             &[courier_id],
         )
         .await?;
@@ -432,7 +443,7 @@ async fn change_status(
     record(tx, &changed, location).await?;
     let status: pb::DeliveryStatus = to.into();
     outbox::append(
-        tx,
+        &**tx,
         outbox::STATUS_CHANGED,
         &changed.order_id.to_string(),
         &events::DeliveryStatusChanged {
@@ -454,8 +465,11 @@ async fn record(
     reported: Option<Location>,
 ) -> Result<(), DbError> {
     tx.execute(
-        "INSERT INTO delivery.tracking_events (order_id, version, status, lat, lng, at)
+        &tx.prepare_cached(
+            "INSERT INTO delivery.tracking_events (order_id, version, status, lat, lng, at)
          VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .await?,
         &[
             &delivery.order_id,
             &delivery.version,
@@ -467,7 +481,7 @@ async fn record(
     )
     .await?;
     tx.execute(
-        "SELECT pg_notify($1, $2)",
+        &tx.prepare_cached("SELECT pg_notify($1, $2)").await?,
         &[&tracking::CHANNEL, &delivery.order_id.to_string()],
     )
     .await?;

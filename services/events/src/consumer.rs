@@ -293,11 +293,12 @@ impl Inbox<'_> {
         let tx = client.transaction().await?;
         let inserted = tx
             .execute(
-                &format!(
+                &tx.prepare_cached(&format!(
                     "INSERT INTO {}.inbox (subscription, event_id) VALUES ($1, $2)
                      ON CONFLICT DO NOTHING",
                     self.schema
-                ),
+                ))
+                .await?,
                 &[&self.subscription.name(), &event.id],
             )
             .await?;

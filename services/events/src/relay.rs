@@ -138,7 +138,8 @@ impl Relay {
         let tx = client.transaction().await?;
         let locked: bool = tx
             .query_one(
-                "SELECT pg_try_advisory_xact_lock(hashtext($1))",
+                &tx.prepare_cached("SELECT pg_try_advisory_xact_lock(hashtext($1))")
+                    .await?,
                 &[&format!("waybill.relay.{}", self.schema)],
             )
             .await?
@@ -154,7 +155,11 @@ impl Relay {
                 nats.publish(&events, None).await?;
                 let ids: Vec<uuid::Uuid> = events.iter().map(|event| event.id).collect();
                 tx.execute(
-                    &format!("DELETE FROM {}.outbox WHERE id = ANY($1)", self.schema),
+                    &tx.prepare_cached(&format!(
+                        "DELETE FROM {}.outbox WHERE id = ANY($1)",
+                        self.schema
+                    ))
+                    .await?,
                     &[&ids],
                 )
                 .await?;
@@ -180,7 +185,9 @@ impl Relay {
         );
         let sampled = async {
             let client = self.db.primary().await?;
-            let row = client.query_one(&query, &[]).await?;
+            let row = client
+                .query_one(&client.prepare_cached(&query).await?, &[])
+                .await?;
             Ok::<_, DbError>((row.get::<_, i64>(0), row.get::<_, Option<f64>>(1)))
         };
         match sampled.await {
@@ -196,16 +203,17 @@ impl Relay {
     /// The next batch of outbox rows, locked, in id order.
     async fn select(
         &self,
-        tx: &tokio_postgres::Transaction<'_>,
+        tx: &deadpool_postgres::Transaction<'_>,
         limit: i64,
     ) -> Result<Vec<Event>, DbError> {
         let rows = tx
             .query(
-                &format!(
+                &tx.prepare_cached(&format!(
                     "SELECT id, topic, key, payload, headers::text, created_at
                      FROM {}.outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
                     self.schema
-                ),
+                ))
+                .await?,
                 &[&limit],
             )
             .await?;

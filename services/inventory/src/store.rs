@@ -4,7 +4,8 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use tokio_postgres::{Row, Transaction, error::SqlState};
+use deadpool_postgres::Transaction;
+use tokio_postgres::{Row, error::SqlState};
 use uuid::Uuid;
 use waybill_runtime::{Db, DbError};
 
@@ -172,10 +173,13 @@ impl InventoryStore {
         // for the first to commit and then sees the row.
         let inserted = tx
             .query_opt(
-                "INSERT INTO inventory.reservations (order_id, state, expires_at)
+                &tx.prepare_cached(
+                    "INSERT INTO inventory.reservations (order_id, state, expires_at)
                  VALUES ($1, 'HELD', now() + make_interval(secs => $2))
                  ON CONFLICT (order_id) DO NOTHING
                  RETURNING expires_at",
+                )
+                .await?,
                 &[&request.order_id, &ttl_seconds],
             )
             .await?;
@@ -192,8 +196,11 @@ impl InventoryStore {
         let quantities: Vec<i32> = request.lines.values().copied().collect();
         let available: BTreeMap<String, i32> = tx
             .query(
-                "SELECT sku, on_hand - reserved FROM inventory.items
+                &tx.prepare_cached(
+                    "SELECT sku, on_hand - reserved FROM inventory.items
                  WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
+                )
+                .await?,
                 &[&skus],
             )
             .await?
@@ -214,13 +221,13 @@ impl InventoryStore {
             }
         }
         tx.execute(
-            "WITH wanted AS (SELECT * FROM unnest($2::text[], $3::int4[]) AS w(sku, quantity)),
+            &tx.prepare_cached("WITH wanted AS (SELECT * FROM unnest($2::text[], $3::int4[]) AS w(sku, quantity)),
                   held AS (
                       UPDATE inventory.items i SET reserved = i.reserved + w.quantity, updated_at = now()
                       FROM wanted w WHERE i.sku = w.sku
                   )
              INSERT INTO inventory.reservation_lines (order_id, sku, quantity)
-             SELECT $1, sku, quantity FROM wanted",
+             SELECT $1, sku, quantity FROM wanted").await?,
             &[&request.order_id, &skus, &quantities],
         )
         .await?;
@@ -240,8 +247,11 @@ impl InventoryStore {
         let tx = client.transaction().await?;
         let tombstone = tx
             .execute(
-                "INSERT INTO inventory.reservations (order_id, state) VALUES ($1, 'RELEASED')
+                &tx.prepare_cached(
+                    "INSERT INTO inventory.reservations (order_id, state) VALUES ($1, 'RELEASED')
                  ON CONFLICT (order_id) DO NOTHING",
+                )
+                .await?,
                 &[&order_id],
             )
             .await?;
@@ -269,11 +279,15 @@ impl InventoryStore {
             }
         };
         lock_items(&tx, order_id).await?;
-        tx.execute(give_back, &[&order_id]).await?;
+        tx.execute(&tx.prepare_cached(give_back).await?, &[&order_id])
+            .await?;
         tx.execute(
-            "UPDATE inventory.reservations
+            &tx.prepare_cached(
+                "UPDATE inventory.reservations
              SET state = 'RELEASED', expires_at = NULL, updated_at = now()
              WHERE order_id = $1",
+            )
+            .await?,
             &[&order_id],
         )
         .await?;
@@ -298,18 +312,24 @@ impl InventoryStore {
             ReservationState::Held => {
                 lock_items(&tx, order_id).await?;
                 tx.execute(
-                    "UPDATE inventory.items i
+                    &tx.prepare_cached(
+                        "UPDATE inventory.items i
                      SET on_hand = i.on_hand - l.quantity, reserved = i.reserved - l.quantity,
                          updated_at = now()
                      FROM inventory.reservation_lines l
                      WHERE l.order_id = $1 AND i.sku = l.sku",
+                    )
+                    .await?,
                     &[&order_id],
                 )
                 .await?;
                 tx.execute(
-                    "UPDATE inventory.reservations
+                    &tx.prepare_cached(
+                        "UPDATE inventory.reservations
                      SET state = 'COMMITTED', expires_at = NULL, updated_at = now()
                      WHERE order_id = $1",
+                    )
+                    .await?,
                     &[&order_id],
                 )
                 .await?;
@@ -343,9 +363,12 @@ impl InventoryStore {
 /// Locks the reservation's item rows in SKU order (see the module comment).
 async fn lock_items(tx: &Transaction<'_>, order_id: Uuid) -> Result<(), DbError> {
     tx.execute(
-        "SELECT 1 FROM inventory.items
+        &tx.prepare_cached(
+            "SELECT 1 FROM inventory.items
          WHERE sku IN (SELECT sku FROM inventory.reservation_lines WHERE order_id = $1)
          ORDER BY sku FOR UPDATE",
+        )
+        .await?,
         &[&order_id],
     )
     .await?;
@@ -360,9 +383,10 @@ async fn load_reservation(
     let lock = if for_update { "FOR UPDATE" } else { "" };
     let Some(row) = tx
         .query_opt(
-            &format!(
+            &tx.prepare_cached(&format!(
                 "SELECT state, expires_at FROM inventory.reservations WHERE order_id = $1 {lock}"
-            ),
+            ))
+            .await?,
             &[&order_id],
         )
         .await?
@@ -377,7 +401,7 @@ async fn load_reservation(
     })?;
     let lines = tx
         .query(
-            "SELECT sku, quantity FROM inventory.reservation_lines WHERE order_id = $1 ORDER BY sku",
+            &tx.prepare_cached("SELECT sku, quantity FROM inventory.reservation_lines WHERE order_id = $1 ORDER BY sku").await?,
             &[&order_id],
         )
         .await?

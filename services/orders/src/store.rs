@@ -160,7 +160,11 @@ impl OrderStore {
         // the check and the update.
         let row = transaction
             .query_opt(
-                &format!("SELECT {ORDER_COLUMNS} FROM orders.orders o WHERE o.id = $1 FOR UPDATE"),
+                &transaction
+                    .prepare_cached(&format!(
+                        "SELECT {ORDER_COLUMNS} FROM orders.orders o WHERE o.id = $1 FOR UPDATE"
+                    ))
+                    .await?,
                 &[&id],
             )
             .await?;
@@ -176,19 +180,27 @@ impl OrderStore {
         }
         let row = transaction
             .query_one(
-                "UPDATE orders.orders
+                &transaction
+                    .prepare_cached(
+                        "UPDATE orders.orders
                  SET status = 'CANCELLED', cancel_reason = $2, updated_at = now()
                  WHERE id = $1
                  RETURNING updated_at",
+                    )
+                    .await?,
                 &[&id, &reason],
             )
             .await?;
         transaction
             .execute(
-                "UPDATE orders.sagas
+                &transaction
+                    .prepare_cached(
+                        "UPDATE orders.sagas
                  SET phase = 'COMPENSATE', reason = $2, attempts = 0, due_at = now(),
                      updated_at = now()
                  WHERE order_id = $1",
+                    )
+                    .await?,
                 &[&id, &reason],
             )
             .await?;
@@ -290,8 +302,8 @@ impl OrderStore {
         let transaction = client.transaction().await?;
         let ended = transaction
             .execute(
-                "UPDATE orders.sagas SET phase = 'DONE', step = '', last_error = '', updated_at = now()
-                 WHERE order_id = $1 AND phase = 'FORWARD'",
+                &transaction.prepare_cached("UPDATE orders.sagas SET phase = 'DONE', step = '', last_error = '', updated_at = now()
+                 WHERE order_id = $1 AND phase = 'FORWARD'").await?,
                 &[&id],
             )
             .await?;
@@ -300,15 +312,17 @@ impl OrderStore {
         }
         let row = transaction
             .query_opt(
-                &format!(
-                    "WITH confirmed AS (
+                &transaction
+                    .prepare_cached(&format!(
+                        "WITH confirmed AS (
                          UPDATE orders.orders
                          SET status = 'CONFIRMED', courier_id = $2, updated_at = now()
                          WHERE id = $1 AND status = 'PENDING'
                          RETURNING *
                      )
                      SELECT {ORDER_COLUMNS} FROM confirmed o"
-                ),
+                    ))
+                    .await?,
                 &[&id, &courier_id],
             )
             .await?;
@@ -328,9 +342,9 @@ impl OrderStore {
         let transaction = client.transaction().await?;
         let reason: Option<String> = transaction
             .query_opt(
-                "UPDATE orders.sagas SET phase = 'DONE', step = '', last_error = '', updated_at = now()
+                &transaction.prepare_cached("UPDATE orders.sagas SET phase = 'DONE', step = '', last_error = '', updated_at = now()
                  WHERE order_id = $1 AND phase = 'COMPENSATE'
-                 RETURNING reason",
+                 RETURNING reason").await?,
                 &[&id],
             )
             .await?
@@ -341,15 +355,23 @@ impl OrderStore {
         };
         let cancelled = transaction
             .execute(
-                "UPDATE orders.orders
+                &transaction
+                    .prepare_cached(
+                        "UPDATE orders.orders
                  SET status = 'CANCELLED', cancel_reason = $2, updated_at = now()
                  WHERE id = $1 AND status <> 'CANCELLED'",
+                    )
+                    .await?,
                 &[&id, &reason],
             )
             .await?;
         let row = transaction
             .query_one(
-                &format!("SELECT {ORDER_COLUMNS} FROM orders.orders o WHERE o.id = $1"),
+                &transaction
+                    .prepare_cached(&format!(
+                        "SELECT {ORDER_COLUMNS} FROM orders.orders o WHERE o.id = $1"
+                    ))
+                    .await?,
                 &[&id],
             )
             .await?;

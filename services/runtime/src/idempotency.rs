@@ -73,7 +73,9 @@ impl IdempotencyStore for PgIdempotencyStore {
             // claims cannot both win.
             let claimed = client
                 .query_opt(
-                    "INSERT INTO mesh.idempotency_keys
+                    &client
+                        .prepare_cached(
+                            "INSERT INTO mesh.idempotency_keys
                          (caller, method, key, fingerprint, state, lease_until, expires_at)
                      VALUES ($1, $2, $3, $4, 'running',
                              now() + make_interval(secs => $5), now() + make_interval(secs => $6))
@@ -86,6 +88,9 @@ impl IdempotencyStore for PgIdempotencyStore {
                             AND mesh.idempotency_keys.lease_until < now()
                             AND mesh.idempotency_keys.fingerprint = EXCLUDED.fingerprint)
                      RETURNING 1",
+                        )
+                        .await
+                        .map_err(store_error)?,
                     &[
                         &key.caller,
                         &key.method,
@@ -102,8 +107,13 @@ impl IdempotencyStore for PgIdempotencyStore {
             }
             let row = client
                 .query_opt(
-                    "SELECT fingerprint, state, code, message, details, body
+                    &client
+                        .prepare_cached(
+                            "SELECT fingerprint, state, code, message, details, body
                      FROM mesh.idempotency_keys WHERE caller = $1 AND method = $2 AND key = $3",
+                        )
+                        .await
+                        .map_err(store_error)?,
                     &[&key.caller, &key.method, &key.key],
                 )
                 .await
@@ -158,10 +168,15 @@ impl IdempotencyStore for PgIdempotencyStore {
             let client = db.primary().await.map_err(store_error)?;
             client
                 .execute(
-                    "UPDATE mesh.idempotency_keys
+                    &client
+                        .prepare_cached(
+                            "UPDATE mesh.idempotency_keys
                      SET state = 'done', lease_until = NULL, code = $4, message = $5,
                          details = $6, body = $7, expires_at = now() + make_interval(secs => $8)
                      WHERE caller = $1 AND method = $2 AND key = $3",
+                        )
+                        .await
+                        .map_err(store_error)?,
                     &[
                         &key.caller,
                         &key.method,
@@ -186,8 +201,13 @@ impl IdempotencyStore for PgIdempotencyStore {
             let client = db.primary().await.map_err(store_error)?;
             client
                 .execute(
-                    "DELETE FROM mesh.idempotency_keys
+                    &client
+                        .prepare_cached(
+                            "DELETE FROM mesh.idempotency_keys
                      WHERE caller = $1 AND method = $2 AND key = $3 AND state = 'running'",
+                        )
+                        .await
+                        .map_err(store_error)?,
                     &[&key.caller, &key.method, &key.key],
                 )
                 .await
@@ -204,9 +224,14 @@ impl IdempotencyStore for PgIdempotencyStore {
             loop {
                 let deleted = client
                     .execute(
-                        "DELETE FROM mesh.idempotency_keys WHERE ctid IN (
+                        &client
+                            .prepare_cached(
+                                "DELETE FROM mesh.idempotency_keys WHERE ctid IN (
                              SELECT ctid FROM mesh.idempotency_keys
                              WHERE expires_at < now() LIMIT $1)",
+                            )
+                            .await
+                            .map_err(store_error)?,
                         &[&PURGE_BATCH],
                     )
                     .await

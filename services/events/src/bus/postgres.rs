@@ -124,12 +124,16 @@ impl PgBus {
         let client = self.db.primary().await?;
         client
             .execute(
-                // The latest configuration wins: topics no longer listed stop fanning out.
-                "WITH dropped AS (
+                &client
+                    .prepare_cached(
+                        // The latest configuration wins: topics no longer listed stop fanning out.
+                        "WITH dropped AS (
                      DELETE FROM bus.subscriptions WHERE name = $1 AND topic <> ALL($2::text[])
                  )
                  INSERT INTO bus.subscriptions (name, topic) SELECT $1, unnest($2::text[])
                  ON CONFLICT DO NOTHING",
+                    )
+                    .await?,
                 &[&sub.name(), &sub.topics()],
             )
             .await?;
@@ -165,7 +169,9 @@ impl PgBus {
         let client = self.db.primary().await?;
         let rows = client
             .query(
-                "WITH due AS (
+                &client
+                    .prepare_cached(
+                        "WITH due AS (
                      SELECT subscription, seq FROM bus.deliveries
                      WHERE subscription = $1 AND next_attempt_at <= now()
                      ORDER BY seq LIMIT $2
@@ -178,6 +184,8 @@ impl PgBus {
                  WHERE d.subscription = due.subscription AND d.seq = due.seq AND m.seq = d.seq
                  RETURNING d.seq, d.attempts, m.event_id, m.topic, m.key, m.payload,
                            m.headers::text, m.created_at",
+                    )
+                    .await?,
                 &[&sub.name(), &CLAIM_BATCH, &sub.ack_wait().as_secs_f64()],
             )
             .await?;
@@ -244,7 +252,7 @@ impl PgBus {
     async fn ack(&self, inbox: &Inbox<'_>, seq: i64) -> Result<(), DbError> {
         let mut client = self.db.primary().await?;
         let tx = client.transaction().await?;
-        settle(&*tx, inbox.subscription.name(), seq).await?;
+        settle(&tx, inbox.subscription.name(), seq).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -260,9 +268,9 @@ impl PgBus {
         let name = inbox.subscription.name();
         let mut client = self.db.primary().await?;
         let tx = client.transaction().await?;
-        lock_message(&*tx, seq).await?;
+        lock_message(&tx, seq).await?;
         dead_letters::record(&*tx, name, event, attempts, error).await?;
-        settle(&*tx, name, seq).await?;
+        settle(&tx, name, seq).await?;
         tx.commit().await?;
         dead_letters::log_dead(name, event, attempts, error);
         Ok(())
@@ -278,9 +286,13 @@ impl PgBus {
         let client = self.db.primary().await?;
         client
             .execute(
-                "UPDATE bus.deliveries
+                &client
+                    .prepare_cached(
+                        "UPDATE bus.deliveries
                  SET next_attempt_at = now() + make_interval(secs => $3), last_error = $4
                  WHERE subscription = $1 AND seq = $2",
+                    )
+                    .await?,
                 &[
                     &inbox.subscription.name(),
                     &seq,
@@ -297,8 +309,12 @@ impl PgBus {
         let client = self.db.primary().await?;
         client
             .execute(
-                "UPDATE bus.deliveries SET attempts = attempts - 1, next_attempt_at = now()
+                &client
+                    .prepare_cached(
+                        "UPDATE bus.deliveries SET attempts = attempts - 1, next_attempt_at = now()
                  WHERE subscription = $1 AND seq = $2",
+                    )
+                    .await?,
                 &[&inbox.subscription.name(), &seq],
             )
             .await?;
@@ -311,8 +327,12 @@ impl PgBus {
         let client = self.db.primary().await?;
         let row = client
             .query_one(
-                "SELECT extract(epoch FROM min(next_attempt_at) - now())::float8
+                &client
+                    .prepare_cached(
+                        "SELECT extract(epoch FROM min(next_attempt_at) - now())::float8
                  FROM bus.deliveries WHERE subscription = $1",
+                    )
+                    .await?,
                 &[&inbox.subscription.name()],
             )
             .await?;
@@ -326,9 +346,10 @@ impl PgBus {
 
 /// Locks message `seq`, so acks of several subscriptions take turns deciding whether the
 /// message is fully delivered (each then sees the others' committed deletes).
-async fn lock_message(tx: &impl GenericClient, seq: i64) -> Result<(), DbError> {
+async fn lock_message(tx: &deadpool_postgres::Transaction<'_>, seq: i64) -> Result<(), DbError> {
     tx.query_opt(
-        "SELECT 1 FROM bus.messages WHERE seq = $1 FOR UPDATE",
+        &tx.prepare_cached("SELECT 1 FROM bus.messages WHERE seq = $1 FOR UPDATE")
+            .await?,
         &[&seq],
     )
     .await?;
@@ -336,16 +357,24 @@ async fn lock_message(tx: &impl GenericClient, seq: i64) -> Result<(), DbError> 
 }
 
 /// Deletes `subscription`'s delivery of `seq`, and the message if it was the last one.
-async fn settle(tx: &impl GenericClient, subscription: &str, seq: i64) -> Result<(), DbError> {
+async fn settle(
+    tx: &deadpool_postgres::Transaction<'_>,
+    subscription: &str,
+    seq: i64,
+) -> Result<(), DbError> {
     lock_message(tx, seq).await?;
     tx.execute(
-        "DELETE FROM bus.deliveries WHERE subscription = $1 AND seq = $2",
+        &tx.prepare_cached("DELETE FROM bus.deliveries WHERE subscription = $1 AND seq = $2")
+            .await?,
         &[&subscription, &seq],
     )
     .await?;
     tx.execute(
-        "DELETE FROM bus.messages m WHERE m.seq = $1
+        &tx.prepare_cached(
+            "DELETE FROM bus.messages m WHERE m.seq = $1
          AND NOT EXISTS (SELECT 1 FROM bus.deliveries d WHERE d.seq = $1)",
+        )
+        .await?,
         &[&seq],
     )
     .await?;
@@ -358,7 +387,8 @@ pub(crate) async fn replay(db: &Db, subscription: &str, event_id: Uuid) -> Resul
     let tx = client.transaction().await?;
     let seq: Option<i64> = tx
         .query_opt(
-            "WITH dead AS (
+            &tx.prepare_cached(
+                "WITH dead AS (
                  DELETE FROM bus.dead_letters WHERE subscription = $1 AND event_id = $2
                  RETURNING event_id, topic, key, payload, headers, created_at
              )
@@ -366,6 +396,8 @@ pub(crate) async fn replay(db: &Db, subscription: &str, event_id: Uuid) -> Resul
              SELECT event_id, topic, key, payload, headers, created_at FROM dead
              ON CONFLICT (event_id) DO UPDATE SET event_id = EXCLUDED.event_id
              RETURNING seq",
+            )
+            .await?,
             &[&subscription, &event_id],
         )
         .await?
@@ -377,14 +409,20 @@ pub(crate) async fn replay(db: &Db, subscription: &str, event_id: Uuid) -> Resul
         });
     };
     tx.execute(
-        "INSERT INTO bus.deliveries (subscription, seq) VALUES ($1, $2)
+        &tx.prepare_cached(
+            "INSERT INTO bus.deliveries (subscription, seq) VALUES ($1, $2)
          ON CONFLICT (subscription, seq) DO UPDATE
          SET attempts = 0, next_attempt_at = now(), last_error = NULL",
+        )
+        .await?,
         &[&subscription, &seq],
     )
     .await?;
-    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &subscription])
-        .await?;
+    tx.execute(
+        &tx.prepare_cached("SELECT pg_notify($1, $2)").await?,
+        &[&CHANNEL, &subscription],
+    )
+    .await?;
     tx.commit().await?;
     Ok(())
 }
