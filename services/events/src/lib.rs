@@ -91,7 +91,8 @@
 //!   consumer's first start). Consumers claim due deliveries with `FOR UPDATE SKIP LOCKED`
 //!   under a lease (the ack wait): a claim counts an attempt and hides the delivery until the
 //!   lease ends, so no transaction stays open while a handler runs, and a consumer that dies
-//!   gives its deliveries back when the lease ends. A handled delivery is deleted, and its
+//!   gives its deliveries back when the lease ends. A handled delivery is deleted in the
+//!   handler's own transaction (one commit per event, not two), and its
 //!   message with it once no subscription still needs it.
 //! - **NATS bus**: stream `WAYBILL` on `waybill.>`, file storage, interest retention (a
 //!   message goes when every consumer has acked it, at most 7 days), 2-minute duplicate

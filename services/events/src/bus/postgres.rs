@@ -230,8 +230,9 @@ impl PgBus {
                 .dead_letter(inbox, seq, &event, attempts - 1, &error)
                 .await;
         }
-        match inbox.handle(&event).await {
-            Outcome::Handled | Outcome::Duplicate => self.ack(inbox, seq).await,
+        // The delivery is settled in the handler's own transaction.
+        match inbox.handle_settling(&event, Some(seq)).await {
+            Outcome::Handled | Outcome::Duplicate => Ok(()),
             Outcome::Failed(error) => {
                 let permanent = matches!(error, crate::HandlerError::Permanent(_));
                 if permanent || attempts >= sub.max_attempts() {
@@ -246,15 +247,6 @@ impl PgBus {
                 }
             }
         }
-    }
-
-    /// Deletes a handled delivery, and its message once no subscription still needs it.
-    async fn ack(&self, inbox: &Inbox<'_>, seq: i64) -> Result<(), DbError> {
-        let mut client = self.db.primary().await?;
-        let tx = client.transaction().await?;
-        settle(&tx, inbox.subscription.name(), seq).await?;
-        tx.commit().await?;
-        Ok(())
     }
 
     async fn dead_letter(
@@ -357,7 +349,7 @@ async fn lock_message(tx: &deadpool_postgres::Transaction<'_>, seq: i64) -> Resu
 }
 
 /// Deletes `subscription`'s delivery of `seq`, and the message if it was the last one.
-async fn settle(
+pub(crate) async fn settle(
     tx: &deadpool_postgres::Transaction<'_>,
     subscription: &str,
     seq: i64,
