@@ -153,6 +153,9 @@ async fn a_redelivery_after_a_restart_does_not_run_the_handler_again() {
         (recorder.calls() == 2).then_some(())
     })
     .await;
+    // The handler has run; its transaction (effects, inbox row, settled delivery) commits
+    // just after.
+    drained(&fx).await;
     assert_eq!(fx.effects("a").await, vec![first.id, second.id]);
 }
 
