@@ -117,6 +117,55 @@ async fn opens_fails_fast_then_closes_through_half_open() {
     assert_eq!(endpoint.calls(), 5);
 }
 
+/// A shed call (RESOURCE_EXHAUSTED) is a busy but healthy endpoint: it neither opens the
+/// circuit nor breaks a failure streak, nor counts as a successful probe.
+#[tokio::test(start_paused = true)]
+async fn load_shedding_counts_neither_way() {
+    let answers = Arc::new(std::sync::Mutex::new(Vec::<Code>::new()));
+    let next = answers.clone();
+    let endpoint = service_fn(move |_request: Request<Body>| {
+        let code = next.lock().unwrap().pop().unwrap_or(Code::Ok);
+        async move { Ok::<_, Infallible>(if code == Code::Ok { ok() } else { status(code) }) }
+    });
+    let mut service = BreakerLayer::new("a", policy()).layer(endpoint);
+    let script = |codes: &[Code]| {
+        // Popped from the end: reverse so they are answered in the order given.
+        *answers.lock().unwrap() = codes.iter().rev().copied().collect();
+    };
+
+    script(&[Code::ResourceExhausted; 10]);
+    for _ in 0..10 {
+        assert_eq!(code(&send(&mut service).await), Code::ResourceExhausted);
+    }
+    assert_eq!(
+        service.breaker().state(),
+        BreakerState::Closed,
+        "shedding is not a failure"
+    );
+
+    // UNAVAILABLE, shed, UNAVAILABLE, shed, UNAVAILABLE: the streak of three is not reset.
+    script(&[
+        Code::Unavailable,
+        Code::ResourceExhausted,
+        Code::Unavailable,
+        Code::ResourceExhausted,
+        Code::Unavailable,
+    ]);
+    for _ in 0..5 {
+        send(&mut service).await;
+    }
+    assert_eq!(service.breaker().state(), BreakerState::Open);
+
+    // Half-open: a shed probe neither closes nor reopens; two real successes close.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    script(&[Code::ResourceExhausted, Code::Ok, Code::Ok]);
+    send(&mut service).await;
+    assert_eq!(service.breaker().state(), BreakerState::HalfOpen);
+    send(&mut service).await;
+    send(&mut service).await;
+    assert_eq!(service.breaker().state(), BreakerState::Closed);
+}
+
 #[tokio::test(start_paused = true)]
 async fn half_open_admits_a_bounded_number_of_probes_and_a_failure_doubles_the_wait() {
     let endpoint = Switch {

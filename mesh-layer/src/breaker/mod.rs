@@ -13,7 +13,7 @@
 //! lets `halfOpenProbes` calls through: all succeed and it closes; one fails and it reopens.
 //!
 //! A failure is a transport error or a code that says the endpoint is unwell (UNAVAILABLE,
-//! DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, UNKNOWN, DATA_LOSS), read from the
+//! DEADLINE_EXCEEDED, INTERNAL, UNKNOWN, DATA_LOSS; a shed call, RESOURCE_EXHAUSTED, counts neither way), read from the
 //! headers or, when the response streams, from the trailers. A caller's mistake
 //! (INVALID_ARGUMENT, NOT_FOUND, …) is a healthy endpoint's answer.
 
@@ -49,6 +49,16 @@ pub fn is_failure(code: Code) -> bool {
             | Code::Unknown
             | Code::DataLoss
     )
+}
+
+/// Records a finished call: RESOURCE_EXHAUSTED counts neither way (a shed call is no sign of
+/// health either, so it must not reset the failure streak or close a half-open circuit).
+fn settle(admission: Admission, code: Code) {
+    if code == Code::ResourceExhausted {
+        admission.ignore();
+    } else {
+        admission.record(is_failure(code));
+    }
 }
 
 /// Wraps one endpoint's service in a circuit breaker.
@@ -125,7 +135,7 @@ where
                 }
                 Ok(response) => match grpc::status_code(response.headers()) {
                     Some(code) => {
-                        admission.record(is_failure(code));
+                        settle(admission, code);
                         Ok(response)
                     }
                     None => Ok(response.map(|body| {
@@ -149,7 +159,7 @@ struct Observed {
 impl Observed {
     fn finish(&mut self, code: Option<Code>) {
         if let Some(admission) = self.admission.take() {
-            admission.record(is_failure(code.unwrap_or(Code::Unknown)));
+            settle(admission, code.unwrap_or(Code::Unknown));
         }
     }
 }

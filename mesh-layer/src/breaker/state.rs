@@ -215,6 +215,22 @@ impl Breaker {
         })
     }
 
+    /// A call that says nothing about the endpoint's health (it shed the call): no outcome
+    /// is counted, but a half-open probe's slot is given back.
+    fn on_neutral(&self, epoch: u64, probe: bool) {
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        if state.epoch != epoch {
+            return;
+        }
+        if let Circuit::HalfOpen { probing, .. } = &mut state.circuit
+            && probe
+        {
+            *probing = probing.saturating_sub(1);
+        }
+    }
+
     fn on_outcome(&self, epoch: u64, probe: bool, failed: bool, latency: Duration) {
         let Ok(mut state) = self.state.lock() else {
             return;
@@ -311,6 +327,12 @@ fn jitter(duration: Duration) -> Duration {
 }
 
 impl Admission {
+    /// Reports that the call's outcome says nothing about the endpoint's health.
+    pub fn ignore(mut self) {
+        self.recorded = true;
+        self.breaker.on_neutral(self.epoch, self.probe);
+    }
+
     /// Reports the call's outcome.
     pub fn record(mut self, failed: bool) {
         self.recorded = true;

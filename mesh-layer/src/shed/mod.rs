@@ -41,6 +41,11 @@ pub struct LoadShedLayer {
     limits: Option<Arc<Limits>>,
 }
 
+/// Most gRPC services with a limit of their own; further names share [`OTHER`]'s.
+const MAX_PARTITIONS: usize = 64;
+/// The partition of names past [`MAX_PARTITIONS`].
+const OTHER: &str = "other";
+
 /// One limit per gRPC service, made on its first call.
 #[derive(Debug)]
 struct Limits {
@@ -63,9 +68,18 @@ impl Limits {
             .get(service)
             .cloned();
         known.unwrap_or_else(|| {
-            self.by_service
+            let mut by_service = self
+                .by_service
                 .write()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            // The path comes from the client before routing: past a bound, unknown names share
+            // one limit, so junk paths cannot grow the map (or the gauge's label set).
+            let service = if by_service.len() >= MAX_PARTITIONS {
+                OTHER
+            } else {
+                service
+            };
+            by_service
                 .entry(service.to_owned())
                 .or_insert_with(|| Arc::new(GradientLimit::new(&self.policy, service)))
                 .clone()

@@ -1,6 +1,7 @@
-//! Reservations that are not committed in time give their stock back. Expiry goes through
-//! the same release as the Release call, so an expiring reservation and a concurrent Commit
-//! serialize on the reservation row and exactly one of them wins.
+//! Reservations that are not committed in time give their stock back. The release re-checks
+//! under the reservation's row lock that it is still HELD and expired, so an expiring
+//! reservation and a concurrent Commit serialize on that row and exactly one of them wins (a
+//! plain Release would give a just-committed reservation's units back on hand).
 
 use std::time::Duration;
 
@@ -23,10 +24,10 @@ pub async fn sweep_forever(store: InventoryStore, interval: Duration) {
             }
         };
         for order_id in expired {
-            match store.release(order_id).await {
-                Ok(Ok(_)) => tracing::info!(%order_id, "reservation expired; stock released"),
+            match store.release_expired(order_id).await {
+                Ok(true) => tracing::info!(%order_id, "reservation expired; stock released"),
                 // Committed or released meanwhile: nothing to give back.
-                Ok(Err(_)) => {}
+                Ok(false) => {}
                 Err(error) => {
                     tracing::warn!(%order_id, %error, "releasing an expired reservation failed")
                 }

@@ -240,6 +240,51 @@ impl InventoryStore {
         }))
     }
 
+    /// Gives back the stock of a reservation that is still HELD and past its expiry, checked
+    /// under the row lock: a reservation committed since it was listed as expired keeps its
+    /// stock. `false` when there was nothing to give back.
+    pub async fn release_expired(&self, order_id: Uuid) -> Result<bool, DbError> {
+        let mut client = self.db.primary().await?;
+        let tx = client.transaction().await?;
+        let still_expired = tx
+            .query_opt(
+                &tx.prepare_cached(
+                    "SELECT 1 FROM inventory.reservations
+                     WHERE order_id = $1 AND state = 'HELD' AND expires_at < now()
+                     FOR UPDATE",
+                )
+                .await?,
+                &[&order_id],
+            )
+            .await?;
+        if still_expired.is_none() {
+            return Ok(false);
+        }
+        lock_items(&tx, order_id).await?;
+        tx.execute(
+            &tx.prepare_cached(
+                "UPDATE inventory.items i SET reserved = i.reserved - l.quantity, updated_at = now()
+                 FROM inventory.reservation_lines l
+                 WHERE l.order_id = $1 AND i.sku = l.sku",
+            )
+            .await?,
+            &[&order_id],
+        )
+        .await?;
+        tx.execute(
+            &tx.prepare_cached(
+                "UPDATE inventory.reservations
+                 SET state = 'RELEASED', expires_at = NULL, updated_at = now()
+                 WHERE order_id = $1",
+            )
+            .await?,
+            &[&order_id],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
     /// Gives a reservation's stock back. Unknown orders get a tombstone so that a late
     /// Reserve is refused.
     pub async fn release(&self, order_id: Uuid) -> Result<Result<Reservation, Refused>, DbError> {

@@ -59,12 +59,27 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
             .insert(&new_order, self.sagas.settings().lease)
             .await?;
         tracing::info!(order_id = %order.id, customer_id = %order.customer_id, "order placed");
-        // The saga has its own task: if this call is abandoned, the saga still finishes.
-        let order = self.sagas.run_detached(order.id).await?;
-        let token = self.store.consistency_token().await?;
+        // The saga has its own task: if this call is abandoned, the saga still finishes. From
+        // here on the order exists, so no error may reach the caller: a retryable code would
+        // release the idempotency key and a retry would place a second order. A saga that
+        // failed to run is resumed by the driver when its lease ends; the caller sees PENDING.
+        let order = match self.sagas.run_detached(order.id).await {
+            Ok(order) => order,
+            Err(status) => {
+                tracing::warn!(order_id = %order.id, %status, "saga did not run; it resumes when its lease ends");
+                order
+            }
+        };
+        let token = match self.store.consistency_token().await {
+            Ok(token) => token.as_str().to_owned(),
+            Err(error) => {
+                tracing::warn!(order_id = %order.id, %error, "no consistency token for a placed order");
+                String::new()
+            }
+        };
         Ok(Response::new(pb::PlaceOrderResponse {
             order: Some(to_proto(order)),
-            consistency_token: token.as_str().to_owned(),
+            consistency_token: token,
         }))
     }
 
@@ -157,9 +172,11 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
         let Some(current) = self.store.get_current(id).await? else {
             return Err(Status::not_found(format!("order {id} not found")));
         };
-        if current.status == OrderStatus::Confirmed {
-            // A confirmed order has a courier on the way: it can be cancelled only while the
-            // delivery can, so ask the delivery service first.
+        if current.status != OrderStatus::Cancelled {
+            // A courier may already be assigned (the saga assigns before it confirms) and on
+            // the way: the order can be cancelled only while the delivery can, so ask the
+            // delivery service first. For an order not assigned yet this leaves a tombstone
+            // that refuses the saga's assignment, which then compensates.
             self.sagas
                 .cancel_delivery(id, &request.reason)
                 .await

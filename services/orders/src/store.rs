@@ -156,8 +156,18 @@ impl OrderStore {
     pub async fn cancel(&self, id: Uuid, reason: &str) -> Result<Cancelled, DbError> {
         let mut client = self.db.primary().await?;
         let transaction = client.transaction().await?;
-        // Lock the row so a concurrent state change (the saga confirming) cannot slip between
+        // Lock the saga row, then the order row: the order confirm and finish_compensation
+        // take them (saga, then order), so two transactions never wait on each other in a
+        // cycle. Locked, a concurrent state change (the saga confirming) cannot slip between
         // the check and the update.
+        transaction
+            .execute(
+                &transaction
+                    .prepare_cached("SELECT 1 FROM orders.sagas WHERE order_id = $1 FOR UPDATE")
+                    .await?,
+                &[&id],
+            )
+            .await?;
         let row = transaction
             .query_opt(
                 &transaction
