@@ -78,7 +78,7 @@ impl Cluster {
         bins.chown(&root)?;
         check_reachable(&bins, &root)?;
 
-        let (primary_port, replica_port) = (free_port()?, free_port()?);
+        let (primary_port, replica_port) = free_ports()?;
         let primary = Node {
             role: Role::Primary,
             port: primary_port,
@@ -351,13 +351,19 @@ impl Drop for Cluster {
     }
 }
 
-fn free_port() -> Result<u16, Error> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(Error::io("find a free port"))?;
-    let port = listener
-        .local_addr()
-        .map_err(Error::io("find a free port"))?
-        .port();
-    Ok(port)
+/// Two distinct free ports. Both sockets stay bound until both ports are known: picked one
+/// after the other, the kernel may hand out the same port twice, and the replica then fails
+/// to start on its primary's port.
+fn free_ports() -> Result<(u16, u16), Error> {
+    let bind = || TcpListener::bind("127.0.0.1:0").map_err(Error::io("find a free port"));
+    let port = |listener: &TcpListener| {
+        listener
+            .local_addr()
+            .map(|address| address.port())
+            .map_err(Error::io("find a free port"))
+    };
+    let (first, second) = (bind()?, bind()?);
+    Ok((port(&first)?, port(&second)?))
 }
 
 fn check_reachable(bins: &PgBinaries, root: &Path) -> Result<(), Error> {
