@@ -260,27 +260,7 @@ impl InventoryStore {
         if still_expired.is_none() {
             return Ok(false);
         }
-        lock_items(&tx, order_id).await?;
-        tx.execute(
-            &tx.prepare_cached(
-                "UPDATE inventory.items i SET reserved = i.reserved - l.quantity, updated_at = now()
-                 FROM inventory.reservation_lines l
-                 WHERE l.order_id = $1 AND i.sku = l.sku",
-            )
-            .await?,
-            &[&order_id],
-        )
-        .await?;
-        tx.execute(
-            &tx.prepare_cached(
-                "UPDATE inventory.reservations
-                 SET state = 'RELEASED', expires_at = NULL, updated_at = now()
-                 WHERE order_id = $1",
-            )
-            .await?,
-            &[&order_id],
-        )
-        .await?;
+        give_back(&tx, order_id, ReservationState::Held).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -308,34 +288,10 @@ impl InventoryStore {
             tx.commit().await?;
             return Ok(Ok(reservation));
         }
-        // Held units stop being reserved; committed units come back on hand (the order was
-        // cancelled after its stock was committed, before the goods left).
-        let give_back = match reservation.state {
-            ReservationState::Released => return Ok(Ok(reservation)),
-            ReservationState::Held => {
-                "UPDATE inventory.items i SET reserved = i.reserved - l.quantity, updated_at = now()
-                 FROM inventory.reservation_lines l
-                 WHERE l.order_id = $1 AND i.sku = l.sku"
-            }
-            ReservationState::Committed => {
-                "UPDATE inventory.items i SET on_hand = i.on_hand + l.quantity, updated_at = now()
-                 FROM inventory.reservation_lines l
-                 WHERE l.order_id = $1 AND i.sku = l.sku"
-            }
-        };
-        lock_items(&tx, order_id).await?;
-        tx.execute(&tx.prepare_cached(give_back).await?, &[&order_id])
-            .await?;
-        tx.execute(
-            &tx.prepare_cached(
-                "UPDATE inventory.reservations
-             SET state = 'RELEASED', expires_at = NULL, updated_at = now()
-             WHERE order_id = $1",
-            )
-            .await?,
-            &[&order_id],
-        )
-        .await?;
+        if reservation.state == ReservationState::Released {
+            return Ok(Ok(reservation));
+        }
+        give_back(&tx, order_id, reservation.state).await?;
         tx.commit().await?;
         Ok(Ok(Reservation {
             state: ReservationState::Released,
@@ -403,6 +359,43 @@ impl InventoryStore {
             .map(|row| row.try_get(0).map_err(DbError::from))
             .collect()
     }
+}
+
+/// Returns a HELD or COMMITTED reservation's units and marks it RELEASED: held units stop
+/// being reserved; committed units come back on hand (the order was cancelled after its stock
+/// was committed, before the goods left). The caller holds the reservation's row lock.
+async fn give_back(
+    tx: &Transaction<'_>,
+    order_id: Uuid,
+    state: ReservationState,
+) -> Result<(), DbError> {
+    let units = match state {
+        ReservationState::Released => return Ok(()),
+        ReservationState::Held => {
+            "UPDATE inventory.items i SET reserved = i.reserved - l.quantity, updated_at = now()
+             FROM inventory.reservation_lines l
+             WHERE l.order_id = $1 AND i.sku = l.sku"
+        }
+        ReservationState::Committed => {
+            "UPDATE inventory.items i SET on_hand = i.on_hand + l.quantity, updated_at = now()
+             FROM inventory.reservation_lines l
+             WHERE l.order_id = $1 AND i.sku = l.sku"
+        }
+    };
+    lock_items(tx, order_id).await?;
+    tx.execute(&tx.prepare_cached(units).await?, &[&order_id])
+        .await?;
+    tx.execute(
+        &tx.prepare_cached(
+            "UPDATE inventory.reservations
+             SET state = 'RELEASED', expires_at = NULL, updated_at = now()
+             WHERE order_id = $1",
+        )
+        .await?,
+        &[&order_id],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Locks the reservation's item rows in SKU order (see the module comment).
