@@ -7,8 +7,8 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 use waybill_api::delivery::v1 as pb;
 use waybill_runtime::{
-    ConsistencyToken, Db,
-    validate::{Violations, precondition_failure, timestamp},
+    Db,
+    validate::{Violations, parse_uuid, precondition_failure, timestamp},
 };
 
 use crate::{
@@ -84,7 +84,7 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
         let order_id = violations.uuid(&request.order_id, "order_id");
         violations.check_key(&request.customer_id, "customer_id");
         violations.check_key(&request.zone, "zone");
-        let order_id = checked(order_id, violations)?;
+        let order_id = violations.into_parsed(order_id)?;
         let delivery = match self
             .store
             .assign(order_id, &request.customer_id, &request.zone)
@@ -121,7 +121,7 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
         let mut violations = Violations::default();
         let order_id = violations.uuid(&request.order_id, "order_id");
         violations.check_text(&request.reason, "reason", false);
-        let order_id = checked(order_id, violations)?;
+        let order_id = violations.into_parsed(order_id)?;
         match self.store.cancel(order_id, &request.reason).await? {
             Cancelled::Done(delivery) => {
                 tracing::info!(%order_id, courier_id = ?delivery.courier_id, "delivery cancelled");
@@ -166,7 +166,7 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
             location.check("location", &mut violations);
         }
         violations.check_text(&request.reason, "reason", false);
-        let (order_id, status) = checked(order_id.zip(status), violations)?;
+        let (order_id, status) = violations.into_parsed(order_id.zip(status))?;
         let updated = self
             .store
             .update_status(order_id, status, location, &request.reason)
@@ -203,7 +203,7 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
                 None
             }
         };
-        let (order_id, location) = checked(order_id.zip(location), violations)?;
+        let (order_id, location) = violations.into_parsed(order_id.zip(location))?;
         let updated = self.store.update_location(order_id, location).await?;
         let delivery = updated_or_status(order_id, updated, |delivery| {
             format!(
@@ -226,19 +226,8 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
         let request = request.into_inner();
         let mut violations = Violations::default();
         let order_id = violations.uuid(&request.order_id, "order_id");
-        let token = if request.consistency_token.is_empty() {
-            None
-        } else {
-            let token = ConsistencyToken::parse(&request.consistency_token);
-            if token.is_none() {
-                violations.add(
-                    "consistency_token",
-                    "is not a consistency_token returned by a write",
-                );
-            }
-            token
-        };
-        let order_id = checked(order_id, violations)?;
+        let token = violations.consistency_token(&request.consistency_token, "consistency_token");
+        let order_id = violations.into_parsed(order_id)?;
         match self
             .store
             .get_with_history(order_id, token.as_ref())
@@ -258,7 +247,7 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
         &self,
         request: Request<pb::TrackDeliveryRequest>,
     ) -> Result<Response<Self::TrackDeliveryStream>, Status> {
-        let order_id = parse_order_id(&request.get_ref().order_id)?;
+        let order_id = parse_uuid(&request.get_ref().order_id, "order_id")?;
         // Subscribe first: a change committed after this point is signalled, and one
         // committed before it is in the state read next.
         let subscription = self.hub.subscribe(order_id);
@@ -313,19 +302,6 @@ async fn watch(
 }
 
 /// The checked value when no violation was found, else INVALID_ARGUMENT naming them all.
-fn checked<T>(value: Option<T>, violations: Violations) -> Result<T, Status> {
-    match value {
-        Some(value) if violations.is_empty() => Ok(value),
-        _ => Err(violations.into_status()),
-    }
-}
-
-fn parse_order_id(text: &str) -> Result<Uuid, Status> {
-    let mut violations = Violations::default();
-    let order_id = violations.uuid(text, "order_id");
-    checked(order_id, violations)
-}
-
 fn not_found(order_id: Uuid) -> Status {
     Status::not_found(format!("no delivery for order {order_id}"))
 }

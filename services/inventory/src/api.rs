@@ -4,11 +4,10 @@ use std::time::Duration;
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use tonic::{Request, Response, Status};
-use uuid::Uuid;
 use waybill_api::inventory::v1 as pb;
 use waybill_runtime::{
     Db,
-    validate::{Violations, precondition_failure, timestamp},
+    validate::{Violations, parse_uuid, precondition_failure, timestamp},
 };
 
 use crate::{
@@ -195,7 +194,7 @@ impl pb::inventory_service_server::InventoryService for InventoryApi {
         &self,
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
-        let order_id = parse_order_id(&request.get_ref().order_id)?;
+        let order_id = parse_uuid(&request.get_ref().order_id, "order_id")?;
         let reservation = self.store.release(order_id).await?.map_err(refused)?;
         Ok(Response::new(pb::ReleaseResponse {
             reservation: Some(reservation_to_proto(reservation)),
@@ -206,18 +205,12 @@ impl pb::inventory_service_server::InventoryService for InventoryApi {
         &self,
         request: Request<pb::CommitRequest>,
     ) -> Result<Response<pb::CommitResponse>, Status> {
-        let order_id = parse_order_id(&request.get_ref().order_id)?;
+        let order_id = parse_uuid(&request.get_ref().order_id, "order_id")?;
         let reservation = self.store.commit(order_id).await?.map_err(refused)?;
         Ok(Response::new(pb::CommitResponse {
             reservation: Some(reservation_to_proto(reservation)),
         }))
     }
-}
-
-fn parse_order_id(text: &str) -> Result<Uuid, Status> {
-    let mut violations = Violations::default();
-    let id = violations.uuid(text, "order_id");
-    violations.into_parsed(id)
 }
 
 fn refused(refused: Refused) -> Status {

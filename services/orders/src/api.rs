@@ -3,7 +3,6 @@
 use tonic::{Code, Request, Response, Status};
 use waybill_api::orders::v1 as pb;
 use waybill_runtime::{
-    ConsistencyToken,
     page_token::Cursor,
     validate::{Violations, timestamp},
 };
@@ -90,7 +89,7 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
         let request = request.into_inner();
         let mut violations = Violations::default();
         let id = violations.uuid(&request.order_id, "order_id");
-        let token = consistency_token(&request.consistency_token, &mut violations);
+        let token = violations.consistency_token(&request.consistency_token, "consistency_token");
         let id = violations.into_parsed(id)?;
         match self.store.get(id, token.as_ref()).await? {
             Some(order) => Ok(Response::new(pb::GetOrderResponse {
@@ -131,7 +130,7 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
                 }
             }
         };
-        let token = consistency_token(&request.consistency_token, &mut violations);
+        let token = violations.consistency_token(&request.consistency_token, "consistency_token");
         violations.into_result(())?;
 
         // One extra row tells whether another page follows without a second query.
@@ -210,21 +209,6 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
             Cancelled::NotFound => Err(Status::not_found(format!("order {id} not found"))),
         }
     }
-}
-
-/// The request's consistency token, if any; a malformed one is a violation.
-fn consistency_token(text: &str, violations: &mut Violations) -> Option<ConsistencyToken> {
-    if text.is_empty() {
-        return None;
-    }
-    let token = ConsistencyToken::parse(text);
-    if token.is_none() {
-        violations.add(
-            "consistency_token",
-            "is not a consistency_token returned by a write",
-        );
-    }
-    token
 }
 
 fn to_proto(order: Order) -> pb::Order {

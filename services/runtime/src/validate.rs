@@ -6,6 +6,8 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 use uuid::Uuid;
 
+use crate::ConsistencyToken;
+
 /// Longest identifier-like value (customer id, SKU, courier id, zone), in characters.
 pub const MAX_ID: usize = 64;
 /// Longest free text (addresses, reasons, names), in characters.
@@ -133,6 +135,19 @@ impl Violations {
         }
     }
 
+    /// A consistency token a client sent back: `None` when empty (no read-your-writes asked)
+    /// or malformed (recorded as a violation).
+    pub fn consistency_token(&mut self, text: &str, field: &str) -> Option<ConsistencyToken> {
+        if text.is_empty() {
+            return None;
+        }
+        let token = ConsistencyToken::parse(text);
+        if token.is_none() {
+            self.add(field, "is not a consistency_token returned by a write");
+        }
+        token
+    }
+
     /// A page size: 0 means `default`, larger than `max` means `max` (AIP-158), negative is
     /// a violation.
     pub fn page_size(&mut self, value: i32, field: &str, default: i64, max: i64) -> i64 {
@@ -145,6 +160,13 @@ impl Violations {
             size => size.min(max),
         }
     }
+}
+
+/// A required UUID field on its own (an order id), or INVALID_ARGUMENT naming it.
+pub fn parse_uuid(text: &str, field: &str) -> Result<Uuid, Status> {
+    let mut violations = Violations::default();
+    let id = violations.uuid(text, field);
+    violations.into_parsed(id)
 }
 
 /// FAILED_PRECONDITION with a google.rpc.PreconditionFailure detail: `kind` is the
