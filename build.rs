@@ -5,6 +5,7 @@ use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
+        "proto/waybill/commands/v1/commands.proto",
         "proto/waybill/delivery/v1/delivery.proto",
         "proto/waybill/echo/v1/echo.proto",
         "proto/waybill/events/v1/events.proto",

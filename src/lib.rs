@@ -5,6 +5,15 @@
 
 #![deny(missing_docs)]
 
+/// `waybill.commands.v1`: asynchronous commands, their workers, retries and audit trail.
+pub mod commands {
+    /// Version 1 of the command API.
+    #[allow(missing_docs, clippy::all)]
+    pub mod v1 {
+        tonic::include_proto!("waybill.commands.v1");
+    }
+}
+
 /// `waybill.delivery.v1`: couriers, assignments and live delivery tracking.
 pub mod delivery {
     /// Version 1 of the delivery API.

@@ -10,7 +10,11 @@ use waybill_runtime::{Db, Schema, server::Services};
 #[derive(Clone, Debug, clap::Args)]
 pub struct Settings {
     #[command(flatten)]
+    pub targets: waybill_runtime::TargetsConfig,
+    #[command(flatten)]
     pub orders: waybill_orders::OrdersConfig,
+    #[command(flatten)]
+    pub commands: waybill_commands::CommandsConfig,
     #[command(flatten)]
     pub inventory: waybill_inventory::InventoryConfig,
     #[command(flatten)]
@@ -42,6 +46,8 @@ pub enum ServiceName {
     Delivery,
     /// Notifications: consumes events, tells customers.
     Notifications,
+    /// Commands: asynchronous commands, their workers, retries and audit trail.
+    Commands,
     /// Diagnostic echo (deadlines and retries across hops); not in the default set.
     Echo,
 }
@@ -54,6 +60,7 @@ impl ServiceName {
             ServiceName::Inventory,
             ServiceName::Delivery,
             ServiceName::Notifications,
+            ServiceName::Commands,
         ]
     }
 
@@ -64,6 +71,7 @@ impl ServiceName {
             ServiceName::Inventory => Some(waybill_inventory::SCHEMA),
             ServiceName::Delivery => Some(waybill_delivery::SCHEMA),
             ServiceName::Notifications => Some(waybill_notifications::SCHEMA),
+            ServiceName::Commands => Some(waybill_commands::SCHEMA),
             ServiceName::Echo => None,
         }
     }
@@ -73,11 +81,18 @@ impl ServiceName {
         match self {
             ServiceName::Orders => Some("orders"),
             ServiceName::Delivery => Some("delivery"),
-            ServiceName::Inventory | ServiceName::Notifications | ServiceName::Echo => None,
+            ServiceName::Inventory
+            | ServiceName::Notifications
+            | ServiceName::Commands
+            | ServiceName::Echo => None,
         }
     }
 
-    pub fn register(self, services: &mut Services, deps: &ServiceDeps<'_>) -> anyhow::Result<()> {
+    pub async fn register(
+        self,
+        services: &mut Services,
+        deps: &ServiceDeps<'_>,
+    ) -> anyhow::Result<()> {
         let ServiceDeps {
             db,
             policy,
@@ -88,8 +103,13 @@ impl ServiceName {
         } = deps;
         match self {
             ServiceName::Orders => {
-                let (server, driver) =
-                    waybill_orders::server((*db).clone(), &settings.orders, policy, own_target)?;
+                let (server, driver) = waybill_orders::server(
+                    (*db).clone(),
+                    &settings.orders,
+                    policy,
+                    &settings.targets,
+                    own_target,
+                )?;
                 services.add(server).background(driver)
             }
             ServiceName::Inventory => {
@@ -105,6 +125,17 @@ impl ServiceName {
                     &settings.notifications,
                 )?;
                 services.add(server).background(consumer)
+            }
+            ServiceName::Commands => {
+                let registry = waybill_commands::platform_registry(
+                    &settings.commands,
+                    policy,
+                    &settings.targets,
+                    own_target,
+                )?;
+                let (server, background) =
+                    waybill_commands::server((*db).clone(), &settings.commands, registry).await?;
+                services.add(server).background(background)
             }
             ServiceName::Echo => services.add(waybill_echo::server(waybill_echo::Echo::new(
                 (*policy).clone(),
@@ -127,6 +158,7 @@ impl fmt::Display for ServiceName {
             ServiceName::Inventory => f.write_str("inventory"),
             ServiceName::Delivery => f.write_str("delivery"),
             ServiceName::Notifications => f.write_str("notifications"),
+            ServiceName::Commands => f.write_str("commands"),
             ServiceName::Echo => f.write_str("echo"),
         }
     }

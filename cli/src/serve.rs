@@ -70,7 +70,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         outbox_relay: args.outbox_relay,
     };
     for name in &args.services {
-        name.register(&mut services, &deps)?;
+        name.register(&mut services, &deps).await?;
     }
     // The one line on stdout: scripts and the test harness read the bound address from it.
     println!(

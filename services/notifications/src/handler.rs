@@ -16,6 +16,8 @@ pub enum Kind {
     Delivered,
     OrderCancelled,
     DeliveryFailed,
+    /// A message sent with SendNotification.
+    Message,
 }
 
 impl Kind {
@@ -26,6 +28,7 @@ impl Kind {
             Kind::Delivered => "DELIVERED",
             Kind::OrderCancelled => "ORDER_CANCELLED",
             Kind::DeliveryFailed => "DELIVERY_FAILED",
+            Kind::Message => "MESSAGE",
         }
     }
 
@@ -36,6 +39,7 @@ impl Kind {
             Kind::Delivered,
             Kind::OrderCancelled,
             Kind::DeliveryFailed,
+            Kind::Message,
         ]
         .into_iter()
         .find(|kind| kind.as_str() == text)
@@ -118,7 +122,7 @@ pub fn notice_for(event: &Event) -> Result<Option<Notice>, HandlerError> {
 
 /// Records notifications and hands each new one to the sink.
 pub struct Notifier {
-    pub sink: Sink,
+    pub sink: std::sync::Arc<Sink>,
 }
 
 #[tonic::async_trait]

@@ -1,6 +1,7 @@
 //! The notifications service: consumes the platform's events and records one notification
 //! per customer and event (order confirmed, courier assigned, delivered, cancelled), then
-//! hands it to the sink; ListNotifications answers from a replica.
+//! hands it to the sink; SendNotification records and sends a message directly (the command
+//! pipeline's SendNotification kind); ListNotifications answers from a replica.
 //!
 //! `handler` turns events into notifications inside the consumer's transaction (the inbox
 //! row and the notification commit together), `sink` sends them on (log or webhook), `api`
@@ -51,17 +52,16 @@ pub fn server(
 > {
     let subscription = Subscription::new(SUBSCRIPTION, TOPICS)
         .map_err(|error| DbError::Config(error.to_string()))?;
+    let sink = std::sync::Arc::new(sink::Sink::from_config(config).map_err(DbError::Config)?);
     let consumer = Consumer::new(
         db.clone(),
         bus,
         "notifications",
         subscription,
-        handler::Notifier {
-            sink: sink::Sink::from_config(config).map_err(DbError::Config)?,
-        },
+        handler::Notifier { sink: sink.clone() },
     )?;
     Ok((
-        NotificationsServiceServer::new(NotificationsApi::new(db)),
+        NotificationsServiceServer::new(NotificationsApi::new(db, sink)),
         consumer.run(std::future::pending::<()>()),
     ))
 }

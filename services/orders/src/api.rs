@@ -209,6 +209,37 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
             Cancelled::NotFound => Err(Status::not_found(format!("order {id} not found"))),
         }
     }
+
+    async fn change_delivery_address(
+        &self,
+        request: Request<pb::ChangeDeliveryAddressRequest>,
+    ) -> Result<Response<pb::ChangeDeliveryAddressResponse>, Status> {
+        let request = request.into_inner();
+        let mut violations = Violations::default();
+        let id = violations.uuid(&request.order_id, "order_id");
+        violations.check_text(&request.delivery_address, "delivery_address", true);
+        let id = violations.into_parsed(id)?;
+        match self
+            .store
+            .change_address(id, &request.delivery_address)
+            .await?
+        {
+            Ok((order, previous)) => {
+                let token = self.store.consistency_token().await?;
+                Ok(Response::new(pb::ChangeDeliveryAddressResponse {
+                    order: Some(to_proto(order)),
+                    previous_delivery_address: previous,
+                    consistency_token: token.as_str().to_owned(),
+                }))
+            }
+            Err(Cancelled::NotFound) => Err(Status::not_found(format!("order {id} not found"))),
+            Err(Cancelled::NotCancellable(_) | Cancelled::Done(_)) => {
+                Err(Status::failed_precondition(format!(
+                    "order {id} is cancelled; its address can no longer change"
+                )))
+            }
+        }
+    }
 }
 
 fn to_proto(order: Order) -> pb::Order {

@@ -20,7 +20,7 @@ use waybill_api::{
     inventory::v1::inventory_service_client::InventoryServiceClient,
     orders::v1::orders_service_server::OrdersServiceServer,
 };
-use waybill_runtime::{Db, Schema, config::parse_duration};
+use waybill_runtime::{Db, Schema, TargetsConfig, config::parse_duration};
 
 pub use api::OrdersApi;
 
@@ -35,14 +35,6 @@ pub const SCHEMA: Schema = Schema {
 /// The orders service's settings.
 #[derive(Clone, Debug, clap::Args)]
 pub struct OrdersConfig {
-    /// Where the inventory service is: `http://host:port[,http://host:port…]` or
-    /// `dns://host:port` (all addresses of a name, as for a Kubernetes headless Service).
-    /// Unset: this process's own address (all services in one process).
-    #[arg(long, env = "WAYBILL_INVENTORY_TARGET")]
-    pub inventory_target: Option<String>,
-    /// Where the delivery service is (same forms as --inventory-target).
-    #[arg(long, env = "WAYBILL_DELIVERY_TARGET")]
-    pub delivery_target: Option<String>,
     /// How long an orchestrator owns a saga before another may resume it. A killed
     /// orchestrator's sagas resume after at most this long.
     #[arg(long, env = "WAYBILL_SAGA_LEASE", default_value = "10s", value_parser = parse_duration)]
@@ -78,6 +70,7 @@ pub fn server(
     db: Db,
     config: &OrdersConfig,
     policy: &Policy,
+    targets: &TargetsConfig,
     own_target: &str,
 ) -> Result<
     (
@@ -88,12 +81,12 @@ pub fn server(
 > {
     let methods = MethodTable::from_descriptor_sets(&[waybill_api::FILE_DESCRIPTOR_SET])?;
     let client = |which: &'static str, target: &Option<String>| {
-        let target = target.as_deref().unwrap_or(own_target);
+        let target = TargetsConfig::or_own(target, own_target);
         mesh_layer::client::balanced(target, policy, &methods)
             .map_err(|error| OrdersError::Target { which, error })
     };
-    let inventory = InventoryServiceClient::new(client("inventory", &config.inventory_target)?);
-    let delivery = DeliveryServiceClient::new(client("delivery", &config.delivery_target)?);
+    let inventory = InventoryServiceClient::new(client("inventory", &targets.inventory_target)?);
+    let delivery = DeliveryServiceClient::new(client("delivery", &targets.delivery_target)?);
     let store = store::OrderStore::new(db);
     let sagas = saga::Orchestrator::new(
         store.clone(),

@@ -225,6 +225,48 @@ impl OrderStore {
         Ok(Cancelled::Done(cancelled))
     }
 
+    /// Changes an order's delivery address unless it was cancelled; the order after the
+    /// change and the address before it.
+    pub async fn change_address(
+        &self,
+        id: Uuid,
+        address: &str,
+    ) -> Result<Result<(Order, String), Cancelled>, DbError> {
+        let mut client = self.db.primary().await?;
+        let transaction = client.transaction().await?;
+        let row = transaction
+            .query_opt(
+                &format!("SELECT {ORDER_COLUMNS} FROM orders.orders o WHERE o.id = $1 FOR UPDATE"),
+                &[&id],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(Err(Cancelled::NotFound));
+        };
+        let order = order_from_row(&row)?;
+        if order.status == OrderStatus::Cancelled {
+            return Ok(Err(Cancelled::NotCancellable(order)));
+        }
+        let previous = order.delivery_address.clone();
+        if previous == address {
+            return Ok(Ok((order, previous)));
+        }
+        let row = transaction
+            .query_one(
+                "UPDATE orders.orders SET delivery_address = $2, updated_at = now()
+                 WHERE id = $1 RETURNING updated_at",
+                &[&id, &address],
+            )
+            .await?;
+        transaction.commit().await?;
+        let changed = Order {
+            delivery_address: address.to_owned(),
+            updated_at: row.try_get(0)?,
+            ..order
+        };
+        Ok(Ok((changed, previous)))
+    }
+
     /// Sagas whose lease or retry time has passed, claimed for `lease`.
     pub async fn claim_due_sagas(&self, limit: i64, lease: Duration) -> Result<Vec<Uuid>, DbError> {
         let client = self.db.primary().await?;

@@ -55,6 +55,31 @@ pub struct ServerConfig {
     pub health_interval: Duration,
 }
 
+/// Where the services a process calls are. Each is `http://host:port[,http://host:port…]` or
+/// `dns://host:port` (all addresses of a name, as for a Kubernetes headless Service). Unset:
+/// this process's own address (all services in one process).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct TargetsConfig {
+    /// Where the orders service is.
+    #[arg(long, env = "WAYBILL_ORDERS_TARGET")]
+    pub orders_target: Option<String>,
+    /// Where the inventory service is.
+    #[arg(long, env = "WAYBILL_INVENTORY_TARGET")]
+    pub inventory_target: Option<String>,
+    /// Where the delivery service is.
+    #[arg(long, env = "WAYBILL_DELIVERY_TARGET")]
+    pub delivery_target: Option<String>,
+    /// Where the notifications service is.
+    #[arg(long, env = "WAYBILL_NOTIFICATIONS_TARGET")]
+    pub notifications_target: Option<String>,
+}
+
+impl TargetsConfig {
+    /// `target` if configured, else `own` (this process's address).
+    pub fn or_own<'a>(target: &'a Option<String>, own: &'a str) -> &'a str {
+        target.as_deref().unwrap_or(own)
+    }
+}
 /// The mesh policy (deadlines, retries, breakers, shedding, idempotency, faults per method).
 #[derive(Clone, Debug, clap::Args)]
 pub struct MeshConfig {

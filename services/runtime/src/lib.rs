@@ -19,7 +19,7 @@ pub mod server;
 pub mod telemetry;
 pub mod validate;
 
-pub use config::{DatabaseConfig, LogConfig, MeshConfig, ServerConfig};
+pub use config::{DatabaseConfig, LogConfig, MeshConfig, ServerConfig, TargetsConfig};
 pub use consistency::ConsistencyToken;
 pub use db::{Client, Db, DbError};
 pub use idempotency::{MESH_SCHEMA, PgIdempotencyStore};

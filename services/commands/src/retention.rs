@@ -1,0 +1,79 @@
+//! Background upkeep of the log: retention (old finished commands deleted in small batches)
+//! and the queue gauges (depth and oldest age per shard).
+
+use std::time::Duration;
+
+use waybill_runtime::Db;
+
+use crate::store::CommandStore;
+
+/// Rows deleted per statement: small enough that each statement's locks and WAL are brief,
+/// so ingestion and workers never wait behind retention.
+const PURGE_BATCH: i64 = 1_000;
+const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Deletes finished commands older than `age` every `every`, a batch at a time.
+pub async fn purge_forever(store: CommandStore, age: Duration, every: Duration) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let mut total = 0;
+        loop {
+            match store.purge(age, PURGE_BATCH).await {
+                Ok(deleted) => {
+                    total += deleted;
+                    metrics::counter!("waybill_command_purged_total").increment(deleted);
+                    if deleted < PURGE_BATCH.unsigned_abs() {
+                        break;
+                    }
+                    // Let other work in between batches.
+                    tokio::task::yield_now().await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "command retention failed; trying again next sweep");
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::info!(deleted = total, "purged finished commands past retention");
+        }
+    }
+}
+
+/// Samples the queue per shard for the gauges `waybill_command_queue_depth` and
+/// `waybill_command_queue_oldest_age_seconds`.
+pub async fn sample_queue_forever(db: Db) {
+    let mut ticker = tokio::time::interval(SAMPLE_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Ok(client) = db.primary().await else {
+            continue;
+        };
+        let rows = client
+            .query(
+                "SELECT s.shard, count(c.id),
+                        COALESCE(EXTRACT(EPOCH FROM now() - min(c.created_at))::float8, 0)
+                 FROM commands.settings, generate_series(0, shard_count - 1) AS s(shard)
+                 LEFT JOIN commands.commands c
+                   ON c.shard = s.shard AND c.status IN ('ACCEPTED', 'RUNNING', 'RETRYING')
+                 GROUP BY s.shard",
+                &[],
+            )
+            .await;
+        match rows {
+            Ok(rows) => {
+                for row in rows {
+                    let shard = row.get::<_, i32>(0).to_string();
+                    metrics::gauge!("waybill_command_queue_depth", "shard" => shard.clone())
+                        .set(row.get::<_, i64>(1) as f64);
+                    metrics::gauge!("waybill_command_queue_oldest_age_seconds", "shard" => shard)
+                        .set(row.get::<_, f64>(2));
+                }
+            }
+            Err(error) => tracing::debug!(%error, "sampling the command queue failed"),
+        }
+    }
+}

@@ -1,0 +1,706 @@
+//! The command log's SQL. Every status change writes its audit row in the same statement, and
+//! every change tells the other processes on [`CHANNEL`] (delivered at commit): `r` when work
+//! became ready, `c:<id>,<id>…` when commands changed (watchers and caches).
+
+use std::time::Duration;
+
+use deadpool_postgres::GenericClient;
+use tokio_postgres::Row;
+use uuid::Uuid;
+use waybill_runtime::{Db, DbError};
+
+use crate::domain::{Command, NewCommand, Payload, Status, Transition};
+
+/// The channel workers, watchers and caches listen on.
+pub const CHANNEL: &str = "waybill_commands";
+/// Postgres refuses NOTIFY payloads of 8,000 bytes or more; a UUID and a comma are 37.
+const IDS_PER_NOTIFY: usize = 200;
+
+const COLUMNS: &str = "c.id, c.shard, c.user_id, c.payload, c.status, c.attempts, c.result, \
+                       c.last_error, c.undo_of, c.undone_by, c.run_after, c.created_at, c.updated_at";
+
+/// Statuses in which a command still has to run (or is running).
+const OPEN: &str = "('ACCEPTED', 'RUNNING', 'RETRYING')";
+
+/// A submission that could not be stored.
+#[derive(Debug)]
+pub enum Rejected {
+    /// The user's key was used before for a different command.
+    KeyReused(Command),
+}
+
+/// Why a change of a command was refused.
+#[derive(Debug)]
+pub enum Refused {
+    NotFound,
+    /// The command's status (or kind) forbids it; the message says why.
+    State(Box<Command>, String),
+}
+
+/// A claimed command for a worker to run.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub command: Command,
+    /// The attempt this claim is (1 for the first); a completion names it so that a worker
+    /// whose lease was taken over cannot overwrite the newer attempt.
+    pub attempt: i32,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Succeeded {
+        result: String,
+    },
+    /// Failed; try again after the delay.
+    Retry {
+        error: String,
+        after: Duration,
+    },
+    /// Failed for good (refused, or attempts exhausted).
+    Dead {
+        error: String,
+    },
+}
+
+/// One attempt's end, to record.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub shard: i32,
+    pub id: Uuid,
+    pub attempt: i32,
+    pub outcome: Outcome,
+}
+
+#[derive(Clone)]
+pub struct CommandStore {
+    db: Db,
+}
+
+impl CommandStore {
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    /// Records the shard count on first start and creates a partition per shard. A different
+    /// count than the log was created with is refused: it would move users between shards,
+    /// and a user's commands could then run out of order.
+    pub async fn ensure_shards(&self, count: u32) -> Result<(), String> {
+        let client = self.db.primary().await.map_err(|e| e.to_string())?;
+        let count = i32::try_from(count).map_err(|e| e.to_string())?;
+        let stored: i32 = client
+            .query_one(
+                "WITH first AS (INSERT INTO commands.settings (shard_count) VALUES ($1)
+                                ON CONFLICT (singleton) DO NOTHING RETURNING shard_count)
+                 SELECT shard_count FROM first
+                 UNION ALL SELECT shard_count FROM commands.settings
+                 LIMIT 1",
+                &[&count],
+            )
+            .await
+            .map_err(|e| DbError::from(e).to_string())?
+            .get(0);
+        if stored != count {
+            return Err(format!(
+                "the command log was created with {stored} shards; --command-shards {count} \
+                 would move users between shards (changing the count is not supported on a \
+                 live log)"
+            ));
+        }
+        for shard in 0..count {
+            client
+                .batch_execute(&format!(
+                    "CREATE TABLE IF NOT EXISTS commands.commands_{shard}
+                     PARTITION OF commands.commands FOR VALUES IN ({shard})"
+                ))
+                .await
+                .map_err(|e| DbError::from(e).to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Stores a batch of submissions in one transaction (the ingestion path's group commit).
+    /// Each result is the stored command: new, or the one an earlier call with the same user
+    /// and key stored.
+    pub async fn insert_batch(
+        &self,
+        batch: &[NewCommand],
+    ) -> Result<Vec<Result<Command, Rejected>>, DbError> {
+        let mut client = self.db.primary().await?;
+        let tx = client.transaction().await?;
+        let results = insert(&tx, batch).await?;
+        notify(&tx, "r").await?;
+        tx.commit().await?;
+        Ok(results)
+    }
+
+    /// One command by id, read on the primary.
+    pub async fn get(&self, id: Uuid) -> Result<Option<Command>, DbError> {
+        let client = self.db.primary().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM commands.commands c WHERE c.id = $1"
+            ))
+            .await?;
+        client
+            .query_opt(&statement, &[&id])
+            .await?
+            .map(|row| command(&row))
+            .transpose()
+    }
+
+    /// A command's status changes after audit row `after` (0: all), oldest first.
+    pub async fn history(&self, id: Uuid, after: i64) -> Result<Vec<Transition>, DbError> {
+        let client = self.db.primary().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT id, status, attempt, worker, error, at FROM commands.audit
+                 WHERE command_id = $1 AND id > $2 ORDER BY id",
+            )
+            .await?;
+        client
+            .query(&statement, &[&id, &after])
+            .await?
+            .iter()
+            .map(transition)
+            .collect()
+    }
+
+    /// A user's commands, newest first, after `after` (a page's last id), from a replica.
+    pub async fn list(
+        &self,
+        user_id: &str,
+        shard: i32,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<Command>, DbError> {
+        let client = self.db.replica().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM commands.commands c
+                     WHERE c.shard = $1 AND c.user_id = $2 AND ($3::uuid IS NULL OR c.id < $3)
+                     ORDER BY c.id DESC LIMIT $4"
+                ),
+                &[&shard, &user_id, &after, &limit],
+            )
+            .await?;
+        rows.iter().map(command).collect()
+    }
+
+    /// DEAD commands, oldest first, after `after`, from a replica.
+    pub async fn list_dead(
+        &self,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<Command>, DbError> {
+        let client = self.db.replica().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM commands.commands c
+                     WHERE c.status = 'DEAD' AND ($1::uuid IS NULL OR c.id > $1)
+                     ORDER BY c.id LIMIT $2"
+                ),
+                &[&after, &limit],
+            )
+            .await?;
+        rows.iter().map(command).collect()
+    }
+
+    /// Cancels a command that has not started (ACCEPTED) or is waiting to be tried again
+    /// (RETRYING). An undo command that is cancelled frees its original to be undone again.
+    pub async fn cancel(&self, id: Uuid) -> Result<Result<Command, Refused>, DbError> {
+        let mut client = self.db.primary().await?;
+        let tx = client.transaction().await?;
+        let Some(current) = lock(&tx, id).await? else {
+            return Ok(Err(Refused::NotFound));
+        };
+        match current.status {
+            Status::Cancelled => return Ok(Ok(current)),
+            Status::Accepted | Status::Retrying => {}
+            status => {
+                let why = format!(
+                    "the command is {}; only ACCEPTED or RETRYING commands can be cancelled",
+                    status.as_str()
+                );
+                return Ok(Err(Refused::State(Box::new(current), why)));
+            }
+        }
+        let row = tx
+            .query_one(
+                &format!(
+                    "WITH changed AS (
+                         UPDATE commands.commands c SET status = 'CANCELLED', updated_at = now()
+                         WHERE c.shard = $1 AND c.id = $2 RETURNING {COLUMNS}),
+                     audit AS (INSERT INTO commands.audit (command_id, status, attempt)
+                               SELECT id, 'CANCELLED', attempts FROM changed),
+                     freed AS (UPDATE commands.commands o SET undone_by = NULL
+                               FROM changed WHERE o.shard = changed.shard
+                                 AND o.id = changed.undo_of AND o.undone_by = changed.id)
+                     SELECT * FROM changed"
+                ),
+                &[&current.shard, &id],
+            )
+            .await?;
+        let cancelled = command(&row)?;
+        notify_changed(&tx, &[id]).await?;
+        tx.commit().await?;
+        Ok(Ok(cancelled))
+    }
+
+    /// Submits the undo of a SUCCEEDED reversible command (its inverse, as a new command of
+    /// the same user) and links the two. A repeat returns the same undo command.
+    pub async fn undo(&self, id: Uuid) -> Result<Result<Command, Refused>, DbError> {
+        let mut client = self.db.primary().await?;
+        let tx = client.transaction().await?;
+        let Some(original) = lock(&tx, id).await? else {
+            return Ok(Err(Refused::NotFound));
+        };
+        if let Some(undo_id) = original.undone_by {
+            let undo = get_in(&tx, undo_id).await?.ok_or_else(|| {
+                DbError::Invariant(format!("command {id} names a missing undo {undo_id}"))
+            })?;
+            return Ok(Ok(undo));
+        }
+        let refuse = |why: String| Ok(Err(Refused::State(Box::new(original.clone()), why)));
+        if original.undo_of.is_some() {
+            return refuse("an undo command cannot be undone; submit the original again".into());
+        }
+        if original.status != Status::Succeeded {
+            return refuse(format!(
+                "the command is {}; only SUCCEEDED commands can be undone",
+                original.status.as_str()
+            ));
+        }
+        let Some(inverse) = original.payload.inverse(&original.result) else {
+            return refuse(format!(
+                "{} commands cannot be undone",
+                original.payload.kind().as_str()
+            ));
+        };
+        let undo = NewCommand {
+            id: Uuid::now_v7(),
+            shard: original.shard,
+            user_id: original.user_id.clone(),
+            idempotency_key: format!("{}{id}", crate::UNDO_KEY_PREFIX),
+            payload: inverse,
+            undo_of: Some(id),
+        };
+        let undo = match insert(&tx, std::slice::from_ref(&undo)).await?.pop() {
+            Some(Ok(undo)) => undo,
+            Some(Err(Rejected::KeyReused(other))) => {
+                return Err(DbError::Invariant(format!(
+                    "undo key of {id} already names command {}",
+                    other.id
+                )));
+            }
+            None => return Err(DbError::Invariant("insert returned nothing".into())),
+        };
+        tx.execute(
+            "UPDATE commands.commands SET undone_by = $3 WHERE shard = $1 AND id = $2",
+            &[&original.shard, &id, &undo.id],
+        )
+        .await?;
+        notify(&tx, "r").await?;
+        notify_changed(&tx, &[id]).await?;
+        tx.commit().await?;
+        Ok(Ok(undo))
+    }
+
+    /// Puts a DEAD command back in its queue with its attempts reset.
+    pub async fn requeue(&self, id: Uuid) -> Result<Result<Command, Refused>, DbError> {
+        let mut client = self.db.primary().await?;
+        let tx = client.transaction().await?;
+        let Some(current) = lock(&tx, id).await? else {
+            return Ok(Err(Refused::NotFound));
+        };
+        match current.status {
+            Status::Dead => {}
+            Status::Accepted | Status::Running | Status::Retrying => return Ok(Ok(current)),
+            status => {
+                let why = format!(
+                    "the command is {}; only DEAD commands can be requeued",
+                    status.as_str()
+                );
+                return Ok(Err(Refused::State(Box::new(current), why)));
+            }
+        }
+        let row = tx
+            .query_one(
+                &format!(
+                    "WITH changed AS (
+                         UPDATE commands.commands c
+                         SET status = 'ACCEPTED', attempts = 0, run_after = now(), updated_at = now()
+                         WHERE c.shard = $1 AND c.id = $2 RETURNING {COLUMNS}),
+                     audit AS (INSERT INTO commands.audit (command_id, status, attempt, error)
+                               SELECT id, 'ACCEPTED', 0, 'requeued' FROM changed)
+                     SELECT * FROM changed"
+                ),
+                &[&current.shard, &id],
+            )
+            .await?;
+        let requeued = command(&row)?;
+        notify(&tx, "r").await?;
+        notify_changed(&tx, &[id]).await?;
+        tx.commit().await?;
+        Ok(Ok(requeued))
+    }
+
+    /// Claims up to `limit` commands of `shards` that are due: each the oldest open command
+    /// of its user, with no other command of that user running. A RUNNING command whose lease
+    /// ran out is claimed again (its worker is presumed dead; the audit says so).
+    pub async fn claim(
+        &self,
+        shards: &[i32],
+        worker: &str,
+        lease: Duration,
+        limit: i64,
+    ) -> Result<Vec<Claim>, DbError> {
+        let mut client = self.db.primary().await?;
+        let tx = client.transaction().await?;
+        let statement = tx
+            .prepare_cached(&format!(
+                "WITH ready AS (
+                     SELECT c.shard, c.id, c.status AS was, c.worker AS previous_worker
+                     FROM commands.commands c
+                     WHERE c.shard = ANY($1) AND c.status IN {OPEN}
+                       AND ((c.status <> 'RUNNING' AND c.run_after <= now())
+                            OR (c.status = 'RUNNING' AND c.lease_until < now()))
+                       AND NOT EXISTS (
+                           SELECT 1 FROM commands.commands p
+                           WHERE p.shard = c.shard AND p.user_id = c.user_id AND p.id <> c.id
+                             AND p.status IN {OPEN}
+                             AND (p.seq < c.seq OR (p.status = 'RUNNING' AND p.lease_until >= now())))
+                     ORDER BY c.seq
+                     LIMIT $2
+                     FOR UPDATE OF c SKIP LOCKED),
+                 claimed AS (
+                     UPDATE commands.commands c
+                     SET status = 'RUNNING', attempts = c.attempts + 1, worker = $3,
+                         lease_until = now() + make_interval(secs => $4), updated_at = now()
+                     FROM ready WHERE c.shard = ready.shard AND c.id = ready.id
+                     RETURNING {COLUMNS}, ready.was, ready.previous_worker, c.seq),
+                 audit AS (
+                     INSERT INTO commands.audit (command_id, status, attempt, worker, error)
+                     SELECT id, 'FAILED', attempts - 1, previous_worker,
+                            'lease expired: worker ' || previous_worker || ' did not finish'
+                     FROM claimed WHERE was = 'RUNNING'
+                     UNION ALL
+                     SELECT id, 'RUNNING', attempts, $3, '' FROM claimed)
+                 SELECT * FROM claimed ORDER BY seq"
+            ))
+            .await?;
+        let rows = tx
+            .query(
+                &statement,
+                &[&shards, &limit, &worker, &lease.as_secs_f64()],
+            )
+            .await?;
+        let claims = rows
+            .iter()
+            .map(|row| {
+                let command = command(row)?;
+                Ok(Claim {
+                    attempt: command.attempts,
+                    command,
+                })
+            })
+            .collect::<Result<Vec<_>, DbError>>()?;
+        let ids: Vec<Uuid> = claims.iter().map(|claim| claim.command.id).collect();
+        notify_changed(&tx, &ids).await?;
+        tx.commit().await?;
+        Ok(claims)
+    }
+
+    /// Records how attempts ended, in one transaction. An attempt whose claim was taken over
+    /// (the lease ran out and another worker claimed the command again) is not recorded: the
+    /// newer attempt owns the command. A succeeded undo marks its original UNDONE. Returns
+    /// the ids changed.
+    pub async fn complete(&self, worker: &str, done: &[Completion]) -> Result<Vec<Uuid>, DbError> {
+        let mut shards = Vec::with_capacity(done.len());
+        let mut ids = Vec::with_capacity(done.len());
+        let mut attempts = Vec::with_capacity(done.len());
+        let mut statuses = Vec::with_capacity(done.len());
+        let mut results = Vec::with_capacity(done.len());
+        let mut errors = Vec::with_capacity(done.len());
+        let mut delays = Vec::with_capacity(done.len());
+        for completion in done {
+            shards.push(completion.shard);
+            ids.push(completion.id);
+            attempts.push(completion.attempt);
+            let (status, result, error, delay) = match &completion.outcome {
+                Outcome::Succeeded { result } => (Status::Succeeded, result.as_str(), "", 0.0),
+                Outcome::Retry { error, after } => {
+                    (Status::Retrying, "", error.as_str(), after.as_secs_f64())
+                }
+                Outcome::Dead { error } => (Status::Dead, "", error.as_str(), 0.0),
+            };
+            statuses.push(status.as_str());
+            results.push(result);
+            errors.push(error);
+            delays.push(delay);
+        }
+        let mut client = self.db.primary().await?;
+        let tx = client.transaction().await?;
+        let statement = tx
+            .prepare_cached(
+                "WITH done AS (
+                     SELECT * FROM unnest($1::int4[], $2::uuid[], $3::int4[], $4::text[],
+                                          $5::text[], $6::text[], $7::float8[])
+                         AS d(shard, id, attempt, status, result, error, delay)),
+                 updated AS (
+                     UPDATE commands.commands c
+                     SET status = d.status, result = d.result,
+                         last_error = CASE WHEN d.error <> '' THEN d.error ELSE c.last_error END,
+                         run_after = now() + make_interval(secs => d.delay),
+                         lease_until = NULL, updated_at = now()
+                     FROM done d
+                     WHERE c.shard = d.shard AND c.id = d.id AND c.status = 'RUNNING'
+                       AND c.worker = $8 AND c.attempts = d.attempt
+                     RETURNING c.shard, c.id, c.status, c.attempts, c.undo_of, d.error),
+                 undone AS (
+                     UPDATE commands.commands o SET status = 'UNDONE', updated_at = now()
+                     FROM updated u
+                     WHERE u.status = 'SUCCEEDED' AND o.shard = u.shard AND o.id = u.undo_of
+                       AND o.status = 'SUCCEEDED'
+                     RETURNING o.id, o.attempts),
+                 audit AS (
+                     INSERT INTO commands.audit (command_id, status, attempt, worker, error)
+                     SELECT id, 'FAILED', attempts, $8, error FROM updated
+                     WHERE status IN ('RETRYING', 'DEAD')
+                     UNION ALL
+                     SELECT id, status, attempts, $8,
+                            CASE WHEN status = 'SUCCEEDED' THEN '' ELSE error END
+                     FROM updated
+                     UNION ALL
+                     SELECT id, 'UNDONE', attempts, $8, '' FROM undone)
+                 SELECT id FROM updated UNION ALL SELECT id FROM undone",
+            )
+            .await?;
+        let changed: Vec<Uuid> = tx
+            .query(
+                &statement,
+                &[
+                    &shards, &ids, &attempts, &statuses, &results, &errors, &delays, &worker,
+                ],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        // The finished commands' successors may be ready now: wake the workers too.
+        notify(&tx, "r").await?;
+        notify_changed(&tx, &changed).await?;
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    /// Deletes up to `batch` finished (SUCCEEDED, CANCELLED, UNDONE) commands last changed
+    /// more than `age` ago, with their audit rows; the number deleted. Rows being changed are
+    /// skipped, not waited for, so retention never blocks ingestion or workers.
+    pub async fn purge(&self, age: Duration, batch: i64) -> Result<u64, DbError> {
+        let client = self.db.primary().await?;
+        let row = client
+            .query_one(
+                "WITH old AS (
+                     SELECT shard, id FROM commands.commands
+                     WHERE status IN ('SUCCEEDED', 'CANCELLED', 'UNDONE')
+                       AND updated_at < now() - make_interval(secs => $1)
+                     LIMIT $2 FOR UPDATE SKIP LOCKED),
+                 gone AS (DELETE FROM commands.commands c USING old
+                          WHERE c.shard = old.shard AND c.id = old.id RETURNING c.id),
+                 audit AS (DELETE FROM commands.audit a USING gone WHERE a.command_id = gone.id)
+                 SELECT count(*) FROM gone",
+                &[&age.as_secs_f64(), &batch],
+            )
+            .await?;
+        Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    }
+}
+
+/// Inserts a batch inside `tx`; results in input order.
+async fn insert(
+    tx: &impl GenericClient,
+    batch: &[NewCommand],
+) -> Result<Vec<Result<Command, Rejected>>, DbError> {
+    let mut ids = Vec::with_capacity(batch.len());
+    let mut shards = Vec::with_capacity(batch.len());
+    let mut users = Vec::with_capacity(batch.len());
+    let mut keys = Vec::with_capacity(batch.len());
+    let mut kinds = Vec::with_capacity(batch.len());
+    let mut payloads = Vec::with_capacity(batch.len());
+    let mut undo_of = Vec::with_capacity(batch.len());
+    for new in batch {
+        ids.push(new.id);
+        shards.push(new.shard);
+        users.push(new.user_id.as_str());
+        keys.push(new.idempotency_key.as_str());
+        kinds.push(new.payload.kind().as_str());
+        payloads.push(new.payload.encode());
+        undo_of.push(new.undo_of);
+    }
+    // `WITH ORDINALITY … ORDER BY n`: the sequence numbers follow the batch's order.
+    let statement = tx
+        .prepare_cached(&format!(
+            "WITH input AS (
+                 SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[],
+                                      $6::bytea[], $7::uuid[]) WITH ORDINALITY
+                     AS i(id, shard, user_id, key, kind, payload, undo_of, n)),
+             inserted AS (
+                 INSERT INTO commands.commands AS c
+                     (id, shard, user_id, idempotency_key, kind, payload, undo_of, status)
+                 SELECT id, shard, user_id, key, kind, payload, undo_of, 'ACCEPTED'
+                 FROM input ORDER BY n
+                 ON CONFLICT (shard, user_id, idempotency_key) DO NOTHING
+                 RETURNING {COLUMNS}, c.idempotency_key),
+             audit AS (INSERT INTO commands.audit (command_id, status, attempt)
+                       SELECT id, 'ACCEPTED', 0 FROM inserted)
+             SELECT * FROM inserted"
+        ))
+        .await?;
+    let rows = tx
+        .query(
+            &statement,
+            &[&ids, &shards, &users, &keys, &kinds, &payloads, &undo_of],
+        )
+        .await?;
+    let mut stored = std::collections::HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let command = command(row)?;
+        stored.insert(command.id, command);
+    }
+    let mut results = Vec::with_capacity(batch.len());
+    let mut existing_needed = Vec::new();
+    for (index, new) in batch.iter().enumerate() {
+        match stored.remove(&new.id) {
+            Some(command) => results.push(Some(Ok(command))),
+            None => {
+                results.push(None);
+                existing_needed.push(index);
+            }
+        }
+    }
+    if !existing_needed.is_empty() {
+        // Repeats: the key is taken, by an earlier call or by an earlier entry of this batch.
+        let wanted_shards: Vec<i32> = existing_needed.iter().map(|&i| batch[i].shard).collect();
+        let wanted_users: Vec<&str> = existing_needed
+            .iter()
+            .map(|&i| batch[i].user_id.as_str())
+            .collect();
+        let wanted_keys: Vec<&str> = existing_needed
+            .iter()
+            .map(|&i| batch[i].idempotency_key.as_str())
+            .collect();
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT {COLUMNS}, c.idempotency_key FROM commands.commands c
+                     JOIN unnest($1::int4[], $2::text[], $3::text[]) AS w(shard, user_id, key)
+                       ON c.shard = w.shard AND c.user_id = w.user_id AND c.idempotency_key = w.key"
+                ),
+                &[&wanted_shards, &wanted_users, &wanted_keys],
+            )
+            .await?;
+        let mut by_key = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let key: String = row.get("idempotency_key");
+            let command = command(row)?;
+            by_key.insert((command.user_id.clone(), key), command);
+        }
+        for index in existing_needed {
+            let new = &batch[index];
+            let existing = by_key
+                .get(&(new.user_id.clone(), new.idempotency_key.clone()))
+                .cloned()
+                .ok_or_else(|| {
+                    DbError::Invariant(format!(
+                        "key {:?} of user {:?} conflicted but no command holds it",
+                        new.idempotency_key, new.user_id
+                    ))
+                })?;
+            results[index] = Some(
+                if existing.payload == new.payload && existing.undo_of == new.undo_of {
+                    Ok(existing)
+                } else {
+                    Err(Rejected::KeyReused(existing))
+                },
+            );
+        }
+    }
+    results
+        .into_iter()
+        .map(|result| result.ok_or_else(|| DbError::Invariant("a submission got no result".into())))
+        .collect()
+}
+
+/// Locks a command by id for a change.
+async fn lock(tx: &impl GenericClient, id: Uuid) -> Result<Option<Command>, DbError> {
+    tx.query_opt(
+        &format!("SELECT {COLUMNS} FROM commands.commands c WHERE c.id = $1 FOR UPDATE"),
+        &[&id],
+    )
+    .await?
+    .map(|row| command(&row))
+    .transpose()
+}
+
+async fn get_in(tx: &impl GenericClient, id: Uuid) -> Result<Option<Command>, DbError> {
+    tx.query_opt(
+        &format!("SELECT {COLUMNS} FROM commands.commands c WHERE c.id = $1"),
+        &[&id],
+    )
+    .await?
+    .map(|row| command(&row))
+    .transpose()
+}
+
+async fn notify(tx: &impl GenericClient, payload: &str) -> Result<(), DbError> {
+    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
+        .await?;
+    Ok(())
+}
+
+async fn notify_changed(tx: &impl GenericClient, ids: &[Uuid]) -> Result<(), DbError> {
+    for chunk in ids.chunks(IDS_PER_NOTIFY) {
+        let list: Vec<String> = chunk.iter().map(Uuid::to_string).collect();
+        notify(tx, &format!("c:{}", list.join(","))).await?;
+    }
+    Ok(())
+}
+
+fn command(row: &Row) -> Result<Command, DbError> {
+    let id: Uuid = row.try_get("id")?;
+    let status: String = row.try_get("status")?;
+    let payload: Vec<u8> = row.try_get("payload")?;
+    Ok(Command {
+        id,
+        shard: row.try_get("shard")?,
+        user_id: row.try_get("user_id")?,
+        payload: Payload::decode(&payload)
+            .map_err(|e| DbError::Invariant(format!("command {id}: {e}")))?,
+        status: Status::parse(&status)
+            .ok_or_else(|| DbError::Invariant(format!("command {id} has status {status:?}")))?,
+        attempts: row.try_get("attempts")?,
+        result: row.try_get("result")?,
+        last_error: row.try_get("last_error")?,
+        undo_of: row.try_get("undo_of")?,
+        undone_by: row.try_get("undone_by")?,
+        run_after: row.try_get("run_after")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn transition(row: &Row) -> Result<Transition, DbError> {
+    let status: String = row.try_get("status")?;
+    Ok(Transition {
+        seq: row.try_get("id")?,
+        status: Status::parse(&status)
+            .ok_or_else(|| DbError::Invariant(format!("audit row has status {status:?}")))?,
+        attempt: row.try_get("attempt")?,
+        worker: row.try_get("worker")?,
+        error: row.try_get("error")?,
+        at: row.try_get("at")?,
+    })
+}

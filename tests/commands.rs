@@ -1,0 +1,814 @@
+//! The command pipeline end to end: real `waybill serve` processes (the command service, its
+//! workers, and the services its handlers call), a real primary and replica. Each test checks
+//! what the log, its audit trail and the called services end up holding, not only what the
+//! calls answered.
+
+// A failed unwrap is a failed test, which is what we want here.
+#![allow(clippy::unwrap_used)]
+
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
+
+use tokio_stream::StreamExt;
+use tonic::{Code, transport::Channel};
+use tonic_types::StatusExt;
+use waybill_api::{
+    commands::v1::{
+        self as pb, CommandStatus, command_payload::Kind,
+        command_service_client::CommandServiceClient,
+    },
+    orders::v1::{self as orders, orders_service_client::OrdersServiceClient},
+};
+use waybill_test_support::{ServeOptions, TestDb, Waybill, eventually};
+
+fn client(channel: &Channel) -> CommandServiceClient<Channel> {
+    CommandServiceClient::new(channel.clone())
+}
+
+fn notify(customer: &str, message: &str) -> pb::CommandPayload {
+    pb::CommandPayload {
+        kind: Some(Kind::SendNotification(pb::SendNotification {
+            customer_id: customer.into(),
+            message: message.into(),
+        })),
+    }
+}
+
+fn restock(sku: &str, quantity: i32) -> pb::CommandPayload {
+    pb::CommandPayload {
+        kind: Some(Kind::RestockItem(pb::RestockItem {
+            sku: sku.into(),
+            quantity,
+        })),
+    }
+}
+
+async fn submit(
+    commands: &mut CommandServiceClient<Channel>,
+    user: &str,
+    key: &str,
+    payload: pb::CommandPayload,
+) -> pb::Command {
+    commands
+        .submit_command(pb::SubmitCommandRequest {
+            user_id: user.into(),
+            payload: Some(payload),
+            idempotency_key: key.into(),
+        })
+        .await
+        .unwrap_or_else(|status| panic!("SubmitCommand {user}/{key}: {status:?}"))
+        .into_inner()
+        .command
+        .unwrap()
+}
+
+async fn get(commands: &CommandServiceClient<Channel>, id: &str) -> pb::Command {
+    commands
+        .clone()
+        .get_command(pb::GetCommandRequest {
+            command_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .command
+        .unwrap()
+}
+
+/// Waits until the command's status is `status` and returns it (with history).
+async fn reaches(
+    commands: &CommandServiceClient<Channel>,
+    id: &str,
+    status: CommandStatus,
+) -> pb::Command {
+    eventually(&format!("command {id} is {status:?}"), || async {
+        let command = get(commands, id).await;
+        (command.status() == status).then_some(command)
+    })
+    .await
+}
+
+fn statuses(history: &[pb::CommandTransition]) -> Vec<CommandStatus> {
+    history.iter().map(|t| t.status()).collect()
+}
+
+async fn on_hand(db: &TestDb, sku: &str) -> i32 {
+    db.primary()
+        .await
+        .query_one(
+            "SELECT on_hand FROM inventory.items WHERE sku = $1",
+            &[&sku],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Many users, each submitting commands one after another (each acknowledged before the next),
+/// all users at once: every command runs once, and each user's run one at a time in the order
+/// submitted, as the audit trail shows.
+#[tokio::test]
+async fn each_users_commands_run_in_order_and_users_run_in_parallel() {
+    let db = TestDb::new().await;
+    let server = Waybill::serve(&db, &["--command-shards", "4"]);
+    let channel = server.channel().await;
+    const USERS: usize = 12;
+    const PER_USER: usize = 8;
+    let mut submitters = Vec::new();
+    for user in 0..USERS {
+        let mut commands = client(&channel);
+        submitters.push(tokio::spawn(async move {
+            let user = format!("user-{user}");
+            let mut ids = Vec::new();
+            for n in 0..PER_USER {
+                let command = submit(
+                    &mut commands,
+                    &user,
+                    &format!("k-{n}"),
+                    notify(&user, &format!("message {n}")),
+                )
+                .await;
+                ids.push(command.command_id);
+            }
+            (user, ids)
+        }));
+    }
+    let mut by_user = HashMap::new();
+    for submitter in submitters {
+        let (user, ids) = submitter.await.unwrap();
+        by_user.insert(user, ids);
+    }
+    let commands = client(&channel);
+    for ids in by_user.values() {
+        for id in ids {
+            let command = reaches(&commands, id, CommandStatus::Succeeded).await;
+            assert_eq!(
+                statuses(&command.history),
+                [
+                    CommandStatus::Accepted,
+                    CommandStatus::Running,
+                    CommandStatus::Succeeded
+                ]
+            );
+        }
+    }
+    let primary = db.primary().await;
+    for (user, ids) in &by_user {
+        // Each command started only after the one before it finished.
+        for pair in ids.windows(2) {
+            let row = primary
+                .query_one(
+                    "SELECT (SELECT max(at) FROM commands.audit WHERE command_id = $1::text::uuid AND status = 'SUCCEEDED')
+                          <= (SELECT min(at) FROM commands.audit WHERE command_id = $2::text::uuid AND status = 'RUNNING')",
+                    &[&pair[0], &pair[1]],
+                )
+                .await
+                .unwrap();
+            assert!(
+                row.get::<_, bool>(0),
+                "{user}: {} overlapped {}",
+                pair[1],
+                pair[0]
+            );
+        }
+        // The effect happened once per command.
+        let sent: i64 = primary
+            .query_one(
+                "SELECT count(*) FROM notifications.notifications WHERE customer_id = $1",
+                &[user],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(sent, PER_USER as i64, "{user}");
+    }
+    // The users are spread over the shards, and the shards are partitions.
+    let shards: i64 = primary
+        .query_one("SELECT count(DISTINCT shard) FROM commands.commands", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(shards > 1, "{USERS} users landed on {shards} shard(s)");
+    let partitions: i64 = primary
+        .query_one(
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'commands.commands'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(partitions, 4);
+}
+
+/// A worker killed (SIGKILL) while its handler's call is in flight: its lease runs out, a
+/// worker in another process claims the command again, and the effect happens once.
+#[tokio::test]
+async fn a_command_whose_worker_dies_is_claimed_again_and_takes_effect_once() {
+    let db = TestDb::new().await;
+    // The notifications service answers SendNotification only after a while, so the first
+    // worker is surely mid-call when it is killed.
+    let notifications = Waybill::start(
+        &db,
+        ServeOptions {
+            services: Some("notifications"),
+            policy: Some(
+                r#"{"methodConfig": [{"name": [{"service": "waybill.notifications.v1.NotificationsService", "method": "SendNotification"}],
+                    "faults": {"delay": {"duration": "1500ms", "percent": 100}}}]}"#,
+            ),
+            ..ServeOptions::default()
+        },
+    );
+    let target = notifications.endpoint();
+    let worker_args = [
+        "--services",
+        "commands",
+        "--notifications-target",
+        &target,
+        "--command-lease",
+        "4s",
+        "--command-poll",
+        "100ms",
+    ];
+    let mut first = Waybill::serve(&db, &worker_args);
+    let mut commands = client(&first.channel().await);
+    let command = submit(&mut commands, "u-1", "once", notify("u-1", "hello")).await;
+    reaches(&commands, &command.command_id, CommandStatus::Running).await;
+    first.kill();
+
+    let second = Waybill::serve(&db, &worker_args);
+    let commands = client(&second.channel().await);
+    let done = reaches(&commands, &command.command_id, CommandStatus::Succeeded).await;
+    assert_eq!(done.attempts, 2);
+    assert_eq!(
+        statuses(&done.history),
+        [
+            CommandStatus::Accepted,
+            CommandStatus::Running,
+            CommandStatus::Failed,
+            CommandStatus::Running,
+            CommandStatus::Succeeded
+        ]
+    );
+    assert!(
+        done.history[2].error.contains("lease expired"),
+        "{:?}",
+        done.history[2]
+    );
+    assert_ne!(done.history[1].worker, done.history[3].worker);
+    assert_eq!(
+        db.count("notifications.notifications").await,
+        1,
+        "the message was recorded once"
+    );
+}
+
+/// A handler whose service is down: retried with backoff, then DEAD with the last error once
+/// the attempts run out; listed as dead; requeued after the service is back, it succeeds.
+#[tokio::test]
+async fn a_failing_command_retries_then_dies_and_can_be_requeued() {
+    let db = TestDb::new().await;
+    // An address nothing listens on yet: the inventory service starts there later.
+    let inventory_addr: SocketAddr = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let target = format!("http://{inventory_addr}");
+    let server = Waybill::start(
+        &db,
+        ServeOptions {
+            services: Some("commands"),
+            // The breaker would keep failing the requeued attempt fast for a while after the
+            // outage; it has its own tests, and is kept out of this one's way.
+            policy: Some(r#"{"breaker": {"consecutiveFailures": 1000, "minimumCalls": 1000}}"#),
+            args: &[
+                "--inventory-target",
+                &target,
+                "--command-max-attempts",
+                "3",
+                "--command-retry-base",
+                "50ms",
+                "--command-poll",
+                "100ms",
+            ],
+            ..ServeOptions::default()
+        },
+    );
+    let mut commands = client(&server.channel().await);
+    let command = submit(&mut commands, "ops", "restock-1", restock("BOLT", 5)).await;
+    let dead = reaches(&commands, &command.command_id, CommandStatus::Dead).await;
+    assert_eq!(dead.attempts, 3);
+    assert_eq!(
+        statuses(&dead.history),
+        [
+            CommandStatus::Accepted,
+            CommandStatus::Running,
+            CommandStatus::Failed,
+            CommandStatus::Retrying,
+            CommandStatus::Running,
+            CommandStatus::Failed,
+            CommandStatus::Retrying,
+            CommandStatus::Running,
+            CommandStatus::Failed,
+            CommandStatus::Dead
+        ]
+    );
+    assert!(
+        dead.last_error.contains("Unavailable"),
+        "{}",
+        dead.last_error
+    );
+    let listed = commands
+        .list_dead_commands(pb::ListDeadCommandsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .commands;
+    assert_eq!(
+        listed.iter().map(|c| &c.command_id).collect::<Vec<_>>(),
+        [&command.command_id]
+    );
+
+    let inventory = Waybill::start(
+        &db,
+        ServeOptions {
+            services: Some("inventory"),
+            listen: Some(inventory_addr),
+            ..ServeOptions::default()
+        },
+    );
+    waybill_test_support::stock(&inventory.channel().await, "BOLT", 10).await;
+    let requeued = commands
+        .requeue_command(pb::RequeueCommandRequest {
+            command_id: command.command_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .command
+        .unwrap();
+    assert_eq!(requeued.status(), CommandStatus::Accepted);
+    assert_eq!(requeued.attempts, 0);
+    let done = reaches(&commands, &command.command_id, CommandStatus::Succeeded).await;
+    assert_eq!(done.attempts, 1);
+    assert_eq!(on_hand(&db, "BOLT").await, 15);
+    // Requeueing what is not DEAD is refused.
+    let refused = commands
+        .requeue_command(pb::RequeueCommandRequest {
+            command_id: command.command_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+}
+
+/// A refusal (the item does not exist) is final at once: no retries. Cancel stops a command
+/// that has not run; commands that ran cannot be cancelled.
+#[tokio::test]
+async fn refusals_die_at_once_and_cancel_stops_waiting_commands() {
+    let db = TestDb::new().await;
+    let server = Waybill::serve(&db, &[]);
+    let mut commands = client(&server.channel().await);
+    let refused = submit(&mut commands, "ops", "r-1", restock("NOPE", 1)).await;
+    let dead = reaches(&commands, &refused.command_id, CommandStatus::Dead).await;
+    assert_eq!(dead.attempts, 1);
+    assert!(dead.last_error.contains("NotFound"), "{}", dead.last_error);
+
+    // The user's next command waits behind a DEAD one? No: DEAD frees the queue. To hold a
+    // command back, put it behind one that is waiting for its retry.
+    let blocked_server = Waybill::serve(
+        &db,
+        &[
+            "--services",
+            "commands",
+            "--inventory-target",
+            "http://127.0.0.1:1",
+            "--command-retry-base",
+            "60s",
+            "--command-workers",
+            "true",
+        ],
+    );
+    let mut blocked = client(&blocked_server.channel().await);
+    drop(server);
+    let head = submit(&mut blocked, "slow", "head", restock("ANY", 1)).await;
+    reaches(&blocked, &head.command_id, CommandStatus::Retrying).await;
+    let behind = submit(&mut blocked, "slow", "behind", notify("slow", "hi")).await;
+    let cancelled = blocked
+        .cancel_command(pb::CancelCommandRequest {
+            command_id: behind.command_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .command
+        .unwrap();
+    assert_eq!(cancelled.status(), CommandStatus::Cancelled);
+    // Cancelling again returns it unchanged; the head (waiting to retry) can be cancelled too.
+    let again = blocked
+        .cancel_command(pb::CancelCommandRequest {
+            command_id: behind.command_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .command
+        .unwrap();
+    assert_eq!(again.status(), CommandStatus::Cancelled);
+    let head = blocked
+        .cancel_command(pb::CancelCommandRequest {
+            command_id: head.command_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .command
+        .unwrap();
+    assert_eq!(head.status(), CommandStatus::Cancelled);
+    let behind = get(&blocked, &behind.command_id).await;
+    assert_eq!(
+        statuses(&behind.history),
+        [CommandStatus::Accepted, CommandStatus::Cancelled]
+    );
+    // A command that ran cannot be cancelled.
+    let status = blocked
+        .cancel_command(pb::CancelCommandRequest {
+            command_id: refused.command_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(
+        db.count("notifications.notifications").await,
+        0,
+        "the cancelled command never ran"
+    );
+}
+
+/// Undo submits the inverse as a new command; when it succeeds the original is UNDONE. A
+/// restock is taken back; an address change is changed back; a notification cannot be undone.
+#[tokio::test]
+async fn undo_reverses_reversible_commands() {
+    let db = TestDb::new().await;
+    let server = Waybill::serve(&db, &[]);
+    let channel = server.channel().await;
+    waybill_test_support::stock(&channel, "NUT", 10).await;
+    waybill_test_support::courier(&channel, "bike-1", "north", 5).await;
+    let mut commands = client(&channel);
+
+    let restocked = submit(&mut commands, "ops", "r-1", restock("NUT", 5)).await;
+    reaches(&commands, &restocked.command_id, CommandStatus::Succeeded).await;
+    assert_eq!(on_hand(&db, "NUT").await, 15);
+    let undo = commands
+        .undo_command(pb::UndoCommandRequest {
+            command_id: restocked.command_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .command
+        .unwrap();
+    assert_eq!(undo.undo_of, restocked.command_id);
+    assert_eq!(undo.payload, Some(restock("NUT", -5)));
+    // A repeat returns the same undo command.
+    let repeat = commands
+        .undo_command(pb::UndoCommandRequest {
+            command_id: restocked.command_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .command
+        .unwrap();
+    assert_eq!(repeat.command_id, undo.command_id);
+    reaches(&commands, &undo.command_id, CommandStatus::Succeeded).await;
+    let original = reaches(&commands, &restocked.command_id, CommandStatus::Undone).await;
+    assert_eq!(original.undone_by, undo.command_id);
+    assert_eq!(on_hand(&db, "NUT").await, 10);
+
+    // An address change, undone.
+    let order = OrdersServiceClient::new(channel.clone())
+        .place_order(orders::PlaceOrderRequest {
+            customer_id: "c-1".into(),
+            items: vec![orders::LineItem {
+                sku: "NUT".into(),
+                quantity: 1,
+            }],
+            delivery_address: "1 Old Street".into(),
+            zone: "north".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    let change = submit(
+        &mut commands,
+        "c-1",
+        "move",
+        pb::CommandPayload {
+            kind: Some(Kind::ChangeDeliveryAddress(pb::ChangeDeliveryAddress {
+                order_id: order.order_id.clone(),
+                delivery_address: "2 New Road".into(),
+            })),
+        },
+    )
+    .await;
+    reaches(&commands, &change.command_id, CommandStatus::Succeeded).await;
+    let address = || async {
+        let row = db
+            .primary()
+            .await
+            .query_one(
+                "SELECT delivery_address FROM orders.orders WHERE id = $1::text::uuid",
+                &[&order.order_id],
+            )
+            .await
+            .unwrap();
+        row.get::<_, String>(0)
+    };
+    assert_eq!(address().await, "2 New Road");
+    let undo = commands
+        .undo_command(pb::UndoCommandRequest {
+            command_id: change.command_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .command
+        .unwrap();
+    reaches(&commands, &undo.command_id, CommandStatus::Succeeded).await;
+    reaches(&commands, &change.command_id, CommandStatus::Undone).await;
+    assert_eq!(address().await, "1 Old Street");
+
+    // Not reversible, or not (yet) succeeded: refused, naming why.
+    let sent = submit(&mut commands, "c-1", "hello", notify("c-1", "hello")).await;
+    reaches(&commands, &sent.command_id, CommandStatus::Succeeded).await;
+    let status = commands
+        .undo_command(pb::UndoCommandRequest {
+            command_id: sent.command_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("cannot be undone"), "{status:?}");
+    let status = commands
+        .undo_command(pb::UndoCommandRequest {
+            command_id: undo.command_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+}
+
+/// The same key twice (and 20 times at once) stores one command; the same key with another
+/// payload is refused and stores nothing.
+#[tokio::test]
+async fn the_same_idempotency_key_stores_one_command() {
+    let db = TestDb::new().await;
+    // No workers: the test is about what is stored.
+    let server = Waybill::serve(
+        &db,
+        &["--services", "commands", "--command-workers", "false"],
+    );
+    let mut commands = client(&server.channel().await);
+    let first = submit(&mut commands, "u-1", "key-1", notify("u-1", "a")).await;
+    let second = submit(&mut commands, "u-1", "key-1", notify("u-1", "a")).await;
+    assert_eq!(first.command_id, second.command_id);
+    assert_eq!(second.status(), CommandStatus::Accepted);
+    // Another user may use the same key.
+    let other = submit(&mut commands, "u-2", "key-1", notify("u-2", "a")).await;
+    assert_ne!(other.command_id, first.command_id);
+
+    let status = commands
+        .submit_command(pb::SubmitCommandRequest {
+            user_id: "u-1".into(),
+            payload: Some(notify("u-1", "b")),
+            idempotency_key: "key-1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("idempotency_key"), "{status:?}");
+
+    let concurrent: Vec<_> = (0..20)
+        .map(|_| {
+            let mut commands = commands.clone();
+            tokio::spawn(async move {
+                submit(&mut commands, "u-3", "burst", notify("u-3", "x"))
+                    .await
+                    .command_id
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for task in concurrent {
+        ids.push(task.await.unwrap());
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert_eq!(db.count("commands.commands").await, 3);
+    assert_eq!(
+        db.count("commands.audit").await,
+        3,
+        "one ACCEPTED row per command"
+    );
+}
+
+/// WatchCommand replays what happened so far and then streams each change as it is recorded,
+/// one message per transition, ending after a final status.
+#[tokio::test]
+async fn watch_sees_every_transition() {
+    let db = TestDb::new().await;
+    let server = Waybill::serve(&db, &[]);
+    let channel = server.channel().await;
+    waybill_test_support::stock(&channel, "WASHER", 1).await;
+    let mut commands = client(&channel);
+
+    for (key, payload, last) in [
+        ("ok", restock("WASHER", 1), CommandStatus::Succeeded),
+        ("refused", restock("MISSING", 1), CommandStatus::Dead),
+    ] {
+        let command = submit(&mut commands, "watcher", key, payload).await;
+        let stream = commands
+            .watch_command(pb::WatchCommandRequest {
+                command_id: command.command_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let messages: Vec<pb::WatchCommandResponse> = tokio::time::timeout(
+            Duration::from_secs(30),
+            stream.map(Result::unwrap).collect(),
+        )
+        .await
+        .expect("the stream ends after the final status");
+        let seen: Vec<CommandStatus> = messages
+            .iter()
+            .map(|m| m.transition.as_ref().unwrap().status())
+            .collect();
+        let recorded = get(&commands, &command.command_id).await;
+        assert_eq!(seen, statuses(&recorded.history), "{key}");
+        assert_eq!(seen.last(), Some(&last), "{key}");
+        assert_eq!(
+            messages.last().unwrap().command.as_ref().unwrap().status(),
+            last
+        );
+    }
+}
+
+/// A bad payload is refused with the field named, and nothing is stored.
+#[tokio::test]
+async fn bad_submissions_are_refused_and_store_nothing() {
+    let db = TestDb::new().await;
+    let server = Waybill::serve(&db, &["--services", "commands"]);
+    let mut commands = client(&server.channel().await);
+    let cases = [
+        (
+            pb::SubmitCommandRequest {
+                user_id: "u".into(),
+                payload: None,
+                idempotency_key: "k".into(),
+            },
+            "payload",
+        ),
+        (
+            pb::SubmitCommandRequest {
+                user_id: String::new(),
+                payload: Some(notify("c", "m")),
+                idempotency_key: "k".into(),
+            },
+            "user_id",
+        ),
+        (
+            pb::SubmitCommandRequest {
+                user_id: "u".into(),
+                payload: Some(notify("c", "m")),
+                idempotency_key: String::new(),
+            },
+            "idempotency_key",
+        ),
+        (
+            pb::SubmitCommandRequest {
+                user_id: "u".into(),
+                payload: Some(restock("A", 0)),
+                idempotency_key: "k".into(),
+            },
+            "payload.restock_item.quantity",
+        ),
+        (
+            pb::SubmitCommandRequest {
+                user_id: "u".into(),
+                payload: Some(pb::CommandPayload {
+                    kind: Some(Kind::CancelOrder(pb::CancelOrder {
+                        order_id: "not-a-uuid".into(),
+                        reason: String::new(),
+                    })),
+                }),
+                idempotency_key: "k".into(),
+            },
+            "payload.cancel_order.order_id",
+        ),
+        (
+            pb::SubmitCommandRequest {
+                user_id: "u".into(),
+                payload: Some(notify("c", "nul\0byte")),
+                idempotency_key: "k".into(),
+            },
+            "payload.send_notification.message",
+        ),
+        (
+            pb::SubmitCommandRequest {
+                user_id: "u".into(),
+                payload: Some(notify("c", "m")),
+                idempotency_key: "waybill-undo:forged".into(),
+            },
+            "idempotency_key",
+        ),
+    ];
+    for (request, field) in cases {
+        let status = commands.submit_command(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}");
+        let details = status.get_error_details();
+        let details = details
+            .bad_request()
+            .unwrap_or_else(|| panic!("{field}: no BadRequest detail in {status:?}"));
+        assert!(
+            details.field_violations.iter().any(|v| v.field == field),
+            "{field}: {details:?}"
+        );
+    }
+    assert_eq!(db.count("commands.commands").await, 0);
+    assert_eq!(db.count("commands.audit").await, 0);
+    let status = commands
+        .get_command(pb::GetCommandRequest {
+            command_id: uuid::Uuid::now_v7().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+}
+
+/// ListCommands pages through a user's commands, newest first, from the replica.
+#[tokio::test]
+async fn list_pages_a_users_commands_newest_first() {
+    let db = TestDb::new().await;
+    let server = Waybill::serve(
+        &db,
+        &["--services", "commands", "--command-workers", "false"],
+    );
+    let mut commands = client(&server.channel().await);
+    let mut submitted = Vec::new();
+    for n in 0..5 {
+        submitted.push(
+            submit(
+                &mut commands,
+                "lister",
+                &format!("k{n}"),
+                notify("lister", "m"),
+            )
+            .await
+            .command_id,
+        );
+    }
+    submit(&mut commands, "someone-else", "k0", notify("x", "m")).await;
+    waybill_test_support::wait_for_replica().await;
+    let mut listed = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = commands
+            .list_commands(pb::ListCommandsRequest {
+                user_id: "lister".into(),
+                page_size: 2,
+                page_token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        listed.extend(page.commands.into_iter().map(|c| c.command_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    submitted.reverse();
+    assert_eq!(listed, submitted);
+    // A token is bound to its user.
+    let first = commands
+        .list_commands(pb::ListCommandsRequest {
+            user_id: "lister".into(),
+            page_size: 2,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = commands
+        .list_commands(pb::ListCommandsRequest {
+            user_id: "someone-else".into(),
+            page_size: 2,
+            page_token: first.next_page_token,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
