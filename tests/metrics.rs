@@ -15,6 +15,7 @@ use std::{
 
 use tonic::{Code, Request};
 use waybill_api::{
+    commands::v1::{self as commands_pb, command_service_client::CommandServiceClient},
     delivery::v1::{self as delivery, delivery_service_client::DeliveryServiceClient},
     echo::v1::{EchoRequest, echo_service_client::EchoServiceClient},
     inventory::v1::{self as inventory, inventory_service_client::InventoryServiceClient},
@@ -37,6 +38,7 @@ const NOT_PROVOKED: &[&str] = &[
     "mesh_breaker_rejected_total",
     "mesh_fault_injected_total",
     "waybill_consumer_dead_letters_total",
+    "waybill_command_purged_total",
 ];
 
 // === a scrape, parsed ===
@@ -227,7 +229,8 @@ async fn documented_metrics_are_exported_and_move_under_traffic() {
     let channel = server.channel().await;
     let mut orders = OrdersServiceClient::new(channel.clone());
     let mut stock = InventoryServiceClient::new(channel.clone());
-    let mut couriers = DeliveryServiceClient::new(channel);
+    let mut couriers = DeliveryServiceClient::new(channel.clone());
+    let mut commands = CommandServiceClient::new(channel);
 
     // Exposed from the start: the pools, the replica, the concurrency limit, the outboxes.
     let before = eventually("the first database samples", || {
@@ -303,6 +306,22 @@ async fn documented_metrics_are_exported_and_move_under_traffic() {
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
+    // A command, run by a worker.
+    commands
+        .submit_command(commands_pb::SubmitCommandRequest {
+            user_id: "c-k".into(),
+            payload: Some(commands_pb::CommandPayload {
+                kind: Some(commands_pb::command_payload::Kind::SendNotification(
+                    commands_pb::SendNotification {
+                        customer_id: "c-k".into(),
+                        message: "hello".into(),
+                    },
+                )),
+            }),
+            idempotency_key: "metrics".into(),
+        })
+        .await
+        .unwrap();
 
     // Events go through the outbox, the relay, the bus and the notifications consumer.
     let after = eventually("the events to be relayed and consumed", || {
@@ -310,7 +329,11 @@ async fn documented_metrics_are_exported_and_move_under_traffic() {
         async move {
             let scrape = scrape(server).await;
             (scrape.value("waybill_consumer_events_total", &[("outcome", "handled")]) >= 5.0
-                && scrape.value("waybill_outbox_relayed_events_total", &[]) >= 5.0)
+                && scrape.value("waybill_outbox_relayed_events_total", &[]) >= 5.0
+                && scrape.value(
+                    "waybill_command_attempts_total",
+                    &[("kind", "SEND_NOTIFICATION"), ("outcome", "succeeded")],
+                ) == 1.0)
                 .then_some(scrape)
         }
     })

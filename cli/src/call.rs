@@ -83,15 +83,18 @@ pub struct Target {
 }
 
 impl Target {
-    /// A client through the mesh client stack (deadline, budgeted retries), as services use.
-    async fn client(&self) -> anyhow::Result<OrdersServiceClient<MeshClient>> {
+    /// A connection through the mesh client stack (deadline, budgeted retries), as services
+    /// use; hand it to a generated client.
+    pub fn mesh(&self) -> anyhow::Result<MeshClient> {
         let channel = mesh_layer::client::connect(&self.addr)
             .context("--addr must be a URL such as http://127.0.0.1:50051")?;
         let methods = MethodTable::from_descriptor_sets(&[waybill_api::FILE_DESCRIPTOR_SET])?;
         let policy = Policy::from_json(CLI_POLICY)?;
-        Ok(OrdersServiceClient::new(mesh_layer::client::wrap(
-            &policy, &methods, channel,
-        )))
+        Ok(mesh_layer::client::wrap(&policy, &methods, channel))
+    }
+
+    async fn client(&self) -> anyhow::Result<OrdersServiceClient<MeshClient>> {
+        Ok(OrdersServiceClient::new(self.mesh()?))
     }
 }
 

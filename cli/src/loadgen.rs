@@ -21,6 +21,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tonic::{Code, transport::Channel};
 use waybill_api::{
+    commands::v1::{self as commands, command_service_client::CommandServiceClient},
     delivery::v1::{self as delivery, delivery_service_client::DeliveryServiceClient},
     echo::v1::{EchoRequest, echo_service_client::EchoServiceClient},
     inventory::v1::{self as inventory, inventory_service_client::InventoryServiceClient},
@@ -81,6 +82,9 @@ enum Scenario {
     TrackDeliveries,
     /// EchoService/Echo (needs `serve --services echo`).
     Echo,
+    /// SubmitCommand: a SendNotification command for a random user, with a key per call
+    /// (needs `serve --services commands`).
+    SubmitCommands,
 }
 
 /// The summary, printed and optionally written as JSON.
@@ -137,6 +141,7 @@ struct Clients {
     orders: Vec<OrdersServiceClient<Channel>>,
     delivery: Vec<DeliveryServiceClient<Channel>>,
     echo: Vec<EchoServiceClient<Channel>>,
+    commands: Vec<CommandServiceClient<Channel>>,
 }
 
 pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
@@ -164,6 +169,11 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
             .iter()
             .cloned()
             .map(EchoServiceClient::new)
+            .collect(),
+        commands: channels
+            .iter()
+            .cloned()
+            .map(CommandServiceClient::new)
             .collect(),
         delivery: channels
             .iter()
@@ -344,10 +354,30 @@ async fn call(
     let customer = format!("loadgen-{}", fastrand::u32(..customers.max(1)));
     let place = match scenario {
         Scenario::PlaceOrders | Scenario::TrackDeliveries => true,
-        Scenario::ListOrders | Scenario::Echo => false,
+        Scenario::ListOrders | Scenario::Echo | Scenario::SubmitCommands => false,
         Scenario::Mixed => fastrand::u8(..5) == 0,
     };
     let result = match scenario {
+        Scenario::SubmitCommands => {
+            let mut request = tonic::Request::new(commands::SubmitCommandRequest {
+                payload: Some(commands::CommandPayload {
+                    kind: Some(commands::command_payload::Kind::SendNotification(
+                        commands::SendNotification {
+                            customer_id: customer.clone(),
+                            message: format!("load {sequence}"),
+                        },
+                    )),
+                }),
+                user_id: customer,
+                idempotency_key: format!("loadgen-{}-{sequence}", std::process::id()),
+            });
+            request.set_timeout(timeout);
+            clients.commands[connection]
+                .clone()
+                .submit_command(request)
+                .await
+                .map(|_| None)
+        }
         Scenario::Echo => {
             let mut request = tonic::Request::new(EchoRequest {
                 message: sequence.to_string(),

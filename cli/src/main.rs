@@ -2,6 +2,7 @@
 //! migrations, `dev` runs a local Postgres primary + replica, `orders` calls the API.
 
 mod call;
+mod commands;
 mod dev;
 mod events;
 mod loadgen;
@@ -36,6 +37,9 @@ enum Command {
     /// Call the orders service.
     #[command(subcommand)]
     Orders(call::OrdersCommand),
+    /// Submit and inspect commands (the command pipeline).
+    #[command(subcommand)]
+    Commands(commands::CommandsCommand),
     /// Call the diagnostic echo service, optionally through a chain of echo servers.
     Echo(call::EchoArgs),
     /// Inspect the event bus: list and replay dead letters.
@@ -87,6 +91,7 @@ fn main() -> std::process::ExitCode {
             }
             Command::Dev(command) => dev::run(command).await,
             Command::Orders(command) => call::run(command).await,
+            Command::Commands(command) => commands::run(command).await,
             Command::Echo(args) => call::echo(args).await,
             Command::Loadgen(args) => loadgen::run(args).await,
             Command::Events(args) => events::run(args).await,

@@ -127,12 +127,19 @@ impl ServiceName {
                 services.add(server).background(consumer)
             }
             ServiceName::Commands => {
-                let registry = waybill_commands::platform_registry(
-                    &settings.commands,
-                    policy,
-                    &settings.targets,
-                    own_target,
-                )?;
+                let registry = if settings.commands.command_dry_run {
+                    tracing::warn!(
+                        "--command-dry-run: commands succeed without calling any service"
+                    );
+                    waybill_commands::dry_run_registry()
+                } else {
+                    waybill_commands::platform_registry(
+                        &settings.commands,
+                        policy,
+                        &settings.targets,
+                        own_target,
+                    )?
+                };
                 let (server, background) =
                     waybill_commands::server((*db).clone(), &settings.commands, registry).await?;
                 services.add(server).background(background)

@@ -101,6 +101,6 @@ async fn write(store: CommandStore, receiver: Arc<Mutex<mpsc::Receiver<Pending>>
                 }
             }
         }
-        metrics::histogram!("waybill_commands_ingest_batch_size").record(size as f64);
+        waybill_runtime::metrics::command_batch_stored(size);
     }
 }

@@ -99,6 +99,10 @@ pub struct CommandsConfig {
     /// Most submissions stored in one transaction.
     #[arg(long, env = "WAYBILL_COMMAND_INGEST_BATCH", default_value_t = 512)]
     pub command_ingest_batch: usize,
+    /// Workers record every command SUCCEEDED without calling any service: for measuring
+    /// the pipeline itself (claiming, recording, the audit trail), never for real traffic.
+    #[arg(long, env = "WAYBILL_COMMAND_DRY_RUN")]
+    pub command_dry_run: bool,
     /// Submissions waiting to be stored before SubmitCommand refuses with
     /// RESOURCE_EXHAUSTED.
     #[arg(long, env = "WAYBILL_COMMAND_INGEST_QUEUE", default_value_t = 20_000)]
@@ -143,6 +147,22 @@ pub fn platform_registry(
         )?),
         timeout: config.command_call_timeout,
     }))
+}
+
+/// A registry whose handlers succeed at once without calling anything (`--command-dry-run`).
+pub fn dry_run_registry() -> Registry {
+    struct DryRun;
+    #[tonic::async_trait]
+    impl Handler for DryRun {
+        async fn run(&self, _: &Execution) -> Result<String, Failure> {
+            Ok("dry run: nothing was called".to_owned())
+        }
+    }
+    domain::Kind::ALL
+        .into_iter()
+        .fold(Registry::default(), |registry, kind| {
+            registry.with(kind, DryRun)
+        })
 }
 
 /// The gRPC server for the command service, and the work to run beside it (workers,

@@ -23,7 +23,7 @@ pub async fn purge_forever(store: CommandStore, age: Duration, every: Duration) 
             match store.purge(age, PURGE_BATCH).await {
                 Ok(deleted) => {
                     total += deleted;
-                    metrics::counter!("waybill_command_purged_total").increment(deleted);
+                    waybill_runtime::metrics::commands_purged(deleted);
                     if deleted < PURGE_BATCH.unsigned_abs() {
                         break;
                     }
@@ -66,11 +66,11 @@ pub async fn sample_queue_forever(db: Db) {
         match rows {
             Ok(rows) => {
                 for row in rows {
-                    let shard = row.get::<_, i32>(0).to_string();
-                    metrics::gauge!("waybill_command_queue_depth", "shard" => shard.clone())
-                        .set(row.get::<_, i64>(1) as f64);
-                    metrics::gauge!("waybill_command_queue_oldest_age_seconds", "shard" => shard)
-                        .set(row.get::<_, f64>(2));
+                    waybill_runtime::metrics::command_queue_sampled(
+                        row.get(0),
+                        u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
+                        Duration::from_secs_f64(row.get::<_, f64>(2).max(0.0)),
+                    );
                 }
             }
             Err(error) => tracing::debug!(%error, "sampling the command queue failed"),

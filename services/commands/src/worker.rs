@@ -146,8 +146,6 @@ async fn run(registry: &Registry, settings: &WorkerSettings, claim: Claim) -> Co
             }
         }
     };
-    metrics::histogram!("waybill_command_run_duration_seconds", "kind" => kind.as_str())
-        .record(started.elapsed().as_secs_f64());
     let outcome = match result {
         Ok(result) => Outcome::Succeeded { result },
         Err(Failure::Permanent(error)) => Outcome::Dead { error },
@@ -167,8 +165,7 @@ async fn run(registry: &Registry, settings: &WorkerSettings, claim: Claim) -> Co
         Outcome::Retry { .. } => "retrying",
         Outcome::Dead { .. } => "dead",
     };
-    metrics::counter!("waybill_command_attempts_total", "kind" => kind.as_str(), "outcome" => label)
-        .increment(1);
+    waybill_runtime::metrics::command_attempt(kind.as_str(), label, started.elapsed());
     tracing::debug!(command_id = %command.id, kind = kind.as_str(), attempt = claim.attempt, outcome = label, "command attempt ended");
     Completion {
         shard: command.shard,

@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
-use metrics::{Gauge, Unit, counter, describe_counter, describe_gauge, gauge};
+use metrics::{
+    Gauge, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 
 use crate::Db;
 
@@ -68,6 +70,60 @@ pub fn describe() {
         "waybill_consumer_dead_letters_total",
         "Events a consumer gave up on (moved to the dead letters)."
     );
+    describe_counter!(
+        "waybill_command_attempts_total",
+        "Command attempts ended, by kind and outcome: succeeded, retrying, dead."
+    );
+    describe_histogram!(
+        "waybill_command_run_duration_seconds",
+        Unit::Seconds,
+        "How long a command's handler ran, by kind."
+    );
+    describe_histogram!(
+        "waybill_command_ingest_batch_commands",
+        "Submissions stored per group-commit transaction."
+    );
+    describe_gauge!(
+        "waybill_command_queue_depth",
+        "Commands waiting or running (ACCEPTED, RETRYING, RUNNING) per shard (sampled)."
+    );
+    describe_gauge!(
+        "waybill_command_queue_oldest_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest waiting or running command per shard, 0 when none (sampled)."
+    );
+    describe_counter!(
+        "waybill_command_purged_total",
+        "Finished commands deleted by retention."
+    );
+}
+
+// === the command pipeline ===
+
+/// `waybill_command_attempts_total{kind,outcome}` and
+/// `waybill_command_run_duration_seconds{kind}`: one attempt ended.
+pub fn command_attempt(kind: &'static str, outcome: &'static str, ran: Duration) {
+    counter!("waybill_command_attempts_total", "kind" => kind, "outcome" => outcome).increment(1);
+    histogram!("waybill_command_run_duration_seconds", "kind" => kind).record(ran.as_secs_f64());
+}
+
+/// `waybill_command_ingest_batch_commands`: one group commit stored `size` submissions.
+pub fn command_batch_stored(size: usize) {
+    histogram!("waybill_command_ingest_batch_commands").record(size as f64);
+}
+
+/// `waybill_command_queue_depth{shard}` and `waybill_command_queue_oldest_age_seconds{shard}`,
+/// as last sampled.
+pub fn command_queue_sampled(shard: i32, depth: u64, oldest_age: Duration) {
+    let shard = shard.to_string();
+    gauge!("waybill_command_queue_depth", "shard" => shard.clone()).set(depth as f64);
+    gauge!("waybill_command_queue_oldest_age_seconds", "shard" => shard)
+        .set(oldest_age.as_secs_f64());
+}
+
+/// `waybill_command_purged_total`.
+pub fn commands_purged(count: u64) {
+    counter!("waybill_command_purged_total").increment(count);
 }
 
 // === saga, outbox, consumers ===
