@@ -36,10 +36,35 @@ RELEASE = "waybill"
 NAMESPACE = "shop"
 # The scenarios: every values file directly in tests/helm/values/ (not invalid/).
 SCENARIOS = sorted(p.stem for p in VALUES.glob("*.yaml"))
-# The delivery platform the chart deploys by default (`waybill serve --services <name>` each),
-# and who calls whom: the orders saga calls inventory and delivery.
-PLATFORM = ("delivery", "inventory", "notifications", "orders")
-ORDERS_CALLS = {"inventory": "WAYBILL_INVENTORY_TARGET", "delivery": "WAYBILL_DELIVERY_TARGET"}
+# The delivery platform the chart deploys by default (`waybill serve --services <name>` each)
+# with each one's gRPC service (the readiness probe's name), and who calls whom: the orders saga
+# calls inventory and delivery; the command pipeline's handlers call orders, inventory and
+# notifications. Caller -> {callee: the variable that tells the caller where it is}.
+PLATFORM = ("commands", "delivery", "inventory", "notifications", "orders")
+GRPC_SERVICES = {
+    "commands": "waybill.commands.v1.CommandService",
+    "delivery": "waybill.delivery.v1.DeliveryService",
+    "inventory": "waybill.inventory.v1.InventoryService",
+    "notifications": "waybill.notifications.v1.NotificationsService",
+    "orders": "waybill.orders.v1.OrdersService",
+}
+CALLS = {
+    "orders": {"inventory": "WAYBILL_INVENTORY_TARGET", "delivery": "WAYBILL_DELIVERY_TARGET"},
+    "commands": {"orders": "WAYBILL_ORDERS_TARGET", "inventory": "WAYBILL_INVENTORY_TARGET",
+                 "notifications": "WAYBILL_NOTIFICATIONS_TARGET"},
+}
+# The settings groups the chart exposes as values, per service: values key -> variable.
+SETTINGS = {
+    ("orders", "saga"): {"lease": "WAYBILL_SAGA_LEASE", "stepTimeout": "WAYBILL_SAGA_STEP_TIMEOUT",
+                         "maxAttempts": "WAYBILL_SAGA_MAX_ATTEMPTS", "poll": "WAYBILL_SAGA_POLL"},
+    ("inventory", "reservations"): {"ttl": "WAYBILL_RESERVATION_TTL", "sweep": "WAYBILL_RESERVATION_SWEEP"},
+    ("inventory", "catalogCache"): {"ttl": "WAYBILL_CATALOG_CACHE_TTL"},
+    ("commands", "pipeline"): {"shards": "WAYBILL_COMMAND_SHARDS", "workers": "WAYBILL_COMMAND_WORKERS",
+                               "concurrency": "WAYBILL_COMMAND_CONCURRENCY", "lease": "WAYBILL_COMMAND_LEASE",
+                               "maxAttempts": "WAYBILL_COMMAND_MAX_ATTEMPTS",
+                               "retention": "WAYBILL_COMMAND_RETENTION"},
+}
+REGISTRY = ROOT / "cli" / "src" / "registry.rs"
 CRD_GROUP = "monitoring.coreos.com/"
 WAYBILL_UID = 10001
 POSTGRES_UID = 999  # the postgres image's own user (see templates/_helpers.tpl)
@@ -190,6 +215,23 @@ def rust_env_defaults() -> dict[str, str]:
         for name, value in pattern.findall(path.read_text()):
             defaults[name] = value
     return defaults
+
+
+def env_text(value: Any) -> str:
+    """A values scalar as the chart writes it into an env var (booleans lower-case)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def binary_default_services() -> set[str]:
+    """What `waybill migrate` (and serve) take when WAYBILL_SERVICES is unset: the names of
+    ServiceName::all() in cli/src/registry.rs."""
+    text = REGISTRY.read_text()
+    body = re.search(r"pub fn all\(\) -> Vec<Self> \{\s*vec!\[(.*?)\]", text, re.S)
+    assert body, f"ServiceName::all() not found in {REGISTRY}"
+    names = dict(re.findall(r'ServiceName::(\w+) => f\.write_str\("([a-z0-9-]+)"\)', text))
+    variants = re.findall(r"ServiceName::(\w+)", body.group(1))
+    assert variants and all(v in names for v in variants), (variants, names)
+    return {names[v] for v in variants}
 
 
 def seconds(duration: str) -> float:
@@ -360,6 +402,8 @@ class MonitoringObjects(unittest.TestCase):
         self.assertIn("waybill_db_replica_lag_seconds", exprs["WaybillReplicaLag"])
         self.assertIn("waybill_outbox_lag_seconds", exprs["WaybillOutboxLag"])
         self.assertIn("waybill_consumer_dead_letters_total", exprs["WaybillDeadLetters"])
+        self.assertIn("waybill_command_queue_oldest_age_seconds", exprs["WaybillCommandQueueAge"])
+        self.assertIn('waybill_command_attempts_total{outcome="dead"}', exprs["WaybillCommandsDead"])
         rule = of_kind(RENDERED["production"], "PrometheusRule")[0]
         self.assertEqual(rule["spec"], rules, "the PrometheusRule carries the rules file verbatim")
 
@@ -396,6 +440,23 @@ class MonitoringObjects(unittest.TestCase):
             with self.subTest(where=where):
                 self.assertTrue(names, "no metric found: is the expression parsed?")
                 self.assertLessEqual(names, exported, f"not exported: {sorted(names - exported)}")
+
+    def test_command_pipeline_dashboard_charts_every_pipeline_metric(self) -> None:
+        dashboard = json.loads((CHART / "dashboards" / "waybill-commands.json").read_text())
+        exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+        used = set().union(*map(metric_names, exprs))
+        pipeline = {m for m in documented_metrics() if m.startswith("waybill_command_")
+                    and not m.endswith(("_bucket", "_sum", "_count"))}
+        self.assertGreaterEqual(len(pipeline), 6, pipeline)
+        for metric in sorted(pipeline):
+            with self.subTest(metric=metric):
+                self.assertTrue({metric, f"{metric}_bucket", f"{metric}_sum", f"{metric}_count"} & used,
+                                "not on the dashboard")
+        # Its RED panels read the command service's own calls.
+        red = [e for e in exprs if "mesh_server_" in e]
+        self.assertTrue(red)
+        for expr in red:
+            self.assertIn('service="waybill.commands.v1.CommandService"', expr)
 
     def test_dashboards_are_labelled_configmaps_of_valid_grafana_json(self) -> None:
         files = sorted((CHART / "dashboards").glob("*.json"))
@@ -545,7 +606,7 @@ class Workloads(unittest.TestCase):
                 self.assertEqual(grpc_peers(policy["spec"], "egress", port), bus["egressTo"],
                                  f'{policy["metadata"]["name"]}: NATS port {port}')
 
-    def test_default_values_deploy_the_four_platform_services(self) -> None:
+    def test_default_values_deploy_the_platform_services(self) -> None:
         objects = RENDERED["default"]
         deployments = services_of(objects)
         self.assertEqual(sorted(deployments), list(PLATFORM))
@@ -553,19 +614,19 @@ class Workloads(unittest.TestCase):
             env = container_env(deployment)
             self.assertEqual(env["WAYBILL_SERVICES"], name, "one service per Deployment")
             probe = deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["service"]
-            self.assertEqual(probe, f"waybill.{name}.v1.{name.capitalize()}Service")
+            self.assertEqual(probe, GRPC_SERVICES[name])
         # The migration Job names no services, so `waybill migrate` takes the binary's full set
-        # (mesh, bus and every service's schema).
+        # (mesh, bus and every service's schema): Hooks checks that set covers these.
         (job,) = of_kind(objects, "Job")
         self.assertNotIn("WAYBILL_SERVICES", env_of(job["spec"]["template"]["spec"]["containers"][0]))
 
-    def test_orders_targets_are_headless_services_of_the_release(self) -> None:
+    def test_targets_are_headless_services_of_the_release(self) -> None:
         for scenario in SCENARIOS:
             objects = RENDERED[scenario]
             deployments = services_of(objects)
-            for callee, variable in ORDERS_CALLS.items():
-                with self.subTest(scenario=scenario, callee=callee):
-                    target = container_env(deployments["orders"])[variable]
+            for caller, callee, variable in ((c, d, v) for c, calls in CALLS.items() for d, v in calls.items()):
+                with self.subTest(scenario=scenario, caller=caller, callee=callee):
+                    target = container_env(deployments[caller])[variable]
                     match = re.fullmatch(r"dns://([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:([0-9]+)", target)
                     self.assertIsNotNone(match, target)
                     name, namespace, port = match.group(1), match.group(2), int(match.group(3))
@@ -574,35 +635,72 @@ class Workloads(unittest.TestCase):
                     self.assertEqual(service["spec"]["clusterIP"], "None", "headless: every ready pod, balanced per call")
                     self.assertIs(service["spec"].get("publishNotReadyAddresses", False), False)
                     self.assertTrue(selects(service["spec"]["selector"], pod_labels(deployments[callee])))
-                    self.assertFalse(selects(service["spec"]["selector"], pod_labels(deployments["orders"])))
+                    self.assertFalse(selects(service["spec"]["selector"], pod_labels(deployments[caller])))
                     (service_port,) = [p for p in service["spec"]["ports"] if p["port"] == port]
                     self.assertEqual(service_port["targetPort"], "grpc")
-            # Only orders calls anything.
+            # Only orders and commands call anything, and only what they call has a target.
             for name, deployment in deployments.items():
                 targets = sorted(k for k in container_env(deployment) if k.endswith("_TARGET"))
-                self.assertEqual(targets, sorted(ORDERS_CALLS.values()) if name == "orders" else [], f"{scenario}/{name}")
+                self.assertEqual(targets, sorted(CALLS.get(name, {}).values()), f"{scenario}/{name}")
 
-    def test_saga_and_reservation_settings_reach_their_services(self) -> None:
-        saga = {"lease": "WAYBILL_SAGA_LEASE", "stepTimeout": "WAYBILL_SAGA_STEP_TIMEOUT",
-                "maxAttempts": "WAYBILL_SAGA_MAX_ATTEMPTS", "poll": "WAYBILL_SAGA_POLL"}
-        reservations = {"ttl": "WAYBILL_RESERVATION_TTL", "sweep": "WAYBILL_RESERVATION_SWEEP"}
+    def test_service_settings_reach_their_services(self) -> None:
         chart = yaml.safe_load((CHART / "values.yaml").read_text())
         for scenario in SCENARIOS:
             deployments = services_of(RENDERED[scenario])
             overrides = SCENARIO_VALUES[scenario].get("services", {})
-            for service, group, names in (("orders", "saga", saga), ("inventory", "reservations", reservations)):
+            for (service, group), names in SETTINGS.items():
                 env = container_env(deployments[service])
                 expected = {**chart["services"][service][group], **overrides.get(service, {}).get(group, {})}
+                self.assertEqual(set(expected), set(names), f"values.yaml: services.{service}.{group}")
                 for key, variable in names.items():
-                    self.assertEqual(env[variable], str(expected[key]), f"{scenario}/{service}: {variable}")
+                    self.assertEqual(env[variable], env_text(expected[key]), f"{scenario}/{service}: {variable}")
                 for other, deployment in deployments.items():
                     if other != service:
                         self.assertFalse(set(names.values()) & set(container_env(deployment)), f"{scenario}/{other}")
             for name, deployment in deployments.items():
                 self.assertEqual(container_env(deployment)["WAYBILL_OUTBOX_RELAY"], "true", f"{scenario}/{name}")
-        # production.yaml overrides part of the saga: the rest keeps the chart's defaults.
+        # production.yaml overrides part of the saga and of the pipeline: the rest keeps the
+        # chart's defaults.
         env = container_env(services_of(RENDERED["production"])["orders"])
         self.assertEqual((env["WAYBILL_SAGA_LEASE"], env["WAYBILL_SAGA_STEP_TIMEOUT"]), ("15s", "2s"))
+        env = container_env(services_of(RENDERED["production"])["commands"])
+        self.assertEqual((env["WAYBILL_COMMAND_CONCURRENCY"], env["WAYBILL_COMMAND_SHARDS"]), ("128", "16"))
+
+    def test_command_workers_off_is_rendered_not_dropped(self) -> None:
+        # false is "empty" to Helm's `with`: the template must still write it.
+        values = {"database": {"existingSecret": "db"}, "services": {"commands": {"pipeline": {"workers": False}}}}
+        env = container_env(services_of(render(values))["commands"])
+        self.assertEqual(env["WAYBILL_COMMAND_WORKERS"], "false")
+        self.assertEqual(env["WAYBILL_COMMAND_SHARDS"], "16", "the other pipeline settings stay")
+
+    def test_notification_webhook_is_set_only_with_a_url_and_admitted(self) -> None:
+        webhook_vars = {"WAYBILL_NOTIFY_WEBHOOK", "WAYBILL_NOTIFY_WEBHOOK_TIMEOUT"}
+        # Without a URL the variables are absent (an empty WAYBILL_NOTIFY_WEBHOOK is refused at
+        # startup) and no policy opens a port for it.
+        for name, deployment in services_of(RENDERED["default"]).items():
+            self.assertFalse(webhook_vars & set(container_env(deployment)), name)
+        # production.yaml: a URL with a port and narrowed peers.
+        objects = RENDERED["production"]
+        webhook = SCENARIO_VALUES["production"]["services"]["notifications"]["webhook"]
+        port = int(re.fullmatch(r"http://[^/:]+:([0-9]+)/.*", webhook["url"]).group(1))
+        for name, deployment in services_of(objects).items():
+            env = container_env(deployment)
+            if name == "notifications":
+                self.assertEqual(env["WAYBILL_NOTIFY_WEBHOOK"], webhook["url"])
+                self.assertEqual(env["WAYBILL_NOTIFY_WEBHOOK_TIMEOUT"], "5s")
+            else:
+                self.assertFalse(webhook_vars & set(env), name)
+        for policy in of_kind(objects, "NetworkPolicy"):
+            peers = grpc_peers(policy["spec"], "egress", port)
+            component = policy["metadata"]["labels"]["app.kubernetes.io/component"]
+            self.assertEqual(peers, webhook["egressTo"] if component == "notifications" else [], component)
+        # A URL without a port: port 80, to any address when no peers are given.
+        values = {"database": {"existingSecret": "db"},
+                  "services": {"notifications": {"webhook": {"url": "http://hooks.example.internal/notify"}}}}
+        policy = next(n["spec"] for n in of_kind(render(values), "NetworkPolicy")
+                      if n["metadata"]["name"] == "waybill-notifications")
+        rules = [r for r in policy["egress"] if any(p.get("port") == 80 for p in r.get("ports", []))]
+        self.assertEqual(rules, [{"ports": [{"port": 80, "protocol": "TCP"}]}])
 
     def test_chart_defaults_are_the_binarys_defaults(self) -> None:
         # The chart sets every variable explicitly; its defaults must not drift from the binary's.
@@ -616,6 +714,10 @@ class Workloads(unittest.TestCase):
             "WAYBILL_SAGA_POLL": services["orders"]["saga"]["poll"],
             "WAYBILL_RESERVATION_TTL": services["inventory"]["reservations"]["ttl"],
             "WAYBILL_RESERVATION_SWEEP": services["inventory"]["reservations"]["sweep"],
+            "WAYBILL_CATALOG_CACHE_TTL": services["inventory"]["catalogCache"]["ttl"],
+            "WAYBILL_NOTIFY_WEBHOOK_TIMEOUT": services["notifications"]["webhook"]["timeout"],
+            **{variable: services["commands"]["pipeline"][key]
+               for key, variable in SETTINGS[("commands", "pipeline")].items()},
             "WAYBILL_OUTBOX_RELAY": defaults["outboxRelay"],
             "WAYBILL_DB_POOL_SIZE": defaults["dbPoolSize"],
             "WAYBILL_DB_TIMEOUT": defaults["dbTimeout"],
@@ -687,19 +789,29 @@ class PerService(unittest.TestCase):
             peers = grpc_peers(policies[name], "egress")
             return sorted(other for other, labels in pods.items() if admits_pods(peers, labels))
 
+        def pods_of(component: str) -> dict[str, Any]:
+            return {"podSelector": {"matchLabels": {
+                "app.kubernetes.io/name": "waybill", "app.kubernetes.io/instance": "waybill",
+                "app.kubernetes.io/component": component}}}
+
         # echo declares orders as its only caller and takes no outside clients.
         self.assertEqual(callers("echo"), ["orders"])
-        self.assertEqual(grpc_peers(policies["echo"], "ingress"), [{"podSelector": {"matchLabels": {
-            "app.kubernetes.io/name": "waybill", "app.kubernetes.io/instance": "waybill",
-            "app.kubernetes.io/component": "orders"}}}])
-        # orders is the public API: clients from the configured namespaces, and no service calls it.
-        self.assertEqual(grpc_peers(policies["orders"], "ingress"), [clients])
+        self.assertEqual(grpc_peers(policies["echo"], "ingress"), [pods_of("orders")])
+        # orders is the public API: clients from the configured namespaces, and the command
+        # pipeline's workers (CancelOrder, ChangeDeliveryAddress).
+        self.assertEqual(grpc_peers(policies["orders"], "ingress"), [pods_of("commands"), clients])
+        # commands takes clients only: no service calls it.
+        self.assertEqual(grpc_peers(policies["commands"], "ingress"), [clients])
         # The saga: orders may call inventory and delivery (services.orders.calls), and echo (its
-        # declared caller); they admit orders. Nothing else calls a service.
+        # declared caller). The pipeline: commands may call orders, inventory and notifications
+        # (services.commands.calls). Each callee admits exactly those callers.
         self.assertEqual(callees("orders"), ["delivery", "echo", "inventory"])
-        self.assertEqual(callers("inventory"), ["orders"])
+        self.assertEqual(callees("commands"), ["inventory", "notifications", "orders"])
+        self.assertEqual(callers("orders"), ["commands"])
+        self.assertEqual(callers("inventory"), ["commands", "orders"])
         self.assertEqual(callers("delivery"), ["orders"])
-        self.assertEqual(callers("notifications"), [])
+        self.assertEqual(callers("notifications"), ["commands"])
+        self.assertEqual(callers("commands"), [])
         for name in ("delivery", "echo", "inventory", "notifications"):
             self.assertEqual(callees(name), [], name)
         # Egress to DNS, the database CIDR and the collector port.
@@ -708,17 +820,17 @@ class PerService(unittest.TestCase):
         # Prometheus may reach the metrics port (metrics.enabled in production.yaml).
         self.assertTrue(any(p["port"] == 9464 for rule in policies["orders"]["ingress"] for p in rule["ports"]))
 
-    def test_network_policy_admits_the_saga_in_every_scenario(self) -> None:
+    def test_network_policy_admits_the_saga_and_the_pipeline_in_every_scenario(self) -> None:
         for scenario in SCENARIOS:
             objects = RENDERED[scenario]
             policies = {n["metadata"]["labels"]["app.kubernetes.io/component"]: n["spec"] for n in of_kind(objects, "NetworkPolicy")}
             pods = {name: pod_labels(d) for name, d in services_of(objects).items()}
-            for callee in ORDERS_CALLS:
-                with self.subTest(scenario=scenario, callee=callee):
-                    self.assertTrue(admits_pods(grpc_peers(policies[callee], "ingress"), pods["orders"]), "ingress")
-                    self.assertTrue(admits_pods(grpc_peers(policies["orders"], "egress"), pods[callee]), "egress")
-                    self.assertFalse(admits_pods(grpc_peers(policies[callee], "egress"), pods["orders"]),
-                                     "no calls back to orders")
+            for caller, callee in ((c, d) for c, calls in CALLS.items() for d in calls):
+                with self.subTest(scenario=scenario, caller=caller, callee=callee):
+                    self.assertTrue(admits_pods(grpc_peers(policies[callee], "ingress"), pods[caller]), "ingress")
+                    self.assertTrue(admits_pods(grpc_peers(policies[caller], "egress"), pods[callee]), "egress")
+                    self.assertFalse(admits_pods(grpc_peers(policies[callee], "egress"), pods[caller]),
+                                     f"no calls back to {caller}")
 
     def test_every_service_reaches_postgres(self) -> None:
         for scenario in SCENARIOS:
@@ -767,6 +879,23 @@ class Hooks(unittest.TestCase):
                 self.assertEqual(job["spec"]["template"]["spec"]["restartPolicy"], "Never")
                 self.assertIn("activeDeadlineSeconds", job["spec"])
 
+    def test_migration_job_migrates_every_service_the_chart_deploys(self) -> None:
+        # The Job names no services (WAYBILL_SERVICES unset), so `waybill migrate` takes
+        # ServiceName::all(): every service the chart deploys that has a schema must be in it.
+        text = REGISTRY.read_text()
+        schema_fn = re.search(r"pub fn schema\(self\) -> Option<Schema> \{(.*?)\n    \}", text, re.S)
+        self.assertIsNotNone(schema_fn, f"ServiceName::schema() not found in {REGISTRY}")
+        names = dict(re.findall(r'ServiceName::(\w+) => f\.write_str\("([a-z0-9-]+)"\)', text))
+        schemaless = {names[v] for v in re.findall(r"ServiceName::(\w+) => None", schema_fn.group(1))}
+        migrated = binary_default_services()
+        self.assertIn("commands", migrated)
+        for scenario in SCENARIOS:
+            (job,) = of_kind(RENDERED[scenario], "Job")
+            self.assertNotIn("WAYBILL_SERVICES", env_of(job["spec"]["template"]["spec"]["containers"][0]))
+            deployed = set(services_of(RENDERED[scenario])) - schemaless
+            with self.subTest(scenario=scenario):
+                self.assertLessEqual(deployed, migrated, f"not migrated: {sorted(deployed - migrated)}")
+
     def test_bundled_database_is_created_by_earlier_hooks_and_waited_for(self) -> None:
         objects = RENDERED["bundled-database"]
         (job,) = of_kind(objects, "Job")
@@ -808,6 +937,7 @@ class Names(unittest.TestCase):
     def test_names_fit_kubernetes_limits_with_the_longest_release_name(self) -> None:
         release = "a" * 53  # Helm's longest release name
         values = {"postgresql": {"enabled": True}, "nats": {"enabled": True},
+                  "monitoring": {"dashboards": {"enabled": True}},
                   "services": {"echo": {"enabled": True},
                                "a" * 18: {"grpcService": "waybill.a.v1.AService"}}}
         for obj in render(values, release=release):
@@ -822,6 +952,8 @@ class Names(unittest.TestCase):
         self.assertIn("port-forward svc/waybill-orders 50051:50051", text)
         self.assertIn("waybill orders list --addr http://localhost:50051 --customer c-1", text)
         self.assertIn("grpcurl -plaintext localhost:50051 list", text)
+        self.assertIn("port-forward svc/waybill-commands 50052:50051", text)
+        self.assertIn("waybill commands submit --addr http://localhost:50052", text)
 
 
 class Schema(unittest.TestCase):

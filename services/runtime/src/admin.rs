@@ -54,13 +54,22 @@ pub fn install() -> Result<PrometheusHandle, AdminError> {
         .map_err(AdminError::Recorder)
 }
 
+/// Group-commit batch sizes: 1 when idle, up to the largest batch (512 by default) under load.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
 fn build() -> Result<PrometheusBuilder, BuildError> {
-    // Without buckets the exporter renders a histogram as a summary: every histogram gets
-    // the call-duration buckets (0.5 ms to 10 s).
-    PrometheusBuilder::new().set_buckets_for_metric(
-        Matcher::Suffix("_duration_seconds".to_owned()),
-        mesh_layer::metrics::DURATION_BUCKETS,
-    )
+    // Without buckets the exporter renders a histogram as a summary, which cannot be
+    // aggregated across pods: every histogram gets buckets. Durations get the call-duration
+    // buckets (0.5 ms to 10 s).
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("_duration_seconds".to_owned()),
+            mesh_layer::metrics::DURATION_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("waybill_command_ingest_batch_commands".to_owned()),
+            BATCH_BUCKETS,
+        )
 }
 
 /// The admin endpoint, bound and ready to serve.
