@@ -1,7 +1,10 @@
 -- The command log, sharded by user: `shard` is a stable hash of user_id modulo the shard count
--- (commands.settings), and each shard is its own partition, so a worker's claim scans one
--- shard's ready index and retention works shard by shard. The partitions are created by the
--- service at startup for the configured count (a migration cannot know it).
+-- (commands.settings, fixed at first start). A shard is the unit of ordering and of worker
+-- ownership (--command-worker-shards). It is a column, not a partition per shard: measured
+-- with 16 partitions, every claim and every batch update planned in ~30 ms, locked all 16
+-- partitions and their indexes, and joined by scanning every partition, while the same
+-- statements on one table use the primary key. Placing shard groups in separate databases is
+-- the step that scales past one primary; the column is what that step would route by.
 CREATE TABLE commands.settings (
     singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     shard_count integer NOT NULL CHECK (shard_count BETWEEN 1 AND 1024)
@@ -35,10 +38,10 @@ CREATE TABLE commands.commands (
     undone_by       uuid,
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (shard, id),
-    -- What makes SubmitCommand idempotent; the shard is implied by the user.
-    UNIQUE (shard, user_id, idempotency_key)
-) PARTITION BY LIST (shard);
+    PRIMARY KEY (id),
+    -- What makes SubmitCommand idempotent.
+    UNIQUE (user_id, idempotency_key)
+);
 
 -- Work to claim, in submission order; also the "is an earlier command of this user still
 -- open?" probe that keeps one user's commands in order.
@@ -46,8 +49,6 @@ CREATE INDEX commands_open ON commands.commands (user_id, seq)
     WHERE status IN ('ACCEPTED', 'RUNNING', 'RETRYING');
 CREATE INDEX commands_ready ON commands.commands (seq)
     WHERE status IN ('ACCEPTED', 'RUNNING', 'RETRYING');
--- GetCommand by id alone (one probe per shard).
-CREATE INDEX commands_id ON commands.commands (id);
 -- ListCommands: a user's commands, newest first.
 CREATE INDEX commands_by_user ON commands.commands (user_id, id DESC);
 CREATE INDEX commands_dead ON commands.commands (updated_at, id) WHERE status = 'DEAD';

@@ -166,7 +166,7 @@ pub fn dry_run_registry() -> Registry {
 }
 
 /// The gRPC server for the command service, and the work to run beside it (workers,
-/// retention, the LISTEN session, queue metrics). Creates the log's shard partitions first.
+/// retention, the LISTEN session, queue metrics). Checks the shard count first.
 pub async fn server(
     db: Db,
     config: &CommandsConfig,

@@ -82,9 +82,9 @@ impl CommandStore {
         Self { db }
     }
 
-    /// Records the shard count on first start and creates a partition per shard. A different
-    /// count than the log was created with is refused: it would move users between shards,
-    /// and a user's commands could then run out of order.
+    /// Records the shard count on first start. A different count than the log was created
+    /// with is refused: it would move users between shards, and a user's commands could then
+    /// run out of order.
     pub async fn ensure_shards(&self, count: u32) -> Result<(), String> {
         let client = self.db.primary().await.map_err(|e| e.to_string())?;
         let count = i32::try_from(count).map_err(|e| e.to_string())?;
@@ -106,15 +106,6 @@ impl CommandStore {
                  would move users between shards (changing the count is not supported on a \
                  live log)"
             ));
-        }
-        for shard in 0..count {
-            client
-                .batch_execute(&format!(
-                    "CREATE TABLE IF NOT EXISTS commands.commands_{shard}
-                     PARTITION OF commands.commands FOR VALUES IN ({shard})"
-                ))
-                .await
-                .map_err(|e| DbError::from(e).to_string())?;
         }
         Ok(())
     }
@@ -369,7 +360,7 @@ impl CommandStore {
                             OR (c.status = 'RUNNING' AND c.lease_until < now()))
                        AND NOT EXISTS (
                            SELECT 1 FROM commands.commands p
-                           WHERE p.shard = c.shard AND p.user_id = c.user_id AND p.id <> c.id
+                           WHERE p.user_id = c.user_id AND p.id <> c.id
                              AND p.status IN {OPEN}
                              AND (p.seq < c.seq OR (p.status = 'RUNNING' AND p.lease_until >= now())))
                      ORDER BY c.seq
@@ -379,7 +370,7 @@ impl CommandStore {
                      UPDATE commands.commands c
                      SET status = 'RUNNING', attempts = c.attempts + 1, worker = $3,
                          lease_until = now() + make_interval(secs => $4), updated_at = now()
-                     FROM ready WHERE c.shard = ready.shard AND c.id = ready.id
+                     FROM ready WHERE c.id = ready.id
                      RETURNING {COLUMNS}, ready.was, ready.previous_worker, c.seq),
                  audit AS (
                      INSERT INTO commands.audit (command_id, status, attempt, worker, error)
@@ -456,13 +447,13 @@ impl CommandStore {
                          run_after = now() + make_interval(secs => d.delay),
                          lease_until = NULL, updated_at = now()
                      FROM done d
-                     WHERE c.shard = d.shard AND c.id = d.id AND c.status = 'RUNNING'
+                     WHERE c.id = ANY($2) AND c.id = d.id AND c.status = 'RUNNING'
                        AND c.worker = $8 AND c.attempts = d.attempt
                      RETURNING c.shard, c.id, c.status, c.attempts, c.undo_of, d.error),
                  undone AS (
                      UPDATE commands.commands o SET status = 'UNDONE', updated_at = now()
                      FROM updated u
-                     WHERE u.status = 'SUCCEEDED' AND o.shard = u.shard AND o.id = u.undo_of
+                     WHERE u.status = 'SUCCEEDED' AND o.id = u.undo_of
                        AND o.status = 'SUCCEEDED'
                      RETURNING o.id, o.attempts),
                  audit AS (
@@ -509,7 +500,7 @@ impl CommandStore {
                        AND updated_at < now() - make_interval(secs => $1)
                      LIMIT $2 FOR UPDATE SKIP LOCKED),
                  gone AS (DELETE FROM commands.commands c USING old
-                          WHERE c.shard = old.shard AND c.id = old.id RETURNING c.id),
+                          WHERE c.id = old.id RETURNING c.id),
                  audit AS (DELETE FROM commands.audit a USING gone WHERE a.command_id = gone.id)
                  SELECT count(*) FROM gone",
                 &[&age.as_secs_f64(), &batch],
@@ -552,7 +543,7 @@ async fn insert(
                      (id, shard, user_id, idempotency_key, kind, payload, undo_of, status)
                  SELECT id, shard, user_id, key, kind, payload, undo_of, 'ACCEPTED'
                  FROM input ORDER BY n
-                 ON CONFLICT (shard, user_id, idempotency_key) DO NOTHING
+                 ON CONFLICT (user_id, idempotency_key) DO NOTHING
                  RETURNING {COLUMNS}, c.idempotency_key),
              audit AS (INSERT INTO commands.audit (command_id, status, attempt)
                        SELECT id, 'ACCEPTED', 0 FROM inserted)
@@ -583,7 +574,6 @@ async fn insert(
     }
     if !existing_needed.is_empty() {
         // Repeats: the key is taken, by an earlier call or by an earlier entry of this batch.
-        let wanted_shards: Vec<i32> = existing_needed.iter().map(|&i| batch[i].shard).collect();
         let wanted_users: Vec<&str> = existing_needed
             .iter()
             .map(|&i| batch[i].user_id.as_str())
@@ -596,10 +586,10 @@ async fn insert(
             .query(
                 &format!(
                     "SELECT {COLUMNS}, c.idempotency_key FROM commands.commands c
-                     JOIN unnest($1::int4[], $2::text[], $3::text[]) AS w(shard, user_id, key)
-                       ON c.shard = w.shard AND c.user_id = w.user_id AND c.idempotency_key = w.key"
+                     JOIN unnest($1::text[], $2::text[]) AS w(user_id, key)
+                       ON c.user_id = w.user_id AND c.idempotency_key = w.key"
                 ),
-                &[&wanted_shards, &wanted_users, &wanted_keys],
+                &[&wanted_users, &wanted_keys],
             )
             .await?;
         let mut by_key = std::collections::HashMap::with_capacity(rows.len());
