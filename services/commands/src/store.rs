@@ -117,12 +117,10 @@ impl CommandStore {
         &self,
         batch: &[NewCommand],
     ) -> Result<Vec<Result<Command, Rejected>>, DbError> {
-        let mut client = self.db.primary().await?;
-        let tx = client.transaction().await?;
-        let results = insert(&tx, batch).await?;
-        notify(&tx, "r").await?;
-        tx.commit().await?;
-        Ok(results)
+        // One statement, so one round trip and an implicit transaction: the insert, the audit
+        // rows and the workers' wake-up commit together.
+        let client = self.db.primary().await?;
+        insert(&client, batch).await
     }
 
     /// One command by id, read on the primary.
@@ -510,7 +508,7 @@ impl CommandStore {
     }
 }
 
-/// Inserts a batch inside `tx`; results in input order.
+/// Inserts a batch (and wakes the workers, at commit); results in input order.
 async fn insert(
     tx: &impl GenericClient,
     batch: &[NewCommand],
@@ -547,7 +545,8 @@ async fn insert(
                  RETURNING {COLUMNS}, c.idempotency_key),
              audit AS (INSERT INTO commands.audit (command_id, status, attempt)
                        SELECT id, 'ACCEPTED', 0 FROM inserted)
-             SELECT * FROM inserted"
+             -- An initplan: the workers are woken once per batch that stored anything.
+             SELECT *, (SELECT pg_notify('{CHANNEL}', 'r')) AS woken FROM inserted"
         ))
         .await?;
     let rows = tx
