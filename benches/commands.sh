@@ -10,13 +10,13 @@
 # scheduled start). Ingestion runs with workers off, so it measures accepting alone; the
 # backlog it leaves is then drained by a worker process, which measures executing alone.
 #
-# Usage: benches/commands.sh [SECONDS] [RATE…]   (default: 10 s at 2000 5000 10000 20000)
+# Usage: benches/commands.sh [SECONDS] [RATE…]   (default: 10 s at 2000 5000 8000 10000 20000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-10}
 shift || true
 rates=("$@")
-[ ${#rates[@]} -eq 0 ] && rates=(2000 5000 10000 20000)
+[ ${#rates[@]} -eq 0 ] && rates=(2000 5000 8000 10000 20000)
 
 scripts/prereqs postgres >/dev/null
 cargo build --locked --release -p waybill 2>/dev/null
@@ -52,7 +52,7 @@ stop_server() {
 }
 load() { # scenario rate
   "$waybill" loadgen --addr "$addr" --scenario "$1" --rate "$2" --duration "${seconds}s" \
-    --connections 4 --timeout 5s --customers 10000 2>/dev/null | sed "s/^/  /"
+    --connections 4 --timeout 5s --customers 10000 2>/dev/null | sed "s/^/  /" || true
 }
 open_commands() { # database
   psql "$(db_url "$1")" -Atc \

@@ -93,8 +93,10 @@ pub struct CommandsConfig {
     /// Most commands GetCommand's cache holds.
     #[arg(long, env = "WAYBILL_COMMAND_CACHE_SIZE", default_value_t = 100_000)]
     pub command_cache_size: u64,
-    /// Transactions storing submissions at once (group commit writers).
-    #[arg(long, env = "WAYBILL_COMMAND_INGEST_WRITERS", default_value_t = 4)]
+    /// Transactions storing submissions at once (group commit writers). Two keep one batch
+    /// gathering while the other commits; more split the same load into smaller batches
+    /// (measured: 8,000/s took p99 25 ms with 2 writers, 160 ms with 1, 870 ms with 8).
+    #[arg(long, env = "WAYBILL_COMMAND_INGEST_WRITERS", default_value_t = 2)]
     pub command_ingest_writers: usize,
     /// Most submissions stored in one transaction.
     #[arg(long, env = "WAYBILL_COMMAND_INGEST_BATCH", default_value_t = 512)]

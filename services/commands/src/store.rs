@@ -448,10 +448,12 @@ impl CommandStore {
                      WHERE c.id = ANY($2) AND c.id = d.id AND c.status = 'RUNNING'
                        AND c.worker = $8 AND c.attempts = d.attempt
                      RETURNING c.shard, c.id, c.status, c.attempts, c.undo_of, d.error),
+                 -- An array, not a join: a join here was planned as a scan of every
+                 -- SUCCEEDED command per batch.
                  undone AS (
                      UPDATE commands.commands o SET status = 'UNDONE', updated_at = now()
-                     FROM updated u
-                     WHERE u.status = 'SUCCEEDED' AND o.id = u.undo_of
+                     WHERE o.id = ANY(ARRAY(SELECT undo_of FROM updated
+                                            WHERE status = 'SUCCEEDED' AND undo_of IS NOT NULL))
                        AND o.status = 'SUCCEEDED'
                      RETURNING o.id, o.attempts),
                  audit AS (
