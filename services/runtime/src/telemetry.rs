@@ -192,3 +192,44 @@ fn tracer_provider(service_name: &str) -> Result<Option<SdkTracerProvider>, Stri
     }
     Ok(Some(builder.build()))
 }
+
+/// The W3C `traceparent` of the current span, for work that outlives it and may be resumed
+/// elsewhere (a saga): `None` when the span is not traced.
+pub fn current_traceparent() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    let span = tracing::Span::current();
+    if span.is_disabled() {
+        return None;
+    }
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    span_context.is_valid().then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            span_context.trace_id(),
+            span_context.span_id(),
+            span_context.trace_flags().to_u8()
+        )
+    })
+}
+
+/// Links `span` to the span a stored `traceparent` names: work resumed long after (or far
+/// from) the call that started it belongs to a trace of its own, which points back to the
+/// original. Does nothing for an empty or malformed value, or when `span` is not traced.
+pub fn link(span: &tracing::Span, traceparent: &str) {
+    use opentelemetry::{propagation::TextMapPropagator, trace::TraceContextExt};
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    if span.is_disabled() || traceparent.is_empty() {
+        return;
+    }
+    let carrier =
+        std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let context = TraceContextPropagator::new().extract(&carrier);
+    let linked = context.span().span_context().clone();
+    if linked.is_valid() {
+        span.add_link(linked);
+    }
+}
