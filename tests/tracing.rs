@@ -335,7 +335,7 @@ async fn a_placed_order_is_one_trace_across_services_and_the_bus() {
             span.service == "waybill-orders" && span.span.name == name
         });
         assert_eq!(client.kind(), SpanKind::Client, "{name}");
-        assert!(trace.descends(client, &saga), "{name} under the saga");
+        assert!(trace.descends(client, saga), "{name} under the saga");
         assert_eq!(client.str("rpc.method"), Some(method));
         assert_eq!(client.int("rpc.grpc.status_code"), Some(0), "{name}");
         assert_eq!(client.str("server.address"), Some("127.0.0.1"));
@@ -384,7 +384,7 @@ async fn a_placed_order_is_one_trace_across_services_and_the_bus() {
             written.span_id(),
             "{topic}: parent is {writer}"
         );
-        assert!(trace.descends(written, &place), "{writer} under PlaceOrder");
+        assert!(trace.descends(written, place), "{writer} under PlaceOrder");
         let handled = trace.one(&format!("{topic} handler transaction"), |span| {
             span.span.name == "events.handle" && span.parent_id() == processed.span_id()
         });
