@@ -4,7 +4,10 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -86,12 +89,20 @@ pub fn hex(bytes: &[u8]) -> String {
 /// The receiver; stops when dropped.
 pub struct Collector {
     addr: SocketAddr,
-    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+    received: Arc<Received>,
     server: tokio::task::JoinHandle<()>,
 }
 
+#[derive(Default)]
+struct Received {
+    /// Whether spans are kept, or only counted (a benchmark's receiver).
+    keep: bool,
+    spans: Mutex<Vec<ReceivedSpan>>,
+    count: AtomicU64,
+}
+
 struct Receiver {
-    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+    received: Arc<Received>,
 }
 
 #[tonic::async_trait]
@@ -100,6 +111,17 @@ impl TraceService for Receiver {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        if !self.received.keep {
+            let spans = request
+                .get_ref()
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len() as u64)
+                .sum();
+            self.received.count.fetch_add(spans, Ordering::Relaxed);
+            return Ok(tonic::Response::new(ExportTraceServiceResponse::default()));
+        }
         let mut received = Vec::new();
         for resource_spans in request.into_inner().resource_spans {
             let service = resource_spans
@@ -118,7 +140,11 @@ impl TraceService for Receiver {
                 }));
             }
         }
-        self.spans
+        self.received
+            .count
+            .fetch_add(received.len() as u64, Ordering::Relaxed);
+        self.received
+            .spans
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .extend(received);
@@ -133,12 +159,24 @@ impl Collector {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|error| panic!("bind the OTLP receiver: {error}"));
+        Self::serve(listener, true)
+    }
+
+    /// A receiver on `listener` that only counts the spans it is sent ([`Self::received`]).
+    pub fn counting(listener: tokio::net::TcpListener) -> Self {
+        Self::serve(listener, false)
+    }
+
+    fn serve(listener: tokio::net::TcpListener, keep: bool) -> Self {
         let addr = listener
             .local_addr()
             .unwrap_or_else(|error| panic!("the OTLP receiver's address: {error}"));
-        let spans = Arc::new(Mutex::new(Vec::new()));
+        let received = Arc::new(Received {
+            keep,
+            ..Received::default()
+        });
         let service = TraceServiceServer::new(Receiver {
-            spans: spans.clone(),
+            received: received.clone(),
         });
         let server = tokio::spawn(async move {
             let incoming = tonic::transport::server::TcpIncoming::from(listener);
@@ -152,7 +190,7 @@ impl Collector {
         });
         Self {
             addr,
-            spans,
+            received,
             server,
         }
     }
@@ -162,9 +200,15 @@ impl Collector {
         format!("http://{}", self.addr)
     }
 
-    /// Every span received so far.
+    /// How many spans were received so far.
+    pub fn received(&self) -> u64 {
+        self.received.count.load(Ordering::Relaxed)
+    }
+
+    /// Every span received so far (none when only counting).
     pub fn spans(&self) -> Vec<ReceivedSpan> {
-        self.spans
+        self.received
+            .spans
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
