@@ -491,3 +491,108 @@ async fn retries_and_injected_faults_are_on_the_call_spans() {
         events(saga)
     );
 }
+
+/// A saga whose orchestrator was killed midway is resumed by another process's driver in a
+/// trace of its own, linked to the PlaceOrder call that started it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_saga_links_to_the_call_that_started_it() {
+    let collector = Collector::start().await;
+    let endpoint = collector.endpoint();
+    let env = otel_env(&endpoint);
+    let db = TestDb::new().await;
+    // The first process's AssignCourier hangs, so its saga is stuck after reserving.
+    let mut first = Waybill::start(
+        &db,
+        ServeOptions {
+            policy: Some(
+                r#"{"methodConfig": [{"name": [{"service": "waybill.delivery.v1.DeliveryService", "method": "AssignCourier"}],
+                    "faults": {"delay": {"duration": "60s", "percent": 100}}}]}"#,
+            ),
+            args: &["--saga-lease", "2s", "--saga-step-timeout", "30s"],
+            env: &env,
+            ..ServeOptions::default()
+        },
+    );
+    let channel = first.channel().await;
+    waybill_test_support::stock(&channel, "SKU-1", 5).await;
+    waybill_test_support::courier(&channel, "bike-1", "north", 5).await;
+    let (trace_id, caller_span) = new_trace();
+    let mut orders = OrdersServiceClient::new(channel);
+    let placing = tokio::spawn(async move {
+        orders
+            .place_order(traced(
+                place_request(),
+                &traceparent(&trace_id, &caller_span),
+            ))
+            .await
+    });
+    let stored: String = eventually("the saga is stuck after reserving", || async {
+        let row = db
+            .primary()
+            .await
+            .query_opt(
+                "SELECT s.traceparent FROM orders.sagas s, inventory.items i
+                 WHERE i.sku = 'SKU-1' AND i.reserved = 2",
+                &[],
+            )
+            .await
+            .unwrap()?;
+        Some(row.get(0))
+    })
+    .await;
+    first.kill();
+    assert!(placing.await.unwrap().is_err(), "the caller saw the crash");
+    let (_, original_trace, original_span, _) = {
+        let parts: Vec<&str> = stored.split('-').collect();
+        assert_eq!(parts.len(), 4, "a W3C traceparent: {stored:?}");
+        (parts[0], parts[1].to_owned(), parts[2].to_owned(), parts[3])
+    };
+    assert_eq!(original_trace.len(), 32);
+
+    let mut second = Waybill::start(
+        &db,
+        ServeOptions {
+            args: &["--saga-poll", "100ms"],
+            env: &env,
+            ..ServeOptions::default()
+        },
+    );
+    eventually("the resumed saga confirms the order", || async {
+        let status: String = db
+            .primary()
+            .await
+            .query_one("SELECT status FROM orders.orders", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (status == "CONFIRMED").then_some(())
+    })
+    .await;
+    stop(&mut [&mut second]).await;
+
+    let spans = collector.spans();
+    let resumed: Vec<_> = spans
+        .iter()
+        .filter(|span| {
+            span.span.name == "saga" && span.str("waybill.saga.started_by") == Some("driver")
+        })
+        .collect();
+    let resumed = resumed
+        .iter()
+        .find(|span| {
+            span.span.links.iter().any(|link| {
+                waybill_test_support::otlp::hex(&link.trace_id) == original_trace
+                    && waybill_test_support::otlp::hex(&link.span_id) == original_span
+            })
+        })
+        .unwrap_or_else(|| panic!("no resumed saga span links to {stored}: {resumed:#?}"));
+    assert_ne!(resumed.trace_id(), original_trace, "a trace of its own");
+    assert!(resumed.parent_id().is_empty(), "a root span");
+    // Its steps continue the new trace.
+    let trace = Trace::new(spans.clone(), &resumed.trace_id());
+    let assign = trace.one("the resumed AssignCourier client span", |span| {
+        span.kind() == SpanKind::Client
+            && span.span.name == "waybill.delivery.v1.DeliveryService/AssignCourier"
+    });
+    assert!(trace.descends(assign, resumed));
+}

@@ -308,7 +308,8 @@ impl Inbox<'_> {
             Outcome::Duplicate => "duplicate",
             Outcome::Failed(error) => {
                 span.record("otel.status_code", "ERROR");
-                tracing::info!(parent: &span, %error, "handler failed");
+                // The bus logs the failure with what it does next; this is the span's event.
+                tracing::debug!(parent: &span, %error, "handler failed");
                 "failed"
             }
         };
