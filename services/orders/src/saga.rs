@@ -15,6 +15,10 @@
 //! that hangs up does not stop it midway. Transient failures (a participant UNAVAILABLE or too
 //! slow) defer the saga with backoff; the driver (`drive_forever`) picks up sagas whose lease
 //! or retry time has passed — those of a killed orchestrator included.
+//!
+//! Traces: a saga run is a `saga` span. Run from PlaceOrder it is that call's child, so the
+//! steps' calls and the events the saga emits continue the caller's trace; resumed by the
+//! driver, it is a new trace linked to the call that started it (`orders.sagas.traceparent`).
 
 use std::{sync::Arc, time::Duration};
 
