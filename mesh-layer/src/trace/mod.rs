@@ -96,8 +96,15 @@ where
     }
 }
 
+/// Health checks make no spans: probes every few seconds from every kubelet and balancer
+/// would be most of the traces, and say nothing a failing probe does not.
+const HEALTH: &str = "/grpc.health.v1.Health/";
+
 fn server_span<B>(request: &Request<B>) -> Span {
     let path = request.uri().path();
+    if path.starts_with(HEALTH) {
+        return Span::none();
+    }
     let (service, method) = names(path);
     let span = tracing::debug_span!(
         "rpc",
