@@ -5,7 +5,8 @@
 # cost of one call, startup excluded.
 #
 # Usage: benches/instructions.sh [LOW HIGH]   (needs valgrind; builds the bench first)
-# KEEP=DIR keeps the callgrind files (for callgrind_annotate).
+# KEEP=DIR keeps the callgrind files (for callgrind_annotate). BIN=PATH counts that bench
+# binary instead of building this checkout's (to compare with another commit's build).
 # TRACING=1 traces every mesh call (full sampling) and exports the spans over OTLP/gRPC to a
 # receiver process that counts and drops them; the mesh side's count then includes making,
 # batching and exporting its spans (the flush at exit included; the bare side makes none).
@@ -13,8 +14,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 low=${1:-200}
 high=${2:-1200}
-cargo bench --bench mesh --no-run 2>/dev/null
-bin=$(ls -t target/release/deps/mesh-* | grep -v '\.d$' | head -1)
+if [ -z "${BIN:-}" ]; then
+  cargo bench --bench mesh --no-run 2>/dev/null
+fi
+bin=${BIN:-$(ls -t target/release/deps/mesh-* | grep -v '\.d$' | head -1)}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 

@@ -106,6 +106,11 @@ fn server_span<B>(request: &Request<B>) -> Span {
         return Span::none();
     }
     let (service, method) = names(path);
+    // Every attribute known now is given at creation: each later `record` is a call through
+    // the subscriber, which costs more than the field.
+    let connection = request.extensions().get::<TcpConnectInfo>();
+    let local = connection.and_then(TcpConnectInfo::local_addr);
+    let remote = connection.and_then(TcpConnectInfo::remote_addr);
     let span = tracing::debug_span!(
         "rpc",
         otel.name = path.trim_start_matches('/'),
@@ -115,24 +120,14 @@ fn server_span<B>(request: &Request<B>) -> Span {
         rpc.service = service,
         rpc.method = method,
         rpc.grpc.status_code = Empty,
-        server.address = Empty,
-        server.port = Empty,
-        client.address = Empty,
-        client.port = Empty,
+        server.address = local.map(|a| tracing::field::display(a.ip())),
+        server.port = local.map(|a| i64::from(a.port())),
+        client.address = remote.map(|a| tracing::field::display(a.ip())),
+        client.port = remote.map(|a| i64::from(a.port())),
         waybill.mesh.decision = Empty,
     );
     if span.is_disabled() {
         return span;
-    }
-    if let Some(info) = request.extensions().get::<TcpConnectInfo>() {
-        if let Some(local) = info.local_addr() {
-            span.record("server.address", tracing::field::display(local.ip()));
-            span.record("server.port", i64::from(local.port()));
-        }
-        if let Some(remote) = info.remote_addr() {
-            span.record("client.address", tracing::field::display(remote.ip()));
-            span.record("client.port", i64::from(remote.port()));
-        }
     }
     // The caller's span (and baggage) becomes the parent; with no trace context in the
     // metadata the call starts a trace.
@@ -230,7 +225,8 @@ impl<S> ClientTrace<S> {
     fn client_span<B>(&self, request: &Request<B>) -> Span {
         let path = request.uri().path();
         let (service, method) = names(path);
-        let span = tracing::debug_span!(
+        let peer = self.peer.as_deref();
+        tracing::debug_span!(
             "rpc",
             otel.name = path.trim_start_matches('/'),
             otel.kind = "client",
@@ -239,17 +235,10 @@ impl<S> ClientTrace<S> {
             rpc.service = service,
             rpc.method = method,
             rpc.grpc.status_code = Empty,
-            server.address = Empty,
-            server.port = Empty,
+            server.address = peer.map(|peer| peer.host.as_str()),
+            server.port = peer.and_then(|peer| peer.port).map(i64::from),
             waybill.mesh.decision = Empty,
-        );
-        if let Some(peer) = self.peer.as_deref().filter(|_| !span.is_disabled()) {
-            span.record("server.address", peer.host.as_str());
-            if let Some(port) = peer.port {
-                span.record("server.port", i64::from(port));
-            }
-        }
-        span
+        )
     }
 }
 
