@@ -5,13 +5,19 @@
 # cost of one call, startup excluded.
 #
 # Usage: benches/instructions.sh [LOW HIGH]   (needs valgrind; builds the bench first)
-# KEEP=DIR keeps the callgrind files (for callgrind_annotate).
+# KEEP=DIR keeps the callgrind files (for callgrind_annotate). BIN=PATH counts that bench
+# binary instead of building this checkout's (to compare with another commit's build).
+# TRACING=1 traces every mesh call (full sampling) and exports the spans over OTLP/gRPC to a
+# receiver process that counts and drops them; the mesh side's count then includes making,
+# batching and exporting its spans (the flush at exit included; the bare side makes none).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 low=${1:-200}
 high=${2:-1200}
-cargo bench --bench mesh --no-run 2>/dev/null
-bin=$(ls -t target/release/deps/mesh-* | grep -v '\.d$' | head -1)
+if [ -z "${BIN:-}" ]; then
+  cargo bench --bench mesh --no-run 2>/dev/null
+fi
+bin=${BIN:-$(ls -t target/release/deps/mesh-* | grep -v '\.d$' | head -1)}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -27,6 +33,7 @@ start_server() { # kind, callgrind output file or ""
   else
     "$bin" --serve "$kind" <"$work/fifo" >"$work/addr" 2>/dev/null &
   fi
+  server_pid=$!
   exec 7>"$work/fifo"
   for _ in $(seq 600); do grep -q listening "$work/addr" 2>/dev/null && break; sleep 0.1; done
   endpoint=$(sed -n 's/^listening on /http:\/\//p' "$work/addr")
@@ -34,7 +41,7 @@ start_server() { # kind, callgrind output file or ""
 
 stop_server() {
   exec 7>&-
-  wait
+  wait "$server_pid"
 }
 
 total() { # callgrind output file -> total instructions
@@ -64,7 +71,21 @@ client_run() { # kind: callgrind files for LOW and HIGH calls, client side, bare
   stop_server
 }
 
+if [ -n "${TRACING:-}" ]; then
+  rm -f "$work/otlp-fifo" "$work/otlp-addr"
+  mkfifo "$work/otlp-fifo"
+  "$bin" --serve otlp <"$work/otlp-fifo" >"$work/otlp-addr" 2>"$work/otlp-log" &
+  exec 8>"$work/otlp-fifo"
+  for _ in $(seq 600); do grep -q listening "$work/otlp-addr" 2>/dev/null && break; sleep 0.1; done
+  export OTEL_EXPORTER_OTLP_ENDPOINT=$(sed -n 's/^listening on /http:\/\//p' "$work/otlp-addr")
+fi
+
 server_run bare; server_run full; client_run bare; client_run mesh
+if [ -n "${TRACING:-}" ]; then
+  exec 8>&-
+  wait
+  echo "tracing every mesh call: $(cat "$work/otlp-log")" >&2
+fi
 sb=$(per_call "$work/server-bare-$low.out" "$work/server-bare-$high.out")
 sm=$(per_call "$work/server-full-$low.out" "$work/server-full-$high.out")
 cb=$(per_call "$work/client-bare-$low.out" "$work/client-bare-$high.out")

@@ -7,7 +7,15 @@
 //! docs/benchmarks.md.
 //!
 //! Run: `cargo bench --bench mesh` (options after `--`: `--seconds N` per phase, `--rate R`
-//! calls/s for the fixed-rate phase, `--rounds N` interleaved rounds).
+//! calls/s for the fixed-rate phase, `--rounds N` interleaved rounds, `--tracing` to trace
+//! every mesh call).
+//!
+//! `--tracing`: the mesh server and the mesh clients export every call's span (full
+//! sampling) over OTLP/gRPC to a receiver in its own process that counts and drops them, as a
+//! node-local collector would; the bare setups have no span to make, so the mesh rows'
+//! ratios to bare, compared with a run without `--tracing`, are what tracing costs. (The
+//! program re-executes itself with `OTEL_EXPORTER_OTLP_ENDPOINT` set, since the process's
+//! own telemetry reads it from the environment.)
 
 use std::{
     io::{BufRead, BufReader},
@@ -46,15 +54,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .build()?
     };
     if let Some(kind) = flag("--serve") {
-        return runtime.block_on(serve(&kind));
+        // Only the mesh server traces (when OTEL_EXPORTER_OTLP_ENDPOINT is set); its logs
+        // go to stderr either way.
+        let telemetry = (kind == "full").then(|| init_telemetry(&runtime, "bench-server"));
+        let result = runtime.block_on(serve(&kind));
+        flush(&runtime, telemetry);
+        return result;
+    }
+    if args.iter().any(|a| a == "--tracing") && std::env::var_os(OTLP_ENDPOINT).is_none() {
+        return traced(&args);
     }
     // `--calls N --client bare|mesh --endpoint URL`: N sequential calls and exit, for counting
-    // instructions per call under callgrind (benches/instructions.sh).
+    // instructions per call under callgrind (benches/instructions.sh). With
+    // OTEL_EXPORTER_OTLP_ENDPOINT set, the mesh client traces its calls.
     if let Some(calls) = flag("--calls") {
         let calls: u64 = calls.parse()?;
         let kind = flag("--client").unwrap_or_else(|| "bare".into());
         let endpoint = flag("--endpoint").ok_or("--calls needs --endpoint")?;
-        return runtime.block_on(async {
+        let telemetry = (kind == "mesh").then(|| init_telemetry(&runtime, "bench-client"));
+        let result = runtime.block_on(async {
             let mut client = Client::connect(&kind, &endpoint).await?;
             for _ in 0..calls {
                 if !client.echo().await {
@@ -63,6 +81,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             Ok(())
         });
+        // The export of the last spans counts as part of the calls' cost.
+        flush(&runtime, telemetry);
+        return result;
     }
     let seconds: u64 = flag("--seconds").map_or(Ok(3), |s| s.parse())?;
     let rate: u64 = flag("--rate").map_or(Ok(2000), |s| s.parse())?;
@@ -70,7 +91,57 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // `--only N`: run only setup N (0 bare, 1 server stack, 2 client stack, 3 both), for
     // profiling one setup.
     let only: Option<usize> = flag("--only").map(|s| s.parse()).transpose()?;
-    runtime.block_on(drive(Duration::from_secs(seconds), rate, rounds, only))
+    let telemetry = init_telemetry(&runtime, "bench-client");
+    if telemetry.is_exporting() {
+        eprintln!("tracing every mesh call (full sampling), exported over OTLP/gRPC");
+    }
+    let result = runtime.block_on(drive(Duration::from_secs(seconds), rate, rounds, only));
+    flush(&runtime, Some(telemetry));
+    result
+}
+
+const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+
+/// Logs on stderr (WARN and up unless RUST_LOG says otherwise), and traces when
+/// OTEL_EXPORTER_OTLP_ENDPOINT is set: waybill's own telemetry, as a service would run it.
+fn init_telemetry(
+    runtime: &tokio::runtime::Runtime,
+    name: &str,
+) -> waybill_runtime::telemetry::Telemetry {
+    let _entered = runtime.enter();
+    waybill_runtime::telemetry::init(
+        &waybill_runtime::LogConfig {
+            log_format: waybill_runtime::config::LogFormat::Text,
+        },
+        name,
+    )
+}
+
+/// Exports the spans still queued, from a blocking thread while `runtime` runs the export.
+fn flush(
+    runtime: &tokio::runtime::Runtime,
+    telemetry: Option<waybill_runtime::telemetry::Telemetry>,
+) {
+    if let Some(telemetry) = telemetry {
+        let _ = runtime
+            .block_on(async { tokio::task::spawn_blocking(move || telemetry.shutdown()).await });
+    }
+}
+
+/// `--tracing`: starts the OTLP receiver, runs this program again with the exporter's
+/// endpoint in its environment (servers inherit it), and reports the spans received.
+fn traced(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+    let receiver = ServerProcess::start("otlp")?;
+    let status = Command::new(std::env::current_exe()?)
+        .args(&args[1..])
+        .env(OTLP_ENDPOINT, &receiver.endpoint)
+        .status()?;
+    drop(receiver);
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("the traced run failed: {status}").into())
+    }
 }
 
 fn policy() -> Policy {
@@ -81,17 +152,24 @@ fn methods() -> MethodTable {
     MethodTable::from_descriptor_sets(&[waybill_api::FILE_DESCRIPTOR_SET]).unwrap_or_default()
 }
 
-/// Serves the echo service bare or with the full server stack until stdin closes.
+/// Serves the echo service bare or with the full server stack, or the OTLP receiver that
+/// counts and drops spans (`otlp`), until stdin closes.
 async fn serve(kind: &str) -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     println!("listening on {}", listener.local_addr()?);
-    let echo = waybill_echo::server(waybill_echo::Echo::new(policy())?);
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let stop = async {
         // The parent closes our stdin when it is done (or dies).
         let _ =
             tokio::task::spawn_blocking(|| std::io::stdin().read_line(&mut String::new())).await;
     };
+    if kind == "otlp" {
+        let collector = waybill_test_support::otlp::Collector::counting(listener);
+        stop.await;
+        eprintln!("OTLP receiver: {} spans received", collector.received());
+        return Ok(());
+    }
+    let echo = waybill_echo::server(waybill_echo::Echo::new(policy())?);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     match kind {
         "bare" => {
             Server::builder()
@@ -100,10 +178,6 @@ async fn serve(kind: &str) -> Result<(), Box<dyn std::error::Error>> {
                 .await?
         }
         "full" => {
-            tracing_subscriber::fmt()
-                .with_env_filter("info")
-                .with_writer(std::io::stderr)
-                .init();
             Server::builder()
                 .layer(mesh_layer::server::trace())
                 .layer(mesh_layer::server::stack(

@@ -62,7 +62,6 @@ struct MigrateArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    waybill_runtime::telemetry::init(&cli.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -72,6 +71,15 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: cannot start the async runtime: {error}");
             return std::process::ExitCode::FAILURE;
         }
+    };
+    let service_name = match &cli.command {
+        Command::Serve(args) => args.service_name(),
+        _ => "waybill-cli".to_owned(),
+    };
+    // Inside the runtime: the trace exporter's connection runs on it.
+    let telemetry = {
+        let _entered = runtime.enter();
+        waybill_runtime::telemetry::init(&cli.log, &service_name)
     };
     let result = runtime.block_on(async move {
         match cli.command {
@@ -97,6 +105,9 @@ fn main() -> std::process::ExitCode {
             Command::Events(args) => events::run(args).await,
         }
     });
+    // Here, on the main thread, while the runtime still runs: the last spans (a drained
+    // server's included) are exported before the process exits.
+    telemetry.shutdown();
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {

@@ -32,6 +32,17 @@ pub struct ServeArgs {
     dev_dir: PathBuf,
 }
 
+impl ServeArgs {
+    /// The name this process reports in traces: `waybill-<service>` when it serves one
+    /// service (one Deployment each), else `waybill`.
+    pub fn service_name(&self) -> String {
+        match self.services.as_slice() {
+            [only] => format!("waybill-{only}"),
+            _ => "waybill".to_owned(),
+        }
+    }
+}
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let policy = args.mesh.load().map_err(anyhow::Error::msg)?;
     // First: the recorder must be installed before servers and clients cache their handles.

@@ -1,7 +1,9 @@
-//! The client-side stack, outermost first: deadline → budgeted retry → balancer (power of two
-//! choices) → per-endpoint circuit breaker → connection. The deadline sits outside retry so
-//! that all attempts share one deadline; the breakers sit below the balancer so that a retry
-//! can land on a healthy endpoint.
+//! The client-side stack, outermost first: trace span (its context injected into the
+//! metadata) → deadline → budgeted retry → balancer (power of two choices) → per-endpoint
+//! circuit breaker → connection. The span sits outside retry so that one call is one span
+//! with its attempts as events; the deadline sits outside retry so that all attempts share
+//! one deadline; the breakers sit below the balancer so that a retry can land on a healthy
+//! endpoint.
 
 use std::time::Duration;
 
@@ -14,21 +16,33 @@ use crate::{
     method::MethodTable,
     policy::Policy,
     retry::{Retry, RetryLayer},
+    trace::{ClientTrace, ClientTraceLayer},
 };
 
 /// The mesh layers of a client for one target service.
-pub type ClientStack = Stack<RetryLayer, DeadlineLayer>;
+pub type ClientStack = Stack<Stack<RetryLayer, DeadlineLayer>, ClientTraceLayer>;
 
 /// A connection wrapped in the client stack; hand it to a generated tonic client
 /// (`OrdersServiceClient::new(client)`).
-pub type MeshClient<S = Channel> = DeadlineService<Retry<S>>;
+pub type MeshClient<S = Channel> = ClientTrace<DeadlineService<Retry<S>>>;
 
 /// Builds the client stack for one target service. Clones of the result share the retry
 /// budget, so build it once per target.
 pub fn stack(policy: &Policy, methods: &MethodTable) -> ClientStack {
+    stack_with_trace(policy, methods, ClientTraceLayer::new())
+}
+
+fn stack_with_trace(
+    policy: &Policy,
+    methods: &MethodTable,
+    trace: ClientTraceLayer,
+) -> ClientStack {
     Stack::new(
-        RetryLayer::new(policy.clone(), methods.clone()),
-        DeadlineLayer::new(policy.clone()),
+        Stack::new(
+            RetryLayer::new(policy.clone(), methods.clone()),
+            DeadlineLayer::new(policy.clone()),
+        ),
+        trace,
     )
 }
 
@@ -45,7 +59,7 @@ pub fn balanced(
     methods: &MethodTable,
 ) -> Result<MeshClient<Balancer<Channel>>, TargetError> {
     let balancer = Balancer::connect(target, policy.breaker().clone())?;
-    Ok(wrap(policy, methods, balancer))
+    Ok(stack_with_trace(policy, methods, ClientTraceLayer::for_target(target)).layer(balancer))
 }
 
 /// The one place connections are made, so TLS and mTLS plug in here later. Connects lazily:

@@ -14,6 +14,7 @@
 //! | [`shed`] | server | unbounded queueing under overload |
 //! | [`fault`] | server | untested failure paths |
 //! | [`red`] | server | errors and latency nobody sees (requests by code, duration) |
+//! | [`trace`] | both | a slow or failed call nobody can follow across services (spans, W3C context) |
 //!
 //! [`server::stack`] composes the server side, [`client::stack`] the client side. The layers speak HTTP/2 requests carrying
 //! gRPC (`http::Request<tonic::body::Body>`), so they wrap tonic servers and channels alike.
@@ -39,6 +40,7 @@ pub mod red;
 pub mod retry;
 pub mod server;
 pub mod shed;
+pub mod trace;
 
 /// The boxed response future most layers return.
 pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;

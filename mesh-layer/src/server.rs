@@ -1,19 +1,13 @@
-//! The server-side stack, outermost first: trace span → RED metrics → deadline enforcement →
-//! injected faults → load shedding → idempotency → handler. The metrics sit outside every
+//! The server-side stack, outermost first: trace span (child of the caller's, from the
+//! metadata) → RED metrics → deadline enforcement → injected faults → load shedding →
+//! idempotency → handler. The span is outermost so that every call has one and every
+//! layer's decision is an event on it. The metrics sit outside every
 //! layer that answers by itself, so shed, failed-fast and replayed calls are counted with
 //! their codes. Faults sit inside the deadline so injected delays
 //! count against it, and outside shedding so an injected failure does not hold a concurrency
 //! slot. Idempotency is innermost: a shed or failed-fast call never claims its key.
 
 use tower::layer::util::Stack;
-use tower_http::{
-    classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier},
-    trace::{
-        DefaultMakeSpan, DefaultOnBodyChunk, DefaultOnEos, DefaultOnFailure, DefaultOnRequest,
-        DefaultOnResponse, TraceLayer,
-    },
-};
-use tracing::Level;
 
 use std::sync::Arc;
 
@@ -25,41 +19,16 @@ use crate::{
     policy::Policy,
     red::RedLayer,
     shed::LoadShedLayer,
+    trace::ServerTraceLayer,
 };
 
-/// Codes that report the caller's mistake or a normal outcome, not a server failure. They are
-/// not logged as failures: a client sending bad input must not page the server's owner.
-const CALLER_CODES: [GrpcCode; 7] = [
-    GrpcCode::Cancelled,
-    GrpcCode::InvalidArgument,
-    GrpcCode::NotFound,
-    GrpcCode::AlreadyExists,
-    GrpcCode::FailedPrecondition,
-    GrpcCode::OutOfRange,
-    GrpcCode::Unauthenticated,
-];
-
-/// The server's trace layer type.
-pub type Trace = TraceLayer<
-    SharedClassifier<GrpcErrorsAsFailures>,
-    DefaultMakeSpan,
-    DefaultOnRequest,
-    DefaultOnResponse,
-    DefaultOnBodyChunk,
-    DefaultOnEos,
-    DefaultOnFailure,
->;
-
-/// A span per call, and a WARN line (status, latency) for each call that fails on the server's
-/// side. gRPC errors are read from the `grpc-status` header or trailer, not the HTTP status,
-/// which is 200 for them.
-pub fn trace() -> Trace {
-    let classifier = CALLER_CODES.into_iter().fold(
-        GrpcErrorsAsFailures::new(),
-        GrpcErrorsAsFailures::with_success,
-    );
-    TraceLayer::new(SharedClassifier::new(classifier))
-        .on_failure(DefaultOnFailure::new().level(Level::WARN))
+/// A server span per call (see [`crate::trace`]), and a WARN line (code, latency) for each
+/// call that fails on the server's side: codes that report the caller's mistake or a normal
+/// outcome (INVALID_ARGUMENT, NOT_FOUND, …) are not logged, since a client sending bad input
+/// must not page the server's owner. gRPC errors are read from the `grpc-status` header or
+/// trailer, not the HTTP status, which is 200 for them.
+pub fn trace() -> ServerTraceLayer {
+    ServerTraceLayer
 }
 
 /// The mesh layers of a server (all but tracing), built from one policy.

@@ -35,6 +35,8 @@ CREATE TABLE commands.commands (
     result          text        NOT NULL DEFAULT '',
     last_error      text        NOT NULL DEFAULT '',
     undo_of         uuid,
+    -- The W3C traceparent of the SubmitCommand call: each attempt's trace links back to it.
+    traceparent     text        NOT NULL DEFAULT '',
     undone_by       uuid,
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),

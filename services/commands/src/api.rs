@@ -98,6 +98,7 @@ impl pb::command_service_server::CommandService for CommandsApi {
             idempotency_key: request.idempotency_key,
             payload,
             undo_of: None,
+            traceparent: waybill_runtime::telemetry::current_traceparent().unwrap_or_default(),
         };
         let answer = self.ingest.submit(new).map_err(|refused| match refused {
             ingest::Refused::Full => {

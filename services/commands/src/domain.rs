@@ -252,6 +252,8 @@ pub struct Command {
     pub last_error: String,
     pub undo_of: Option<Uuid>,
     pub undone_by: Option<Uuid>,
+    /// The submitting call's W3C traceparent (empty when it was not traced).
+    pub traceparent: String,
     pub run_after: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -278,6 +280,7 @@ pub struct NewCommand {
     pub idempotency_key: String,
     pub payload: Payload,
     pub undo_of: Option<Uuid>,
+    pub traceparent: String,
 }
 
 /// How long to wait before attempt `attempt + 1` after attempt `attempt` failed: exponential

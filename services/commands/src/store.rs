@@ -17,7 +17,8 @@ pub const CHANNEL: &str = "waybill_commands";
 const IDS_PER_NOTIFY: usize = 200;
 
 const COLUMNS: &str = "c.id, c.shard, c.user_id, c.payload, c.status, c.attempts, c.result, \
-                       c.last_error, c.undo_of, c.undone_by, c.run_after, c.created_at, c.updated_at";
+                       c.last_error, c.undo_of, c.undone_by, c.traceparent, c.run_after, c.created_at, \
+                       c.updated_at";
 
 /// Statuses in which a command still has to run (or is running).
 const OPEN: &str = "('ACCEPTED', 'RUNNING', 'RETRYING')";
@@ -275,6 +276,7 @@ impl CommandStore {
             idempotency_key: format!("{}{id}", crate::UNDO_KEY_PREFIX),
             payload: inverse,
             undo_of: Some(id),
+            traceparent: waybill_runtime::telemetry::current_traceparent().unwrap_or_default(),
         };
         let undo = match insert(&tx, std::slice::from_ref(&undo)).await?.pop() {
             Some(Ok(undo)) => undo,
@@ -522,6 +524,7 @@ async fn insert(
     let mut kinds = Vec::with_capacity(batch.len());
     let mut payloads = Vec::with_capacity(batch.len());
     let mut undo_of = Vec::with_capacity(batch.len());
+    let mut traceparents = Vec::with_capacity(batch.len());
     for new in batch {
         ids.push(new.id);
         shards.push(new.shard);
@@ -530,18 +533,19 @@ async fn insert(
         kinds.push(new.payload.kind().as_str());
         payloads.push(new.payload.encode());
         undo_of.push(new.undo_of);
+        traceparents.push(new.traceparent.as_str());
     }
     // `WITH ORDINALITY … ORDER BY n`: the sequence numbers follow the batch's order.
     let statement = tx
         .prepare_cached(&format!(
             "WITH input AS (
                  SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[],
-                                      $6::bytea[], $7::uuid[]) WITH ORDINALITY
-                     AS i(id, shard, user_id, key, kind, payload, undo_of, n)),
+                                      $6::bytea[], $7::uuid[], $8::text[]) WITH ORDINALITY
+                     AS i(id, shard, user_id, key, kind, payload, undo_of, traceparent, n)),
              inserted AS (
                  INSERT INTO commands.commands AS c
-                     (id, shard, user_id, idempotency_key, kind, payload, undo_of, status)
-                 SELECT id, shard, user_id, key, kind, payload, undo_of, 'ACCEPTED'
+                     (id, shard, user_id, idempotency_key, kind, payload, undo_of, traceparent, status)
+                 SELECT id, shard, user_id, key, kind, payload, undo_of, traceparent, 'ACCEPTED'
                  FROM input ORDER BY n
                  ON CONFLICT (user_id, idempotency_key) DO NOTHING
                  RETURNING {COLUMNS}, c.idempotency_key),
@@ -677,6 +681,7 @@ fn command(row: &Row) -> Result<Command, DbError> {
         last_error: row.try_get("last_error")?,
         undo_of: row.try_get("undo_of")?,
         undone_by: row.try_get("undone_by")?,
+        traceparent: row.try_get("traceparent")?,
         run_after: row.try_get("run_after")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,

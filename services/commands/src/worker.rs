@@ -14,6 +14,7 @@
 use std::{sync::Arc, time::Duration};
 
 use tokio::sync::{Notify, Semaphore, mpsc};
+use tracing::Instrument;
 use waybill_runtime::DbError;
 
 use crate::{
@@ -137,7 +138,15 @@ async fn run(registry: &Registry, settings: &WorkerSettings, claim: Claim) -> Co
             kind.as_str()
         ))),
         Some(handler) => {
-            match tokio::time::timeout(settings.lease / 2, handler.run(&execution)).await {
+            // A trace of its own per attempt, linked to the SubmitCommand call: the call
+            // answered long before, and an attempt may come hours later on another worker.
+            let span = tracing::info_span!(parent: None, "command",
+                otel.name = format!("command {}", kind.as_str()),
+                waybill.command.id = %command.id, waybill.command.kind = kind.as_str(),
+                waybill.command.attempt = claim.attempt);
+            waybill_runtime::telemetry::link(&span, &command.traceparent);
+            let attempt = handler.run(&execution).instrument(span);
+            match tokio::time::timeout(settings.lease / 2, attempt).await {
                 Ok(result) => result,
                 Err(_) => Err(Failure::Transient(format!(
                     "the handler did not finish within {:?}",

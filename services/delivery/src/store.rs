@@ -66,6 +66,9 @@ impl DeliveryStore {
     }
 
     /// Creates a courier or replaces its name, zone and capacity; its load is kept.
+    #[tracing::instrument(name = "delivery.put_courier", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "put_courier",
+        db.namespace, waybill.db.role))]
     pub async fn put_courier(
         &self,
         id: &str,
@@ -97,6 +100,9 @@ impl DeliveryStore {
 
     /// Assigns the least loaded courier of `zone` with capacity left, unless the order
     /// already has a delivery, which is returned as is.
+    #[tracing::instrument(name = "delivery.assign", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "assign",
+        db.namespace, waybill.db.role))]
     pub async fn assign(
         &self,
         order_id: Uuid,
@@ -160,6 +166,9 @@ impl DeliveryStore {
 
     /// Cancels an ASSIGNED delivery and frees its courier. For an order without a delivery
     /// it records a CANCELLED one without a courier, so that a late assignment is refused.
+    #[tracing::instrument(name = "delivery.cancel", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "cancel",
+        db.namespace, waybill.db.role))]
     pub async fn cancel(&self, order_id: Uuid, reason: &str) -> Result<Cancelled, DbError> {
         let mut client = self.db.primary().await?;
         let tx = client.transaction().await?;
@@ -213,6 +222,9 @@ impl DeliveryStore {
 
     /// Moves a delivery to `to` if the lifecycle allows, with an optional location and, for
     /// FAILED, a reason.
+    #[tracing::instrument(name = "delivery.update_status", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "update_status",
+        db.namespace, waybill.db.role))]
     pub async fn update_status(
         &self,
         order_id: Uuid,
@@ -233,6 +245,9 @@ impl DeliveryStore {
     }
 
     /// Records the courier's location while the delivery is PICKED_UP or IN_TRANSIT.
+    #[tracing::instrument(name = "delivery.update_location", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "update_location",
+        db.namespace, waybill.db.role))]
     pub async fn update_location(
         &self,
         order_id: Uuid,
@@ -265,12 +280,18 @@ impl DeliveryStore {
     }
 
     /// A token covering every write committed so far.
+    #[tracing::instrument(name = "delivery.consistency_token", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "consistency_token",
+        db.namespace, waybill.db.role))]
     pub async fn consistency_token(&self) -> Result<ConsistencyToken, DbError> {
         self.db.consistency_token().await
     }
 
     /// A delivery and its history, oldest first, from a replica that reflects `after`, in one statement so both
     /// come from one snapshot.
+    #[tracing::instrument(name = "delivery.get_with_history", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "get_with_history",
+        db.namespace, waybill.db.role))]
     pub async fn get_with_history(
         &self,
         order_id: Uuid,
@@ -321,6 +342,9 @@ impl DeliveryStore {
 
     /// A delivery as it stands now, from the primary (a watcher's first message must not be
     /// older than the changes it is told of next).
+    #[tracing::instrument(name = "delivery.current", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "current",
+        db.namespace, waybill.db.role))]
     pub async fn current(&self, order_id: Uuid) -> Result<Option<Delivery>, DbError> {
         let client = self.db.primary().await?;
         select_delivery(&**client, order_id, false).await

@@ -231,7 +231,10 @@ impl Consumer {
     /// completes (the event in hand is finished first). Database and bus failures are logged
     /// and retried with backoff; this returns only on shutdown.
     pub async fn run(self, shutdown: impl Future) {
-        let span = tracing::info_span!("consumer", subscription = %self.subscription.name());
+        // For logs only: a trace that lasted as long as the process would never be exported.
+        // Each event gets a span of its own (see `Inbox::handle_settling`).
+        let span = tracing::info_span!(target: waybill_runtime::telemetry::BACKGROUND, "consumer",
+            subscription = %self.subscription.name());
         async {
             let mut shutdown = Shutdown::new(shutdown);
             let inbox = Inbox {
@@ -239,6 +242,10 @@ impl Consumer {
                 schema: self.inbox_schema,
                 subscription: &self.subscription,
                 handler: self.handler.as_ref(),
+                bus: match self.bus.kind() {
+                    crate::BusKind::Postgres => "postgresql",
+                    crate::BusKind::Nats => "nats",
+                },
             };
             match &self.bus.inner {
                 BusInner::Postgres(pg) => pg.consume(&inbox, &mut shutdown).await,
@@ -257,6 +264,8 @@ pub(crate) struct Inbox<'a> {
     pub(crate) schema: &'static str,
     pub(crate) subscription: &'a Subscription,
     pub(crate) handler: &'a dyn Handler,
+    /// The bus's name in spans (`messaging.system`).
+    pub(crate) bus: &'static str,
 }
 
 /// What became of one delivery of an event.
@@ -278,22 +287,65 @@ impl Inbox<'_> {
 
     /// [`Self::handle`], and when it is handled (or was before), also removes the Postgres
     /// bus's delivery `seq` in the same transaction: one commit per event instead of two.
+    ///
+    /// Each delivery is a consumer span, a child of the span that appended the event to the
+    /// outbox (its `traceparent` header), so a trace continues across the bus (see
+    /// docs/tracing.md for why a child and not a link). An event without one starts a trace.
     pub(crate) async fn handle_settling(&self, event: &Event, settle: Option<i64>) -> Outcome {
-        let outcome = match self.try_handle(event, settle).await {
+        let span = self.span(event);
+        let outcome = match self
+            .try_handle(event, settle)
+            .instrument(span.clone())
+            .await
+        {
             Ok(Ok(true)) => Outcome::Handled,
             Ok(Ok(false)) => Outcome::Duplicate,
             Ok(Err(error)) => Outcome::Failed(error),
             Err(error) => Outcome::Failed(HandlerError::Retry(error.to_string())),
         };
-        let name = match outcome {
+        let name = match &outcome {
             Outcome::Handled => "handled",
             Outcome::Duplicate => "duplicate",
-            Outcome::Failed(_) => "failed",
+            Outcome::Failed(error) => {
+                span.record("otel.status_code", "ERROR");
+                // The bus logs the failure with what it does next; this is the span's event.
+                tracing::debug!(parent: &span, %error, "handler failed");
+                "failed"
+            }
         };
+        span.record("waybill.event.outcome", name);
         waybill_runtime::metrics::consumer_outcome(self.subscription.name(), name);
         outcome
     }
 
+    /// The span of one delivery of `event` (OpenTelemetry's messaging conventions).
+    fn span(&self, event: &Event) -> tracing::Span {
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+        let span = tracing::debug_span!(
+            "event",
+            otel.name = tracing::field::Empty,
+            otel.kind = "consumer",
+            otel.status_code = tracing::field::Empty,
+            messaging.system = self.bus,
+            messaging.operation.type = "process",
+            messaging.operation.name = "process",
+            messaging.destination.name = event.topic.as_str(),
+            messaging.consumer.group.name = self.subscription.name(),
+            messaging.message.id = tracing::field::display(event.id),
+            waybill.event.key = event.key.as_str(),
+            waybill.event.outcome = tracing::field::Empty,
+        );
+        if !span.is_disabled() {
+            span.record("otel.name", format!("process {}", event.topic));
+            let _ = span.set_parent(crate::event::trace_context(&event.headers));
+        }
+        span
+    }
+
+    #[tracing::instrument(name = "events.handle", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "handle",
+        db.namespace, waybill.db.role))]
     async fn try_handle(
         &self,
         event: &Event,

@@ -62,6 +62,65 @@ impl Event {
     }
 }
 
+/// `headers` with the current span's trace context added (W3C `traceparent`, `tracestate`,
+/// `baggage`), unless they carry one already. Without tracing (no propagator installed, or a
+/// disabled span) they come back as they are, borrowed.
+pub(crate) fn with_trace_context(
+    headers: &BTreeMap<String, String>,
+) -> std::borrow::Cow<'_, BTreeMap<String, String>> {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    let span = tracing::Span::current();
+    if span.is_disabled() || headers.contains_key(TRACEPARENT) {
+        return std::borrow::Cow::Borrowed(headers);
+    }
+    let context = span.context();
+    if !context.span().span_context().is_valid() {
+        return std::borrow::Cow::Borrowed(headers);
+    }
+    let mut headers = headers.clone();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut MapInjector(&mut headers));
+    });
+    std::borrow::Cow::Owned(headers)
+}
+
+/// The trace context `headers` carry (empty when none, or when this process does not trace).
+pub(crate) fn trace_context(headers: &BTreeMap<String, String>) -> opentelemetry::Context {
+    if !headers.contains_key(TRACEPARENT) {
+        return opentelemetry::Context::new();
+    }
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&MapExtractor(headers))
+    })
+}
+
+/// The W3C header that carries the emitting span.
+const TRACEPARENT: &str = "traceparent";
+
+/// Event headers being written by a propagator.
+struct MapInjector<'a>(&'a mut BTreeMap<String, String>);
+
+impl opentelemetry::propagation::Injector for MapInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_owned(), value);
+    }
+}
+
+/// Event headers being read by a propagator.
+struct MapExtractor<'a>(&'a BTreeMap<String, String>);
+
+impl opentelemetry::propagation::Extractor for MapExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+}
+
 /// Headers as stored in `jsonb` columns (passed as text, so tokio-postgres needs no JSON
 /// feature).
 pub(crate) fn headers_to_json(headers: &BTreeMap<String, String>) -> String {

@@ -114,6 +114,12 @@
 //!   work in parallel; handlers that care compare versions rather than trust arrival order.
 //! - **Every failure counts as an attempt**, the database's included: an outage longer than
 //!   the sum of the backoffs dead-letters events, which a replay sends again.
+//! - **Traces cross the bus in the headers.** `outbox::append` adds the current span's W3C
+//!   context (`traceparent`, `tracestate`, `baggage`) to the event's headers; both buses carry
+//!   headers unchanged (dead letters and replays too), and the consumer makes each delivery a
+//!   span that is a *child* of the span that wrote the event: one event per span, the trace
+//!   view shows what an order caused, and parent-based sampling keeps the two halves together
+//!   (docs/tracing.md). The relay makes no spans: a move is a batch, a span per sweep noise.
 //! - The inbox grows by one row per handled event; purging rows older than the bus can
 //!   redeliver (the duplicate window, the lease) is left to each service's housekeeping.
 

@@ -8,7 +8,7 @@
 use tokio_postgres::GenericClient;
 use waybill_runtime::DbError;
 
-use crate::event::{Event, headers_to_json, is_identifier};
+use crate::event::{Event, headers_to_json, is_identifier, with_trace_context};
 
 /// The outbox of schema `{schema}`: events written in the same transaction as the state
 /// change they announce, until the relay moves them to the bus. Ids are UUIDv7, so the relay
@@ -53,6 +53,10 @@ pub fn channel(schema: &str) -> String {
 ///
 /// It also notifies the relay; Postgres delivers the notification at commit, and not at all on
 /// rollback, so the relay wakes exactly when there is something committed to move.
+///
+/// The event carries the current span's trace context in its headers (`traceparent`,
+/// `tracestate`, `baggage`), unless it has one already, so that the consumer's span
+/// continues the trace of the change that emitted it.
 pub async fn append(
     client: &impl GenericClient,
     schema: &str,
@@ -76,7 +80,7 @@ pub async fn append(
                 &event.topic,
                 &event.key,
                 &event.payload,
-                &headers_to_json(&event.headers),
+                &headers_to_json(&with_trace_context(&event.headers)),
                 &event.created_at,
                 &channel(schema),
             ],

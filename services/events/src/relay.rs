@@ -93,7 +93,8 @@ impl Relay {
     /// Moves events until `shutdown` completes (a move in progress finishes first).
     /// Failures are logged and retried with backoff; this returns only on shutdown.
     pub async fn run(self, shutdown: impl Future) {
-        let span = tracing::info_span!("relay", schema = self.schema);
+        // For logs only (see `Consumer::run`); the events carry their own trace context.
+        let span = tracing::info_span!(target: waybill_runtime::telemetry::BACKGROUND, "relay", schema = self.schema);
         async {
             let mut shutdown = Shutdown::new(shutdown);
             let listener = Listener::spawn(self.db.clone(), channel(self.schema), None);

@@ -50,6 +50,9 @@ impl InventoryStore {
     }
 
     /// Creates or replaces an item's name and stock on hand.
+    #[tracing::instrument(name = "inventory.put_item", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "put_item",
+        db.namespace, waybill.db.role))]
     pub async fn put_item(
         &self,
         sku: &str,
@@ -86,6 +89,9 @@ impl InventoryStore {
     }
 
     /// Adds `delta` units (negative removes) unless that leaves fewer than are reserved.
+    #[tracing::instrument(name = "inventory.adjust_stock", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "adjust_stock",
+        db.namespace, waybill.db.role))]
     pub async fn adjust_stock(
         &self,
         sku: &str,
@@ -122,6 +128,9 @@ impl InventoryStore {
     }
 
     /// One item, from a replica (the catalog tolerates replication lag).
+    #[tracing::instrument(name = "inventory.get_item", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "get_item",
+        db.namespace, waybill.db.role))]
     pub async fn get_item(&self, sku: &str) -> Result<Option<Item>, DbError> {
         self.get_item_from(false, sku).await
     }
@@ -145,6 +154,9 @@ impl InventoryStore {
     }
 
     /// Up to `limit` items after `after` in SKU order, from a replica.
+    #[tracing::instrument(name = "inventory.list_items", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "list_items",
+        db.namespace, waybill.db.role))]
     pub async fn list_items(&self, after: Option<&str>, limit: i64) -> Result<Vec<Item>, DbError> {
         let client = self.db.replica().await?;
         let rows = client
@@ -161,6 +173,9 @@ impl InventoryStore {
 
     /// Holds every line for the order, or none. A repeat returns the reservation as it
     /// stands.
+    #[tracing::instrument(name = "inventory.reserve", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "reserve",
+        db.namespace, waybill.db.role))]
     pub async fn reserve(
         &self,
         request: &NewReservation,
@@ -243,6 +258,9 @@ impl InventoryStore {
     /// Gives back the stock of a reservation that is still HELD and past its expiry, checked
     /// under the row lock: a reservation committed since it was listed as expired keeps its
     /// stock. `false` when there was nothing to give back.
+    #[tracing::instrument(name = "inventory.release_expired", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "release_expired",
+        db.namespace, waybill.db.role))]
     pub async fn release_expired(&self, order_id: Uuid) -> Result<bool, DbError> {
         let mut client = self.db.primary().await?;
         let tx = client.transaction().await?;
@@ -267,6 +285,9 @@ impl InventoryStore {
 
     /// Gives a reservation's stock back. Unknown orders get a tombstone so that a late
     /// Reserve is refused.
+    #[tracing::instrument(name = "inventory.release", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "release",
+        db.namespace, waybill.db.role))]
     pub async fn release(&self, order_id: Uuid) -> Result<Result<Reservation, Refused>, DbError> {
         let mut client = self.db.primary().await?;
         let tx = client.transaction().await?;
@@ -301,6 +322,9 @@ impl InventoryStore {
     }
 
     /// Makes a HELD reservation final: its units leave on_hand.
+    #[tracing::instrument(name = "inventory.commit", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "commit",
+        db.namespace, waybill.db.role))]
     pub async fn commit(&self, order_id: Uuid) -> Result<Result<Reservation, Refused>, DbError> {
         let mut client = self.db.primary().await?;
         let tx = client.transaction().await?;

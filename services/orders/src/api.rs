@@ -1,6 +1,7 @@
 //! The gRPC edge: protobuf in, domain types inside, protobuf and `Status` out.
 
 use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
 use waybill_api::orders::v1 as pb;
 use waybill_runtime::{
     page_token::Cursor,
@@ -53,9 +54,11 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
             request.delivery_address,
             request.zone,
         )?;
+        // A saga resumed later by the driver links back to this call.
+        let traceparent = waybill_runtime::telemetry::current_traceparent().unwrap_or_default();
         let order = self
             .store
-            .insert(&new_order, self.sagas.settings().lease)
+            .insert(&new_order, self.sagas.settings().lease, &traceparent)
             .await?;
         tracing::info!(order_id = %order.id, customer_id = %order.customer_id, "order placed");
         // The saga has its own task: if this call is abandoned, the saga still finishes. From
@@ -186,16 +189,22 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
                     _ => status,
                 })?;
         }
-        match self.store.cancel(id, &request.reason).await? {
+        let traceparent = waybill_runtime::telemetry::current_traceparent().unwrap_or_default();
+        match self.store.cancel(id, &request.reason, &traceparent).await? {
             Cancelled::Done(order) => {
                 tracing::info!(order_id = %order.id, "order cancelled");
-                // Release the stock now rather than when the driver next looks.
+                // Release the stock now rather than when the driver next looks. A child of
+                // this call's span, though it may end after the call answers.
                 let sagas = self.sagas.clone();
-                tokio::spawn(async move {
-                    if let Err(error) = sagas.run(id).await {
-                        tracing::warn!(order_id = %id, %error, "compensation failed; it is retried");
+                let span = Orchestrator::span(id, "compensate");
+                tokio::spawn(
+                    async move {
+                        if let Err(error) = sagas.run(id).await {
+                            tracing::warn!(order_id = %id, %error, "compensation failed; it is retried");
+                        }
                     }
-                });
+                    .instrument(span),
+                );
                 let token = self.store.consistency_token().await?;
                 Ok(Response::new(pb::CancelOrderResponse {
                     order: Some(to_proto(order)),

@@ -15,12 +15,17 @@
 //! that hangs up does not stop it midway. Transient failures (a participant UNAVAILABLE or too
 //! slow) defer the saga with backoff; the driver (`drive_forever`) picks up sagas whose lease
 //! or retry time has passed — those of a killed orchestrator included.
+//!
+//! Traces: a saga run is a `saga` span. Run from PlaceOrder it is that call's child, so the
+//! steps' calls and the events the saga emits continue the caller's trace; resumed by the
+//! driver, it is a new trace linked to the call that started it (`orders.sagas.traceparent`).
 
 use std::{sync::Arc, time::Duration};
 
 use mesh_layer::{balance::Balancer, client::MeshClient};
 use tokio::sync::Semaphore;
 use tonic::{Code, Request, Status, transport::Channel};
+use tracing::Instrument;
 use uuid::Uuid;
 use waybill_api::{
     delivery::v1::{self as delivery, delivery_service_client::DeliveryServiceClient},
@@ -97,9 +102,13 @@ impl Orchestrator {
 
     /// Runs the saga of an order this orchestrator holds the lease of, in its own task, until
     /// it ends or is deferred; returns the order as it then stands.
+    ///
+    /// The saga's span is a child of the current one (the PlaceOrder call's), so its steps'
+    /// calls continue the caller's trace.
     pub async fn run_detached(&self, order_id: Uuid) -> Result<Order, Status> {
         let this = self.clone();
-        match tokio::spawn(async move { this.run(order_id).await }).await {
+        let span = Self::span(order_id, "place");
+        match tokio::spawn(async move { this.run(order_id).await }.instrument(span)).await {
             Ok(result) => result.map_err(Status::from),
             Err(error) => {
                 tracing::error!(%order_id, %error, "saga task failed");
@@ -108,6 +117,12 @@ impl Orchestrator {
                 ))
             }
         }
+    }
+
+    /// The span of one run of an order's saga (`why`: what started the run).
+    pub fn span(order_id: Uuid, why: &'static str) -> tracing::Span {
+        tracing::debug_span!("saga", otel.name = "saga", waybill.order_id = %order_id,
+            waybill.saga.started_by = why)
     }
 
     /// Runs an order's saga until it ends or is deferred.
@@ -311,18 +326,26 @@ impl Orchestrator {
                     continue;
                 }
             };
-            for order_id in due {
+            for (order_id, traceparent) in due {
                 let Ok(permit) = self.running.clone().acquire_owned().await else {
                     return;
                 };
                 let this = self.clone();
-                tokio::spawn(async move {
-                    tracing::info!(%order_id, "resuming saga");
-                    if let Err(error) = this.run(order_id).await {
-                        tracing::warn!(%order_id, %error, "resumed saga failed; it is retried when its lease ends");
+                // A trace of its own, linked to the call that started the saga: that call
+                // answered long ago, and this run is the driver's doing.
+                let span = tracing::debug_span!(parent: None, "saga", otel.name = "saga",
+                    waybill.order_id = %order_id, waybill.saga.started_by = "driver");
+                waybill_runtime::telemetry::link(&span, &traceparent);
+                tokio::spawn(
+                    async move {
+                        tracing::info!(%order_id, "resuming saga");
+                        if let Err(error) = this.run(order_id).await {
+                            tracing::warn!(%order_id, %error, "resumed saga failed; it is retried when its lease ends");
+                        }
+                        drop(permit);
                     }
-                    drop(permit);
-                });
+                    .instrument(span),
+                );
             }
         }
     }

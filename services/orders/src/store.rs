@@ -38,8 +38,17 @@ impl OrderStore {
     }
 
     /// Stores a new PENDING order with its items and its saga (FORWARD, leased to the caller
-    /// for `lease`), atomically, in one round trip.
-    pub async fn insert(&self, order: &NewOrder, lease: Duration) -> Result<Order, DbError> {
+    /// for `lease`, started by the call traced as `traceparent`), atomically, in one round
+    /// trip.
+    #[tracing::instrument(name = "orders.insert", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "insert",
+        db.namespace, waybill.db.role))]
+    pub async fn insert(
+        &self,
+        order: &NewOrder,
+        lease: Duration,
+        traceparent: &str,
+    ) -> Result<Order, DbError> {
         let id = Uuid::now_v7();
         let skus: Vec<&str> = order.items.iter().map(|i| i.sku.as_str()).collect();
         let quantities: Vec<i32> = order.items.iter().map(|i| i.quantity).collect();
@@ -56,8 +65,8 @@ impl OrderStore {
                      SELECT $1, line_no::smallint, sku, quantity
                      FROM unnest($4::text[], $5::int4[]) WITH ORDINALITY AS l(sku, quantity, line_no)
                  ), saga AS (
-                     INSERT INTO orders.sagas (order_id, phase, due_at)
-                     SELECT $1, 'FORWARD', now() + make_interval(secs => $7) FROM placed
+                     INSERT INTO orders.sagas (order_id, phase, due_at, traceparent)
+                     SELECT $1, 'FORWARD', now() + make_interval(secs => $7), $8 FROM placed
                  )
                  SELECT created_at, updated_at FROM placed",
             )
@@ -73,6 +82,7 @@ impl OrderStore {
                     &quantities,
                     &order.zone,
                     &lease.as_secs_f64(),
+                    &traceparent,
                 ],
             )
             .await?;
@@ -91,12 +101,18 @@ impl OrderStore {
     }
 
     /// One order as the primary has it now.
+    #[tracing::instrument(name = "orders.get_current", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "get_current",
+        db.namespace, waybill.db.role))]
     pub async fn get_current(&self, id: Uuid) -> Result<Option<Order>, DbError> {
         let client = self.db.primary().await?;
         Self::get_on(&client, id).await
     }
 
     /// One order from a replica that reflects `after` (see [`Db::replica_after`]).
+    #[tracing::instrument(name = "orders.get", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "get",
+        db.namespace, waybill.db.role))]
     pub async fn get(
         &self,
         id: Uuid,
@@ -107,6 +123,9 @@ impl OrderStore {
     }
 
     /// A token covering every write committed so far.
+    #[tracing::instrument(name = "orders.consistency_token", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "consistency_token",
+        db.namespace, waybill.db.role))]
     pub async fn consistency_token(&self) -> Result<ConsistencyToken, DbError> {
         self.db.consistency_token().await
     }
@@ -126,6 +145,9 @@ impl OrderStore {
 
     /// Up to `limit` of a customer's orders older than `after`, newest first, from a replica
     /// that reflects `token`.
+    #[tracing::instrument(name = "orders.list_by_customer", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "list_by_customer",
+        db.namespace, waybill.db.role))]
     pub async fn list_by_customer(
         &self,
         customer_id: &str,
@@ -151,9 +173,17 @@ impl OrderStore {
     }
 
     /// Cancels an order if its state allows, and turns its saga to compensation (release
-    /// the stock, cancel the delivery) in the same transaction; an already cancelled order is
-    /// returned as is.
-    pub async fn cancel(&self, id: Uuid, reason: &str) -> Result<Cancelled, DbError> {
+    /// the stock, cancel the delivery; a resumed compensation links to `traceparent`) in the
+    /// same transaction; an already cancelled order is returned as is.
+    #[tracing::instrument(name = "orders.cancel", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "cancel",
+        db.namespace, waybill.db.role))]
+    pub async fn cancel(
+        &self,
+        id: Uuid,
+        reason: &str,
+        traceparent: &str,
+    ) -> Result<Cancelled, DbError> {
         let mut client = self.db.primary().await?;
         let transaction = client.transaction().await?;
         // Lock the saga row, then the order row: the order confirm and finish_compensation
@@ -207,11 +237,11 @@ impl OrderStore {
                     .prepare_cached(
                         "UPDATE orders.sagas
                  SET phase = 'COMPENSATE', reason = $2, attempts = 0, due_at = now(),
-                     updated_at = now()
+                     updated_at = now(), traceparent = $3
                  WHERE order_id = $1",
                     )
                     .await?,
-                &[&id, &reason],
+                &[&id, &reason, &traceparent],
             )
             .await?;
         let cancelled = Order {
@@ -267,8 +297,13 @@ impl OrderStore {
         Ok(Ok((changed, previous)))
     }
 
-    /// Sagas whose lease or retry time has passed, claimed for `lease`.
-    pub async fn claim_due_sagas(&self, limit: i64, lease: Duration) -> Result<Vec<Uuid>, DbError> {
+    /// Sagas whose lease or retry time has passed, claimed for `lease`, with the
+    /// `traceparent` of the call that started each.
+    pub async fn claim_due_sagas(
+        &self,
+        limit: i64,
+        lease: Duration,
+    ) -> Result<Vec<(Uuid, String)>, DbError> {
         let client = self.db.primary().await?;
         let rows = client
             .query(
@@ -278,16 +313,19 @@ impl OrderStore {
                      WHERE phase <> 'DONE' AND due_at <= now()
                      ORDER BY due_at LIMIT $1
                      FOR UPDATE SKIP LOCKED)
-                 RETURNING order_id",
+                 RETURNING order_id, traceparent",
                 &[&limit, &lease.as_secs_f64()],
             )
             .await?;
         rows.iter()
-            .map(|row| row.try_get(0).map_err(DbError::from))
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
             .collect()
     }
 
     /// The order and its saga.
+    #[tracing::instrument(name = "orders.load_saga", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "load_saga",
+        db.namespace, waybill.db.role))]
     pub async fn load_saga(&self, id: Uuid) -> Result<Option<(Order, Saga)>, DbError> {
         let client = self.db.primary().await?;
         let statement = client
@@ -312,6 +350,9 @@ impl OrderStore {
     }
 
     /// Records a transient failure of `step`; the saga is tried again after `backoff`.
+    #[tracing::instrument(name = "orders.defer_saga", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "defer_saga",
+        db.namespace, waybill.db.role))]
     pub async fn defer_saga(
         &self,
         id: Uuid,
@@ -334,6 +375,9 @@ impl OrderStore {
 
     /// Turns a FORWARD saga to compensation for `reason`. A saga already compensating (a
     /// concurrent cancel) keeps its own reason.
+    #[tracing::instrument(name = "orders.start_compensation", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "start_compensation",
+        db.namespace, waybill.db.role))]
     pub async fn start_compensation(&self, id: Uuid, reason: &str) -> Result<(), DbError> {
         let client = self.db.primary().await?;
         client
@@ -349,6 +393,9 @@ impl OrderStore {
 
     /// Ends a FORWARD saga: the order is CONFIRMED with its courier, and OrderConfirmed is in
     /// the outbox. `None` when the saga is no longer going forward (cancelled meanwhile).
+    #[tracing::instrument(name = "orders.confirm", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "confirm",
+        db.namespace, waybill.db.role))]
     pub async fn confirm(&self, id: Uuid, courier_id: &str) -> Result<Option<Order>, DbError> {
         let mut client = self.db.primary().await?;
         let transaction = client.transaction().await?;
@@ -389,6 +436,9 @@ impl OrderStore {
 
     /// Ends a compensating saga: the order is CANCELLED with the saga's reason (unless the
     /// customer cancelled it already), with OrderCancelled in the outbox.
+    #[tracing::instrument(name = "orders.finish_compensation", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "finish_compensation",
+        db.namespace, waybill.db.role))]
     pub async fn finish_compensation(&self, id: Uuid) -> Result<Option<Order>, DbError> {
         let mut client = self.db.primary().await?;
         let transaction = client.transaction().await?;

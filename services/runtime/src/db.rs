@@ -4,6 +4,24 @@
 //! Writes and reads that must see the latest state use [`Db::primary`]. Reads that tolerate
 //! replication lag use [`Db::replica`], which spreads them over the replicas and falls back to
 //! the primary when a replica cannot be reached (a stale read beats no read).
+//!
+//! # Database spans
+//!
+//! A store's operation (one statement or one transaction) is one span, a child of the call
+//! it serves, declared on the store function with the fields this module fills in:
+//!
+//! ```ignore
+//! #[tracing::instrument(name = "orders.insert", level = "debug", skip_all, fields(
+//!     otel.kind = "client", db.system = "postgresql", db.operation.name = "insert",
+//!     db.namespace, waybill.db.role))]
+//! pub async fn insert(&self, …) -> Result<Order, DbError> { … }
+//! ```
+//!
+//! Taking a connection records which node serves it (`waybill.db.role` = `primary` or
+//! `replica`; a replica read that fell back says `primary`) and the database
+//! (`db.namespace`) on the current span, if it declares them. Spans per statement would cost
+//! more than they tell: a store function is a handful of statements with one purpose. With
+//! tracing off the span is a disabled DEBUG span (see `telemetry`).
 
 use std::{
     sync::{
@@ -36,6 +54,15 @@ struct Inner {
     primary_config: tokio_postgres::Config,
     replicas: Vec<Pool>,
     next_replica: AtomicUsize,
+    /// The database's name, for spans (`db.namespace`).
+    namespace: String,
+}
+
+/// Which node served the current span's connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Primary,
+    Replica,
 }
 
 impl Db {
@@ -49,19 +76,38 @@ impl Db {
             .iter()
             .map(|url| pool(url, config))
             .collect::<Result<_, _>>()?;
+        let namespace = primary_config.get_dbname().unwrap_or_default().to_owned();
         Ok(Self {
             inner: Arc::new(Inner {
                 primary,
                 primary_config,
                 replicas,
                 next_replica: AtomicUsize::new(0),
+                namespace,
             }),
         })
     }
 
     /// A connection to the primary.
     pub async fn primary(&self) -> Result<Client, DbError> {
+        self.record(Role::Primary);
         self.inner.primary.get().await.map_err(DbError::from)
+    }
+
+    /// Notes on the current span, if it is a database span, which node serves it.
+    fn record(&self, role: Role) {
+        let span = tracing::Span::current();
+        if span.is_disabled() {
+            return;
+        }
+        span.record(
+            "waybill.db.role",
+            match role {
+                Role::Primary => "primary",
+                Role::Replica => "replica",
+            },
+        );
+        span.record("db.namespace", self.inner.namespace.as_str());
     }
 
     /// A connection to the primary outside the pools, for a session its owner must drive
@@ -88,7 +134,10 @@ impl Db {
         }
         let index = self.inner.next_replica.fetch_add(1, Ordering::Relaxed) % replicas.len();
         match replicas[index].get().await {
-            Ok(client) => Ok(client),
+            Ok(client) => {
+                self.record(Role::Replica);
+                Ok(client)
+            }
             Err(error) => {
                 tracing::warn!(replica = index, %error, "replica unavailable; reading from the primary");
                 self.primary().await

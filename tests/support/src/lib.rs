@@ -6,6 +6,7 @@
 //!   already present on the replica.
 //! - [`Waybill`]: a `waybill serve` child process on an ephemeral port, killed when dropped;
 //!   its log is printed if the test fails.
+//! - [`otlp::Collector`]: an OTLP/gRPC trace receiver that keeps the spans children export.
 //!
 //! The harness runs the real `waybill` binary, which `cargo test` does not build for the root
 //! package's tests: `scripts/test` builds it first (or run `cargo build -p waybill`).
@@ -22,6 +23,8 @@ use std::{
 
 use tokio_postgres::NoTls;
 pub use waybill_pg_cluster::{Cluster, Role};
+
+pub mod otlp;
 
 /// Settings for test clusters: durability is not under test here, speed is welcome.
 const TEST_SETTINGS: &[(&str, &str)] = &[("fsync", "off"), ("full_page_writes", "off")];
@@ -175,6 +178,8 @@ pub struct ServeOptions<'a> {
     pub listen: Option<SocketAddr>,
     /// Further arguments.
     pub args: &'a [&'a str],
+    /// Environment variables for the process (beyond the harness's own).
+    pub env: &'a [(&'a str, &'a str)],
 }
 
 impl Waybill {
@@ -220,6 +225,7 @@ impl Waybill {
             // that parallel servers never fight over the default 9464.
             .env("WAYBILL_ADMIN_LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", "info")
+            .envs(options.env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped());
         if std::env::var_os("TEST_LOG").is_some() {
