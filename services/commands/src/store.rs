@@ -558,7 +558,16 @@ async fn insert(
     let rows = tx
         .query(
             &statement,
-            &[&ids, &shards, &users, &keys, &kinds, &payloads, &undo_of],
+            &[
+                &ids,
+                &shards,
+                &users,
+                &keys,
+                &kinds,
+                &payloads,
+                &undo_of,
+                &traceparents,
+            ],
         )
         .await?;
     let mut stored = std::collections::HashMap::with_capacity(rows.len());
