@@ -596,3 +596,110 @@ async fn a_resumed_saga_links_to_the_call_that_started_it() {
     });
     assert!(trace.descends(assign, resumed));
 }
+
+/// A command's attempt is a trace of its own, linked to the SubmitCommand call, and the
+/// handler's call to inventory continues that trace into the inventory process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_attempt_links_to_its_submit_and_reaches_the_service_it_calls() {
+    use waybill_api::commands::v1::{
+        self as commands, command_payload::Kind, command_service_client::CommandServiceClient,
+    };
+
+    let collector = Collector::start().await;
+    let endpoint = collector.endpoint();
+    let env = otel_env(&endpoint);
+    let db = TestDb::new().await;
+    let mut inventory = Waybill::start(
+        &db,
+        ServeOptions {
+            services: Some("inventory"),
+            env: &env,
+            ..ServeOptions::default()
+        },
+    );
+    waybill_test_support::stock(&inventory.channel().await, "SKU-1", 5).await;
+    let inventory_target = inventory.endpoint();
+    let mut pipeline = Waybill::start(
+        &db,
+        ServeOptions {
+            services: Some("commands"),
+            args: &["--inventory-target", &inventory_target],
+            env: &env,
+            ..ServeOptions::default()
+        },
+    );
+    let mut client = CommandServiceClient::new(pipeline.channel().await);
+    let (trace_id, caller_span) = new_trace();
+    let command = client
+        .submit_command(traced(
+            commands::SubmitCommandRequest {
+                user_id: "ops".into(),
+                payload: Some(commands::CommandPayload {
+                    kind: Some(Kind::RestockItem(commands::RestockItem {
+                        sku: "SKU-1".into(),
+                        quantity: 3,
+                    })),
+                }),
+                idempotency_key: "traced".into(),
+            },
+            &traceparent(&trace_id, &caller_span),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .command
+        .unwrap();
+    eventually("the command succeeds", || {
+        let mut client = client.clone();
+        let command_id = command.command_id.clone();
+        async move {
+            let status = client
+                .get_command(commands::GetCommandRequest { command_id })
+                .await
+                .ok()?
+                .into_inner()
+                .command?
+                .status();
+            (status == commands::CommandStatus::Succeeded).then_some(())
+        }
+    })
+    .await;
+    stop(&mut [&mut pipeline, &mut inventory]).await;
+
+    let spans = collector.spans();
+    let submit_trace = Trace::new(spans.clone(), &trace_id);
+    let submit = submit_trace.one("the SubmitCommand server span", |span| {
+        span.kind() == SpanKind::Server
+            && span.span.name == "waybill.commands.v1.CommandService/SubmitCommand"
+    });
+    assert_eq!(submit.parent_id(), caller_span);
+    let attempt = spans
+        .iter()
+        .find(|span| span.span.name == "command RESTOCK_ITEM")
+        .unwrap_or_else(|| panic!("no attempt span among {} spans", spans.len()));
+    assert_eq!(
+        attempt.str("waybill.command.id"),
+        Some(command.command_id.as_str())
+    );
+    assert!(attempt.parent_id().is_empty(), "a root span");
+    assert_ne!(attempt.trace_id(), trace_id, "a trace of its own");
+    let linked = attempt
+        .span
+        .links
+        .iter()
+        .find(|link| waybill_test_support::otlp::hex(&link.trace_id) == trace_id)
+        .unwrap_or_else(|| panic!("the attempt does not link to the submit's trace: {attempt:#?}"));
+    assert!(
+        submit_trace
+            .spans
+            .contains_key(&waybill_test_support::otlp::hex(&linked.span_id)),
+        "the link names a span of the submit's trace"
+    );
+    let attempt_trace = Trace::new(spans.clone(), &attempt.trace_id());
+    let adjust = attempt_trace.one("the AdjustStock server span in inventory", |span| {
+        span.kind() == SpanKind::Server
+            && span.span.name == "waybill.inventory.v1.InventoryService/AdjustStock"
+    });
+    assert!(attempt_trace.descends(adjust, attempt));
+    assert_ne!(adjust.service, attempt.service, "two processes");
+}
