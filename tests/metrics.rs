@@ -531,3 +531,99 @@ async fn the_admin_endpoint_serves_only_metrics() {
     })
     .await;
 }
+
+/// The same metrics over OTLP: a process with an OTLP endpoint configured sends them to a real
+/// receiver (at the latest when it stops), under the Prometheus names, labels as attributes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_also_exported_over_otlp() {
+    use waybill_test_support::otlp::{Collector, MetricData, NumberValue, Value};
+
+    let collector = Collector::start().await;
+    let endpoint = collector.endpoint();
+    let db = TestDb::new().await;
+    let mut server = Waybill::start(
+        &db,
+        ServeOptions {
+            services: Some("inventory"),
+            env: &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+                // Only the flush at shutdown exports: the test sees the final totals.
+                ("OTEL_METRIC_EXPORT_INTERVAL", "600000"),
+                ("OTEL_TRACES_SAMPLER", "always_off"),
+            ],
+            ..ServeOptions::default()
+        },
+    );
+    let mut stock = InventoryServiceClient::new(server.channel().await);
+    for sku in ["A", "B", "C"] {
+        stock
+            .put_item(inventory::PutItemRequest {
+                sku: sku.into(),
+                name: "item".into(),
+                on_hand: 1,
+            })
+            .await
+            .unwrap();
+    }
+    server.terminate();
+    let status = server
+        .wait_for_exit(std::time::Duration::from_secs(30))
+        .await;
+    assert!(status.is_some_and(|s| s.success()), "exit: {status:?}");
+
+    let metrics = collector.metrics();
+    let named = |name: &str| {
+        metrics
+            .iter()
+            .filter(|m| m.metric.name == name)
+            .collect::<Vec<_>>()
+    };
+    let attribute = |attributes: &[waybill_test_support::otlp::KeyValue], key: &str| {
+        attributes.iter().find(|kv| kv.key == key).and_then(|kv| {
+            match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                Some(Value::StringValue(text)) => Some(text.clone()),
+                _ => None,
+            }
+        })
+    };
+    let requests = named("mesh_server_requests_total");
+    assert!(
+        !requests.is_empty(),
+        "no mesh_server_requests_total among {} metrics",
+        metrics.len()
+    );
+    assert_eq!(requests[0].service, "waybill-inventory");
+    let put_items: f64 = requests
+        .iter()
+        .filter_map(|m| match &m.metric.data {
+            Some(MetricData::Sum(sum)) => Some(sum),
+            _ => None,
+        })
+        .flat_map(|sum| &sum.data_points)
+        .filter(|point| {
+            attribute(&point.attributes, "method").as_deref() == Some("PutItem")
+                && attribute(&point.attributes, "code").as_deref() == Some("OK")
+        })
+        .map(|point| match point.value {
+            Some(NumberValue::AsInt(v)) => v as f64,
+            Some(NumberValue::AsDouble(v)) => v,
+            None => 0.0,
+        })
+        .fold(0.0, f64::max);
+    assert_eq!(put_items, 3.0, "{requests:#?}");
+    let durations = named("mesh_server_request_duration_seconds");
+    let histogram = durations
+        .iter()
+        .find_map(|m| match &m.metric.data {
+            Some(MetricData::Histogram(h)) => h.data_points.first(),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no duration histogram: {durations:#?}"));
+    assert_eq!(
+        histogram.explicit_bounds,
+        mesh_layer::metrics::DURATION_BUCKETS
+    );
+    assert!(histogram.count >= 3);
+    // Gauges too: the pools, sampled from the start.
+    assert!(!named("waybill_db_pool_max_connections").is_empty());
+}

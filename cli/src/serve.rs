@@ -46,7 +46,7 @@ impl ServeArgs {
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let policy = args.mesh.load().map_err(anyhow::Error::msg)?;
     // First: the recorder must be installed before servers and clients cache their handles.
-    let admin = Admin::bind(args.server.admin_listen).await?;
+    let admin = Admin::bind(args.server.admin_listen, &args.service_name()).await?;
     let admin_address = admin.local_addr()?;
     let (primary, replicas) = dev::resolve_database(&args.database, &args.dev_dir)?;
     let database = DatabaseConfig {

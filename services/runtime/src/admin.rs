@@ -37,21 +37,54 @@ pub enum AdminError {
 }
 
 /// Installs the Prometheus recorder as the process's global metrics recorder, once; later
-/// calls return the same handle.
-pub fn install() -> Result<PrometheusHandle, AdminError> {
+/// calls return the same handle. When the environment configures an OTLP endpoint (see
+/// [`crate::otlp_metrics`]), every metric also goes to it, as `service_name` (unless
+/// `OTEL_SERVICE_NAME` says otherwise).
+pub fn install(service_name: &str) -> Result<PrometheusHandle, AdminError> {
     static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let handle = build()
-                .map_err(|e| e.to_string())?
-                .install_recorder()
-                .map_err(|e| e.to_string())?;
+            let prometheus = build().map_err(|e| e.to_string())?.build_recorder();
+            let handle = prometheus.handle();
+            let installed = if crate::otlp_metrics::wanted() {
+                let name = std::env::var("OTEL_SERVICE_NAME")
+                    .ok()
+                    .filter(|name| !name.trim().is_empty())
+                    .unwrap_or_else(|| service_name.to_owned());
+                match crate::otlp_metrics::recorder(&name, bucket_bounds) {
+                    Ok(otlp) => metrics::set_global_recorder(
+                        metrics_util::layers::FanoutBuilder::default()
+                            .add_recorder(prometheus)
+                            .add_recorder(otlp)
+                            .build(),
+                    )
+                    .map_err(|e| e.to_string()),
+                    Err(error) => {
+                        tracing::error!(%error, "metrics are not exported over OTLP");
+                        metrics::set_global_recorder(prometheus).map_err(|e| e.to_string())
+                    }
+                }
+            } else {
+                metrics::set_global_recorder(prometheus).map_err(|e| e.to_string())
+            };
+            installed?;
             mesh_layer::metrics::describe();
             crate::metrics::describe();
             Ok(handle)
         })
         .clone()
         .map_err(AdminError::Recorder)
+}
+
+/// The bucket bounds of a histogram (the same for both exporters).
+fn bucket_bounds(name: &str) -> Option<&'static [f64]> {
+    if name.ends_with("_duration_seconds") {
+        Some(mesh_layer::metrics::DURATION_BUCKETS)
+    } else if name == "waybill_command_ingest_batch_commands" {
+        Some(BATCH_BUCKETS)
+    } else {
+        None
+    }
 }
 
 /// Group-commit batch sizes: 1 when idle, up to the largest batch (512 by default) under load.
@@ -81,8 +114,8 @@ pub struct Admin {
 
 impl Admin {
     /// Installs the recorder (see [`install`]) and binds `address` (port 0 picks one).
-    pub async fn bind(address: SocketAddr) -> Result<Self, AdminError> {
-        let handle = install()?;
+    pub async fn bind(address: SocketAddr, service_name: &str) -> Result<Self, AdminError> {
+        let handle = install(service_name)?;
         let listener = TcpListener::bind(address)
             .await
             .map_err(|source| AdminError::Bind { address, source })?;

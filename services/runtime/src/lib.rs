@@ -14,6 +14,7 @@ pub mod idempotency;
 pub mod listen;
 pub mod metrics;
 pub mod migrate;
+pub mod otlp_metrics;
 pub mod page_token;
 pub mod server;
 pub mod telemetry;

@@ -63,6 +63,7 @@ impl Telemetry {
     /// blocks: call it outside the async runtime's worker threads (after `block_on`, or in
     /// `spawn_blocking`) while the runtime is still alive, since the export runs on it.
     pub fn shutdown(self) {
+        crate::otlp_metrics::shutdown();
         if let Some(provider) = self.provider
             && let Err(error) = provider.shutdown()
         {

@@ -1,6 +1,7 @@
-//! A real OTLP/gRPC trace receiver (the collector's `TraceService`) on a loopback port, that
-//! keeps every span it is sent, so a test can point `OTEL_EXPORTER_OTLP_ENDPOINT` of
-//! `waybill serve` children at it and inspect the traces they export.
+//! A real OTLP/gRPC receiver (the collector's `TraceService` and `MetricsService`) on a
+//! loopback port, that keeps every span and metric it is sent, so a test can point
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` of `waybill serve` children at it and inspect what they
+//! export.
 
 use std::{
     net::SocketAddr,
@@ -10,14 +11,30 @@ use std::{
     },
 };
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
+use opentelemetry_proto::tonic::collector::{
+    metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+        metrics_service_server::{MetricsService, MetricsServiceServer},
+    },
+    trace::v1::trace_service_server::{TraceService, TraceServiceServer},
+};
+pub use opentelemetry_proto::tonic::metrics::v1::{
+    Metric, metric::Data as MetricData, number_data_point::Value as NumberValue,
 };
 pub use opentelemetry_proto::tonic::{
     collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse},
     common::v1::{AnyValue, KeyValue, any_value::Value},
     trace::v1::{Span, span::SpanKind},
 };
+
+/// One received metric with the `service.name` of the process that sent it.
+#[derive(Clone, Debug)]
+pub struct ReceivedMetric {
+    /// The resource's `service.name`.
+    pub service: String,
+    /// The metric as sent (one export's data points).
+    pub metric: Metric,
+}
 
 /// One received span with the `service.name` of the process that sent it.
 #[derive(Clone, Debug)]
@@ -98,7 +115,46 @@ struct Received {
     /// Whether spans are kept, or only counted (a benchmark's receiver).
     keep: bool,
     spans: Mutex<Vec<ReceivedSpan>>,
+    metrics: Mutex<Vec<ReceivedMetric>>,
     count: AtomicU64,
+}
+
+#[tonic::async_trait]
+impl MetricsService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        let mut received = Vec::new();
+        for resource_metrics in request.into_inner().resource_metrics {
+            let service = resource_metrics
+                .resource
+                .as_ref()
+                .and_then(|resource| find(&resource.attributes, "service.name"))
+                .and_then(|value| match value {
+                    Value::StringValue(name) => Some(name.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            for scope_metrics in resource_metrics.scope_metrics {
+                received.extend(
+                    scope_metrics
+                        .metrics
+                        .into_iter()
+                        .map(|metric| ReceivedMetric {
+                            service: service.clone(),
+                            metric,
+                        }),
+                );
+            }
+        }
+        self.received
+            .metrics
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .extend(received);
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
 }
 
 struct Receiver {
@@ -178,10 +234,14 @@ impl Collector {
         let service = TraceServiceServer::new(Receiver {
             received: received.clone(),
         });
+        let metrics = MetricsServiceServer::new(Receiver {
+            received: received.clone(),
+        });
         let server = tokio::spawn(async move {
             let incoming = tonic::transport::server::TcpIncoming::from(listener);
             if let Err(error) = tonic::transport::Server::builder()
                 .add_service(service)
+                .add_service(metrics)
                 .serve_with_incoming(incoming)
                 .await
             {
@@ -203,6 +263,15 @@ impl Collector {
     /// How many spans were received so far.
     pub fn received(&self) -> u64 {
         self.received.count.load(Ordering::Relaxed)
+    }
+
+    /// Every metric received so far.
+    pub fn metrics(&self) -> Vec<ReceivedMetric> {
+        self.received
+            .metrics
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// Every span received so far (none when only counting).
