@@ -363,8 +363,8 @@ async fn refusals_die_at_once_and_cancel_stops_waiting_commands() {
     assert_eq!(dead.attempts, 1);
     assert!(dead.last_error.contains("NotFound"), "{}", dead.last_error);
 
-    // The user's next command waits behind a DEAD one? No: DEAD frees the queue. To hold a
-    // command back, put it behind one that is waiting for its retry.
+    // A DEAD command frees its user's queue; to hold a command back, put it behind one that
+    // is waiting for its retry.
     let blocked_server = Waybill::serve(
         &db,
         &[
@@ -372,8 +372,12 @@ async fn refusals_die_at_once_and_cancel_stops_waiting_commands() {
             "commands",
             "--inventory-target",
             "http://127.0.0.1:1",
+            // Full jitter: the retry comes at a uniform time below this, so a long base keeps
+            // the head waiting for the whole test with near certainty.
             "--command-retry-base",
-            "60s",
+            "3600s",
+            "--command-retry-max",
+            "3600s",
             "--command-workers",
             "true",
         ],
