@@ -78,6 +78,10 @@ pub fn describe() {
         "Faults injected by the mesh policy (aborts and delays)."
     );
     describe_counter!("mesh_client_retries_total", "Retry attempts sent.");
+    describe_gauge!(
+        "mesh_client_retry_budget_available",
+        "Retries the client's retry budget would allow now (sampled every 64 calls and at each retry decision)."
+    );
     describe_counter!(
         "mesh_client_retries_skipped_total",
         "Retryable failures not retried, by reason (budget = the retry budget is spent)."
@@ -262,6 +266,13 @@ pub fn fault_injected(path: &str, kind: &'static str) {
 pub fn retried(path: &str) {
     let (service, method) = labels(path);
     counter!("mesh_client_retries_total", "service" => service, "method" => method).increment(1);
+}
+
+/// `mesh_client_retry_budget_available{service}`: the retries the budget of the client
+/// calling `path`'s service would allow now.
+pub fn retry_budget(path: &str, available: u64) {
+    let (service, _) = labels(path);
+    gauge!("mesh_client_retry_budget_available", "service" => service).set(available as f64);
 }
 
 /// `mesh_client_retries_skipped_total{service,method,reason}`: retryable failures not

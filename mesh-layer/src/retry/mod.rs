@@ -15,29 +15,31 @@
 //! - the deadline leaves room for the backoff plus the method's typical latency;
 //! - the retry budget has a token: retries may add at most `retryRatio` of recent original
 //!   requests (plus `minRetriesPerSecond`), so in a full outage they add about 20 % load, not
-//!   300 % (tower's `TpsBudget`, the Finagle/linkerd design, rather than a bare max count).
+//!   300 % (tower's `TpsBudget`, the Finagle/linkerd design, rather than a bare max count;
+//!   ported in `budget` so that the retries it would allow are a gauge).
 //!
 //! Backoff is exponential with full jitter (gRPC A6); a positive pushback replaces it. Each
 //! retry sets `grpc-previous-rpc-attempts`. The request body is kept for replay up to
 //! `maxRetryBufferBytes`; larger requests are sent once.
 
 mod backoff;
+mod budget;
 mod latency;
 
 use std::{
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
 };
 
 use http::{HeaderValue, Request, Response};
 use tokio::time::Instant;
 use tonic::{Code, body::Body};
-use tower::{
-    Layer, Service, ServiceExt,
-    retry::budget::{Budget, TpsBudget},
-};
+use tower::{Layer, Service, ServiceExt};
 
-use self::{backoff::Backoff, latency::TypicalLatency};
+use self::{backoff::Backoff, budget::RetryBudget, latency::TypicalLatency};
 use crate::{
     BoxFuture,
     body::{Buffered, MAX_RESPONSE_BYTES, buffer_request, read_response, replay},
@@ -47,6 +49,9 @@ use crate::{
     metrics::{self, MethodMetrics},
     policy::Policy,
 };
+
+/// Every how many original calls the budget gauge is refreshed (retries refresh it too).
+const BUDGET_SAMPLE: u64 = 64;
 
 /// Budgeted retries (see the module docs). Clones share one budget: build one layer per
 /// target service.
@@ -59,7 +64,9 @@ pub struct RetryLayer {
 struct Shared {
     policy: Policy,
     methods: MethodTable,
-    budget: TpsBudget,
+    budget: RetryBudget,
+    /// Original calls so far, to sample the budget gauge every [`BUDGET_SAMPLE`] calls.
+    calls_seen: AtomicU64,
     latency: TypicalLatency,
     /// `mesh_client_requests_total` handles, per method.
     calls: MethodMetrics,
@@ -71,7 +78,8 @@ impl RetryLayer {
         let budget = policy.retry_budget();
         Self {
             shared: Arc::new(Shared {
-                budget: TpsBudget::new(budget.ttl, budget.min_per_second, budget.retry_ratio),
+                budget: RetryBudget::new(budget.ttl, budget.min_per_second, budget.retry_ratio),
+                calls_seen: AtomicU64::new(0),
                 calls: MethodMetrics::new(&methods),
                 policy,
                 methods,
@@ -118,6 +126,14 @@ where
         // Every original request earns retry credit, retried or not.
         shared.budget.deposit();
         let path = request.uri().path();
+        // The gauge is sampled, not set per call: reading the balance sums ten slots.
+        if shared
+            .calls_seen
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(BUDGET_SAMPLE)
+        {
+            metrics::retry_budget(path, shared.budget.available());
+        }
         shared.calls.get(path).client_call();
         let info = shared.methods.get(path);
         let method = shared.policy.method(path);
@@ -242,7 +258,9 @@ where
                         return outcome;
                     }
                 }
-                if !shared.budget.withdraw() {
+                let withdrawn = shared.budget.withdraw();
+                metrics::retry_budget(path, shared.budget.available());
+                if !withdrawn {
                     skip("budget");
                     return outcome;
                 }
