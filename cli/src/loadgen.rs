@@ -74,7 +74,7 @@ enum Scenario {
     PlaceOrders,
     /// ListOrders for random customers (replica reads).
     ListOrders,
-    /// 80 % ListOrders, 20 % PlaceOrder.
+    /// 75 % ListOrders, 20 % PlaceOrder, 5 % SubmitCommand (a notification).
     Mixed,
     /// A whole delivery, watched: PlaceOrder, then TrackDelivery while the courier moves it
     /// PICKED_UP → IN_TRANSIT → DELIVERED; latency is the whole flow, and a watcher that
@@ -352,13 +352,15 @@ async fn call(
 ) -> Result<Option<pb::OrderStatus>, Code> {
     let connection = sequence as usize % clients.orders.len();
     let customer = format!("loadgen-{}", fastrand::u32(..customers.max(1)));
+    let roll = fastrand::u8(..20);
     let place = match scenario {
         Scenario::PlaceOrders | Scenario::TrackDeliveries => true,
         Scenario::ListOrders | Scenario::Echo | Scenario::SubmitCommands => false,
-        Scenario::Mixed => fastrand::u8(..5) == 0,
+        Scenario::Mixed => roll < 4,
     };
+    let submit = scenario == Scenario::SubmitCommands || (scenario == Scenario::Mixed && roll == 4);
     let result = match scenario {
-        Scenario::SubmitCommands => {
+        _ if submit => {
             let mut request = tonic::Request::new(commands::SubmitCommandRequest {
                 payload: Some(commands::CommandPayload {
                     kind: Some(commands::command_payload::Kind::SendNotification(
