@@ -7,8 +7,8 @@
 # Release build; one `waybill serve --services commands,echo` process against the
 # `waybill dev up` cluster (durable: fsync and synchronous_commit on, a streaming replica);
 # load from `waybill loadgen` on the same machine (open loop, latency from each call's
-# scheduled start). Ingestion runs with workers off, so it measures accepting alone; the
-# backlog it leaves is then drained by a worker process, which measures executing alone.
+# scheduled start). Ingestion runs with workers off, so it measures accepting alone; then
+# benches/commands-drain.sh measures executing alone.
 #
 # Usage: benches/commands.sh [SECONDS] [RATE…]   (default: 10 s at 2000 5000 8000 10000 20000)
 set -euo pipefail
@@ -54,10 +54,6 @@ load() { # scenario rate
   "$waybill" loadgen --addr "$addr" --scenario "$1" --rate "$2" --duration "${seconds}s" \
     --connections 4 --timeout 5s --customers 10000 2>/dev/null | sed "s/^/  /" || true
 }
-open_commands() { # database
-  psql "$(db_url "$1")" -Atc \
-    "SELECT count(*) FROM commands.commands WHERE status IN ('ACCEPTED', 'RUNNING', 'RETRYING')"
-}
 
 echo "machine: $(nproc) cores, $(uname -r); $(date -u +%FT%TZ)"
 db=bench_commands_echo
@@ -69,7 +65,6 @@ for rate in "${rates[@]}"; do
 done
 stop_server
 
-last_db=""
 for rate in "${rates[@]}"; do
   db="bench_commands_$rate"
   fresh_db "$db"
@@ -77,27 +72,10 @@ for rate in "${rates[@]}"; do
   echo "--- submit-commands at $rate/s (workers off)"
   load submit-commands "$rate"
   stop_server
-  [ -n "$last_db" ] && psql "$primary" -qc "DROP DATABASE IF EXISTS $last_db" >/dev/null
-  last_db=$db
+  psql "$primary" -qc "DROP DATABASE IF EXISTS $db" >/dev/null
 done
+psql "$primary" -qc "DROP DATABASE IF EXISTS bench_commands_echo" >/dev/null
 
-# Executing: drain what the last ingestion run accepted.
-backlog=$(open_commands "$last_db")
-echo "--- executing a backlog of $backlog commands (dry-run handler, one worker process)"
-start=$(date +%s.%N)
-start_server "$last_db" --command-dry-run --command-poll 100ms
-while [ "$(open_commands "$last_db")" -gt 0 ]; do
-  now=$(date +%s.%N)
-  if awk -v s="$start" -v n="$now" 'BEGIN { exit !(n - s > 300) }'; then
-    echo "  gave up after 300 s: $(open_commands "$last_db") still open"
-    break
-  fi
-  sleep 0.2
-done
-end=$(date +%s.%N)
-stop_server
-awk -v n="$backlog" -v s="$start" -v e="$end" \
-  'BEGIN { printf "  executed %d in %.1f s: %.0f commands/s (includes the process start, ~0.1 s)\n", n, e - s, n / (e - s) }'
-psql "$(db_url "$last_db")" -Atc \
-  "SELECT '  audit rows: ' || count(*) FROM commands.audit" 
-psql "$primary" -qc "DROP DATABASE IF EXISTS $last_db" -c "DROP DATABASE IF EXISTS bench_commands_echo" >/dev/null
+# Executing, alone: a backlog drained by a dry-run worker (one script for that figure).
+echo "--- executing (benches/commands-drain.sh 10000)"
+benches/commands-drain.sh 10000 | sed "s/^/  /"

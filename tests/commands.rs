@@ -9,7 +9,7 @@
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use tokio_stream::StreamExt;
-use tonic::{Code, transport::Channel};
+use tonic::{Code, Status, transport::Channel};
 use tonic_types::StatusExt;
 use waybill_api::{
     commands::v1::{
@@ -72,6 +72,40 @@ async fn get(commands: &CommandServiceClient<Channel>, id: &str) -> pb::Command 
         .into_inner()
         .command
         .unwrap()
+}
+
+/// CancelCommand, UndoCommand, RequeueCommand: the command they answer with, or the status.
+async fn cancel_command(
+    commands: &CommandServiceClient<Channel>,
+    id: &str,
+) -> Result<pb::Command, Status> {
+    let request = pb::CancelCommandRequest {
+        command_id: id.into(),
+    };
+    let response = commands.clone().cancel_command(request).await?;
+    Ok(response.into_inner().command.unwrap())
+}
+
+async fn undo_command(
+    commands: &CommandServiceClient<Channel>,
+    id: &str,
+) -> Result<pb::Command, Status> {
+    let request = pb::UndoCommandRequest {
+        command_id: id.into(),
+    };
+    let response = commands.clone().undo_command(request).await?;
+    Ok(response.into_inner().command.unwrap())
+}
+
+async fn requeue_command(
+    commands: &CommandServiceClient<Channel>,
+    id: &str,
+) -> Result<pb::Command, Status> {
+    let request = pb::RequeueCommandRequest {
+        command_id: id.into(),
+    };
+    let response = commands.clone().requeue_command(request).await?;
+    Ok(response.into_inner().command.unwrap())
 }
 
 /// Waits until the command's status is `status` and returns it (with history).
@@ -327,14 +361,8 @@ async fn a_failing_command_retries_then_dies_and_can_be_requeued() {
         },
     );
     waybill_test_support::stock(&inventory.channel().await, "BOLT", 10).await;
-    let requeued = commands
-        .requeue_command(pb::RequeueCommandRequest {
-            command_id: command.command_id.clone(),
-        })
+    let requeued = requeue_command(&commands, &command.command_id)
         .await
-        .unwrap()
-        .into_inner()
-        .command
         .unwrap();
     assert_eq!(requeued.status(), CommandStatus::Accepted);
     assert_eq!(requeued.attempts, 0);
@@ -342,10 +370,7 @@ async fn a_failing_command_retries_then_dies_and_can_be_requeued() {
     assert_eq!(done.attempts, 1);
     assert_eq!(on_hand(&db, "BOLT").await, 15);
     // Requeueing what is not DEAD is refused.
-    let refused = commands
-        .requeue_command(pb::RequeueCommandRequest {
-            command_id: command.command_id.clone(),
-        })
+    let refused = requeue_command(&commands, &command.command_id)
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition);
@@ -387,36 +412,12 @@ async fn refusals_die_at_once_and_cancel_stops_waiting_commands() {
     let head = submit(&mut blocked, "slow", "head", restock("ANY", 1)).await;
     reaches(&blocked, &head.command_id, CommandStatus::Retrying).await;
     let behind = submit(&mut blocked, "slow", "behind", notify("slow", "hi")).await;
-    let cancelled = blocked
-        .cancel_command(pb::CancelCommandRequest {
-            command_id: behind.command_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .command
-        .unwrap();
+    let cancelled = cancel_command(&blocked, &behind.command_id).await.unwrap();
     assert_eq!(cancelled.status(), CommandStatus::Cancelled);
     // Cancelling again returns it unchanged; the head (waiting to retry) can be cancelled too.
-    let again = blocked
-        .cancel_command(pb::CancelCommandRequest {
-            command_id: behind.command_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .command
-        .unwrap();
+    let again = cancel_command(&blocked, &behind.command_id).await.unwrap();
     assert_eq!(again.status(), CommandStatus::Cancelled);
-    let head = blocked
-        .cancel_command(pb::CancelCommandRequest {
-            command_id: head.command_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .command
-        .unwrap();
+    let head = cancel_command(&blocked, &head.command_id).await.unwrap();
     assert_eq!(head.status(), CommandStatus::Cancelled);
     let behind = get(&blocked, &behind.command_id).await;
     assert_eq!(
@@ -424,10 +425,7 @@ async fn refusals_die_at_once_and_cancel_stops_waiting_commands() {
         [CommandStatus::Accepted, CommandStatus::Cancelled]
     );
     // A command that ran cannot be cancelled.
-    let status = blocked
-        .cancel_command(pb::CancelCommandRequest {
-            command_id: refused.command_id.clone(),
-        })
+    let status = cancel_command(&blocked, &refused.command_id)
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
@@ -452,26 +450,14 @@ async fn undo_reverses_reversible_commands() {
     let restocked = submit(&mut commands, "ops", "r-1", restock("NUT", 5)).await;
     reaches(&commands, &restocked.command_id, CommandStatus::Succeeded).await;
     assert_eq!(on_hand(&db, "NUT").await, 15);
-    let undo = commands
-        .undo_command(pb::UndoCommandRequest {
-            command_id: restocked.command_id.clone(),
-        })
+    let undo = undo_command(&commands, &restocked.command_id)
         .await
-        .unwrap()
-        .into_inner()
-        .command
         .unwrap();
     assert_eq!(undo.undo_of, restocked.command_id);
     assert_eq!(undo.payload, Some(restock("NUT", -5)));
     // A repeat returns the same undo command.
-    let repeat = commands
-        .undo_command(pb::UndoCommandRequest {
-            command_id: restocked.command_id.clone(),
-        })
+    let repeat = undo_command(&commands, &restocked.command_id)
         .await
-        .unwrap()
-        .into_inner()
-        .command
         .unwrap();
     assert_eq!(repeat.command_id, undo.command_id);
     reaches(&commands, &undo.command_id, CommandStatus::Succeeded).await;
@@ -521,15 +507,7 @@ async fn undo_reverses_reversible_commands() {
         row.get::<_, String>(0)
     };
     assert_eq!(address().await, "2 New Road");
-    let undo = commands
-        .undo_command(pb::UndoCommandRequest {
-            command_id: change.command_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .command
-        .unwrap();
+    let undo = undo_command(&commands, &change.command_id).await.unwrap();
     reaches(&commands, &undo.command_id, CommandStatus::Succeeded).await;
     reaches(&commands, &change.command_id, CommandStatus::Undone).await;
     assert_eq!(address().await, "1 Old Street");
@@ -537,20 +515,10 @@ async fn undo_reverses_reversible_commands() {
     // Not reversible, or not (yet) succeeded: refused, naming why.
     let sent = submit(&mut commands, "c-1", "hello", notify("c-1", "hello")).await;
     reaches(&commands, &sent.command_id, CommandStatus::Succeeded).await;
-    let status = commands
-        .undo_command(pb::UndoCommandRequest {
-            command_id: sent.command_id.clone(),
-        })
-        .await
-        .unwrap_err();
+    let status = undo_command(&commands, &sent.command_id).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert!(status.message().contains("cannot be undone"), "{status:?}");
-    let status = commands
-        .undo_command(pb::UndoCommandRequest {
-            command_id: undo.command_id.clone(),
-        })
-        .await
-        .unwrap_err();
+    let status = undo_command(&commands, &undo.command_id).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
 }
 

@@ -151,7 +151,7 @@ impl pb::command_service_server::CommandService for CommandsApi {
             DEFAULT_PAGE_SIZE,
             MAX_PAGE_SIZE,
         );
-        let after = cursor(&request.page_token, &request.user_id, &mut violations);
+        let after = violations.page_cursor(&request.page_token, &request.user_id, "page_token");
         violations.into_result(())?;
         let shard = shard_of(&request.user_id, self.shard_count);
         let mut commands = self
@@ -265,7 +265,7 @@ impl pb::command_service_server::CommandService for CommandsApi {
             DEFAULT_PAGE_SIZE,
             MAX_PAGE_SIZE,
         );
-        let after = cursor(&request.page_token, DEAD_LISTING, &mut violations);
+        let after = violations.page_cursor(&request.page_token, DEAD_LISTING, "page_token");
         violations.into_result(())?;
         let mut commands = self.store.list_dead(after, page_size + 1).await?;
         let next_page_token = next_page(&mut commands, page_size, DEAD_LISTING);
@@ -302,24 +302,6 @@ fn refused(result: Result<Command, Refused>, id: Uuid) -> Result<Command, Status
             precondition_failure("COMMAND_STATUS", &command.id.to_string(), why)
         }
     })
-}
-
-/// The page token's cursor, checked to belong to `owner`'s listing.
-fn cursor(token: &str, owner: &str, violations: &mut Violations) -> Option<Uuid> {
-    if token.is_empty() {
-        return None;
-    }
-    match Cursor::decode(token) {
-        Some(cursor) if cursor.customer_id == owner => Some(cursor.after),
-        Some(_) => {
-            violations.add("page_token", "was issued for a different listing");
-            None
-        }
-        None => {
-            violations.add("page_token", "is not a token this service issued");
-            None
-        }
-    }
 }
 
 /// Trims the look-ahead row and returns the next page's token.

@@ -248,7 +248,7 @@ impl CommandStore {
             return Ok(Err(Refused::NotFound));
         };
         if let Some(undo_id) = original.undone_by {
-            let undo = get_in(&tx, undo_id).await?.ok_or_else(|| {
+            let undo = lock(&tx, undo_id).await?.ok_or_else(|| {
                 DbError::Invariant(format!("command {id} names a missing undo {undo_id}"))
             })?;
             return Ok(Ok(undo));
@@ -638,20 +638,10 @@ async fn insert(
         .collect()
 }
 
-/// Locks a command by id for a change.
+/// Reads a command by id, locked until the transaction ends.
 async fn lock(tx: &impl GenericClient, id: Uuid) -> Result<Option<Command>, DbError> {
     tx.query_opt(
         &format!("SELECT {COLUMNS} FROM commands.commands c WHERE c.id = $1 FOR UPDATE"),
-        &[&id],
-    )
-    .await?
-    .map(|row| command(&row))
-    .transpose()
-}
-
-async fn get_in(tx: &impl GenericClient, id: Uuid) -> Result<Option<Command>, DbError> {
-    tx.query_opt(
-        &format!("SELECT {COLUMNS} FROM commands.commands c WHERE c.id = $1"),
         &[&id],
     )
     .await?

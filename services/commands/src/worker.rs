@@ -15,7 +15,6 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tracing::Instrument;
-use waybill_runtime::DbError;
 
 use crate::{
     domain::backoff,
@@ -206,7 +205,7 @@ async fn record(
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
                 Err(error) => {
-                    log_dropped(&error, batch.len());
+                    tracing::error!(%error, size = batch.len(), "could not record command outcomes; their leases will run out and they will run again");
                     break;
                 }
             }
@@ -224,10 +223,6 @@ async fn record(
         }
         batch.clear();
     }
-}
-
-fn log_dropped(error: &DbError, size: usize) {
-    tracing::error!(%error, size, "could not record command outcomes; their leases will run out and they will run again");
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -52,22 +52,7 @@ impl pb::notifications_service_server::NotificationsService for NotificationsApi
             DEFAULT_PAGE_SIZE,
             MAX_PAGE_SIZE,
         );
-        let after = match (
-            request.page_token.is_empty(),
-            Cursor::decode(&request.page_token),
-        ) {
-            (true, _) => None,
-            (false, Some(cursor)) if cursor.customer_id == request.customer_id => {
-                Some(cursor.after)
-            }
-            (false, _) => {
-                violations.add(
-                    "page_token",
-                    "is not a token from a previous ListNotifications call for this customer",
-                );
-                None
-            }
-        };
+        let after = violations.page_cursor(&request.page_token, &request.customer_id, "page_token");
         violations.into_result(())?;
 
         let client = self.db.replica().await?;

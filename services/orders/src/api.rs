@@ -115,24 +115,7 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
             DEFAULT_PAGE_SIZE,
             MAX_PAGE_SIZE,
         );
-        let after = if request.page_token.is_empty() {
-            None
-        } else {
-            match Cursor::decode(&request.page_token) {
-                Some(cursor) if cursor.customer_id == request.customer_id => Some(cursor.after),
-                Some(_) => {
-                    violations.add("page_token", "was issued for a different customer_id");
-                    None
-                }
-                None => {
-                    violations.add(
-                        "page_token",
-                        "is not a token from a previous ListOrders response",
-                    );
-                    None
-                }
-            }
-        };
+        let after = violations.page_cursor(&request.page_token, &request.customer_id, "page_token");
         let token = violations.consistency_token(&request.consistency_token, "consistency_token");
         violations.into_result(())?;
 

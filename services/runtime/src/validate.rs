@@ -6,7 +6,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 use uuid::Uuid;
 
-use crate::ConsistencyToken;
+use crate::{ConsistencyToken, page_token::Cursor};
 
 /// Longest identifier-like value (customer id, SKU, courier id, zone), in characters.
 pub const MAX_ID: usize = 64;
@@ -146,6 +146,26 @@ impl Violations {
             self.add(field, "is not a consistency_token returned by a write");
         }
         token
+    }
+
+    /// Where a page starts: `None` for an empty token (the first page), else the cursor's
+    /// id, provided the token was issued for `owner`'s listing (a token is not replayable
+    /// against another customer's); a foreign or malformed token is a violation.
+    pub fn page_cursor(&mut self, token: &str, owner: &str, field: &str) -> Option<Uuid> {
+        if token.is_empty() {
+            return None;
+        }
+        match Cursor::decode(token) {
+            Some(cursor) if cursor.customer_id == owner => Some(cursor.after),
+            Some(_) => {
+                self.add(field, "was issued for a different listing");
+                None
+            }
+            None => {
+                self.add(field, "is not a page token this service issued");
+                None
+            }
+        }
     }
 
     /// A page size: 0 means `default`, larger than `max` means `max` (AIP-158), negative is
