@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
 # Executed commands per second with a trivial handler: a backlog of 30,000 ACCEPTED commands
-# (made by SQL, spread over USERS users) drained by one `waybill serve --services commands
-# --command-dry-run` process (workers claim, "run" and record each command, audit rows and
-# notifications included, without calling a service), timed until none is open.
+# spread over USERS users, drained by one `waybill serve --services commands --command-dry-run`
+# process (workers claim, "run" and record each command, audit rows and notifications
+# included, without calling a service), timed until none is open.
+#
+# QUEUE=postgres (default): the backlog is made by SQL; workers find it by scanning the log.
+# QUEUE=nats: a nats-server of this script's own; the backlog is submitted through
+# SubmitCommand by a process with workers off (so every command has its JetStream dispatch),
+# then a worker process with `--command-queue nats` drains it.
 #
 # Release build, against the `waybill dev up` cluster (durable commits, a streaming replica).
-# Usage: benches/commands-drain.sh [USERS] [serve flags…]   (default: 10000 users)
+# Usage: [QUEUE=nats] benches/commands-drain.sh [USERS] [serve flags…]   (default: 10000 users)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 users=${1:-10000}
 shift || true
+queue=${QUEUE:-postgres}
+total=30000
 
 scripts/prereqs postgres >/dev/null
+[ "$queue" = nats ] && scripts/prereqs nats >/dev/null
 cargo build --locked --release -p waybill 2>/dev/null
 waybill=target/release/waybill
 "$waybill" dev up >/dev/null
@@ -21,31 +29,55 @@ replica=$(echo "$status" | awk '/^replica/ {print $3}')
 db=bench_commands_drain
 url="${primary%/*}/$db"
 serve=""
+nats=""
+natsdir=""
 cleanup() {
   [ -n "$serve" ] && { kill -TERM "$serve" 2>/dev/null; wait "$serve" 2>/dev/null; }
-  psql "$primary" -qc "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true
+  [ -n "$nats" ] && { kill "$nats" 2>/dev/null; wait "$nats" 2>/dev/null; }
+  [ -n "$natsdir" ] && rm -rf "$natsdir"
+  [ -n "${KEEP_DB:-}" ] || psql "$primary" -qc "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 
 psql "$primary" -qc "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null 2>&1
 "$waybill" migrate --services commands --primary-url "$url" >/dev/null 2>&1
-# The payload is a SendNotification{customer_id: "a", message: "b"} encoded by hand.
-psql "$url" -q <<SQL
+serve_flags=(--primary-url "$url" --replica-url "${replica%/*}/$db" --admin-listen 127.0.0.1:0)
+if [ "$queue" = nats ]; then
+  natsdir=$(mktemp -d)
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  nats_bin=$(command -v nats-server || echo /usr/sbin/nats-server)
+  "$nats_bin" -js -a 127.0.0.1 -p "$port" -m "${NATS_MONITOR:-0}" -sd "$natsdir" >"$natsdir/log" 2>&1 &
+  nats=$!
+  serve_flags+=(--command-queue nats --nats-url "nats://127.0.0.1:$port")
+  sleep 0.5
+  "$waybill" serve --services commands --listen 127.0.0.1:50075 "${serve_flags[@]}" \
+    --command-workers false >/dev/null 2>&1 &
+  serve=$!
+  sleep 1
+  # 30,000 submissions in 6 s, through SubmitCommand: each stored and dispatched.
+  "$waybill" loadgen --addr http://127.0.0.1:50075 --scenario submit-commands --rate 5000 \
+    --duration 6s --connections 4 --timeout 5s --customers "$users" 2>/dev/null | head -1
+  kill -TERM "$serve"; wait "$serve" 2>/dev/null || true; serve=""
+  total=$(psql "$url" -Atc "SELECT count(*) FROM commands.commands")
+  psql "$url" -qc "VACUUM ANALYZE commands.commands"
+else
+  # The payload is a SendNotification{customer_id: "a", message: "b"} encoded by hand.
+  psql "$url" -q <<SQL
 INSERT INTO commands.settings VALUES (true, 16);
 INSERT INTO commands.commands (shard, id, user_id, idempotency_key, kind, payload, status)
 SELECT u % 16, gen_random_uuid(), 'user-' || u, 'k' || g, 'SEND_NOTIFICATION',
        '\x22060a0161120162'::bytea, 'ACCEPTED'
-FROM generate_series(1, 30000) g, LATERAL (SELECT (g::bigint * 7919) % $users AS u) x;
+FROM generate_series(1, $total) g, LATERAL (SELECT (g::bigint * 7919) % $users AS u) x;
 VACUUM ANALYZE commands.commands;
 SQL
+fi
 open_count() {
   psql "$url" -Atc "SELECT count(*) FROM commands.commands WHERE status IN ('ACCEPTED', 'RUNNING', 'RETRYING')"
 }
-echo "machine: $(nproc) cores, $(uname -r); $(date -u +%FT%TZ); users $users; flags: $*"
+echo "machine: $(nproc) cores, $(uname -r); $(date -u +%FT%TZ); queue $queue; users $users; flags: $*"
 start=$(date +%s.%N)
-"$waybill" serve --services commands --listen 127.0.0.1:50074 --primary-url "$url" \
-  --replica-url "${replica%/*}/$db" --admin-listen 127.0.0.1:0 --command-dry-run \
-  --command-poll 100ms "$@" >/dev/null 2>&1 &
+"$waybill" serve --services commands --listen 127.0.0.1:50074 "${serve_flags[@]}" \
+  --command-dry-run --command-poll 100ms "$@" >/dev/null 2>"${DRAIN_LOG:-/dev/null}" &
 serve=$!
 for _ in $(seq 3000); do
   [ "$(open_count)" = 0 ] && break
@@ -57,5 +89,5 @@ left=$(open_count)
 window=$(psql "$url" -Atc "SELECT extract(epoch FROM max(at) FILTER (WHERE status = 'SUCCEEDED')
                                              - min(at) FILTER (WHERE status = 'RUNNING'))
                            FROM commands.audit")
-awk -v s="$start" -v e="$end" -v left="$left" -v w="$window" \
-  'BEGIN { printf "executed %d of 30000 in %.1f s: %.0f commands/s (process start included); %.0f commands/s from the first claim to the last completion (%.2f s)\n", 30000 - left, e - s, (30000 - left) / (e - s), (30000 - left) / w, w }'
+awk -v s="$start" -v e="$end" -v total="$total" -v left="$left" -v w="$window" \
+  'BEGIN { printf "executed %d of %d in %.1f s: %.0f commands/s (process start included); %.0f commands/s from the first claim to the last completion (%.2f s)\n", total - left, total, e - s, (total - left) / (e - s), (total - left) / w, w }'

@@ -18,7 +18,7 @@ use waybill_api::{
     },
     orders::v1::{self as orders, orders_service_client::OrdersServiceClient},
 };
-use waybill_test_support::{ServeOptions, TestDb, Waybill, eventually};
+use waybill_test_support::{NatsServer, ServeOptions, TestDb, Waybill, eventually};
 
 fn client(channel: &Channel) -> CommandServiceClient<Channel> {
     CommandServiceClient::new(channel.clone())
@@ -774,4 +774,130 @@ async fn list_pages_a_users_commands_newest_first() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+/// A counter's value in a scrape (0 when absent).
+fn counter(scrape: &str, series: &str) -> u64 {
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The JetStream queue (`--command-queue nats`): commands reach the workers as messages and
+/// are claimed by the same per-user rule, so each user's commands still run in order, and
+/// each takes effect once. The claims counter shows the messages brought them, not the
+/// fallback scan. With NATS gone, submissions still succeed at once, and the fallback scan
+/// runs what no message will bring.
+#[tokio::test]
+async fn with_the_jetstream_queue_users_keep_their_order_and_nats_going_away_loses_nothing() {
+    let db = TestDb::new().await;
+    let nats = NatsServer::start().await;
+    let server = Waybill::serve(
+        &db,
+        &[
+            "--command-shards",
+            "4",
+            "--command-queue",
+            "nats",
+            "--nats-url",
+            &nats.url,
+            "--command-poll",
+            "200ms",
+        ],
+    );
+    let channel = server.channel().await;
+    const USERS: usize = 6;
+    const PER_USER: usize = 5;
+    let mut submitters = Vec::new();
+    for user in 0..USERS {
+        let mut commands = client(&channel);
+        submitters.push(tokio::spawn(async move {
+            let user = format!("js-user-{user}");
+            let mut ids = Vec::new();
+            for n in 0..PER_USER {
+                let payload = notify(&user, &format!("message {n}"));
+                ids.push(
+                    submit(&mut commands, &user, &format!("k-{n}"), payload)
+                        .await
+                        .command_id,
+                );
+            }
+            (user, ids)
+        }));
+    }
+    let mut by_user = Vec::new();
+    for submitter in submitters {
+        by_user.push(submitter.await.unwrap());
+    }
+    let commands = client(&channel);
+    let primary = db.primary().await;
+    for (user, ids) in &by_user {
+        for id in ids {
+            let done = reaches(&commands, id, CommandStatus::Succeeded).await;
+            assert_eq!(done.attempts, 1, "{id}");
+        }
+        for pair in ids.windows(2) {
+            let row = primary
+                .query_one(
+                    "SELECT (SELECT max(at) FROM commands.audit WHERE command_id = $1::text::uuid AND status = 'SUCCEEDED')
+                          <= (SELECT min(at) FROM commands.audit WHERE command_id = $2::text::uuid AND status = 'RUNNING')",
+                    &[&pair[0], &pair[1]],
+                )
+                .await
+                .unwrap();
+            assert!(
+                row.get::<_, bool>(0),
+                "{user}: {} overlapped {}",
+                pair[1],
+                pair[0]
+            );
+        }
+        let sent: i64 = primary
+            .query_one(
+                "SELECT count(*) FROM notifications.notifications WHERE customer_id = $1",
+                &[user],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(sent, PER_USER as i64, "{user}");
+    }
+    let scrape = server.scrape().await;
+    let by_message = counter(&scrape, r#"waybill_command_claims_total{via="jetstream"}"#);
+    let by_scan = counter(&scrape, r#"waybill_command_claims_total{via="scan"}"#);
+    let total = (USERS * PER_USER) as u64;
+    // One claim per command (attempts were 1 each); the scan only takes a command no message
+    // brought within its quiet time, which a loaded machine may cause once or twice.
+    assert_eq!(by_message + by_scan, total, "{scrape}");
+    assert!(
+        by_message >= total * 3 / 4,
+        "{by_message} of {total} by message"
+    );
+
+    // NATS goes away: submissions are answered at once, and the commands still run.
+    drop(nats);
+    let mut commands = client(&channel);
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let started = std::time::Instant::now();
+        let payload = notify("after-nats", &format!("message {n}"));
+        ids.push(
+            submit(&mut commands, "after-nats", &format!("k-{n}"), payload)
+                .await
+                .command_id,
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "SubmitCommand waited on NATS"
+        );
+    }
+    for id in &ids {
+        reaches(&commands, id, CommandStatus::Succeeded).await;
+    }
+    let scrape = server.scrape().await;
+    assert!(
+        counter(&scrape, r#"waybill_command_claims_total{via="scan"}"#) >= by_scan + 3,
+        "{scrape}"
+    );
 }

@@ -33,6 +33,8 @@ pub struct ServiceDeps<'a> {
     pub bus: &'a Bus,
     /// Whether to relay the services' outboxes from this process.
     pub outbox_relay: bool,
+    /// The NATS server(s) (`--nats-url`), for whatever is configured to use NATS.
+    pub nats_url: Option<&'a str>,
 }
 
 /// A service by its short name, as given to `--services`.
@@ -100,6 +102,7 @@ impl ServiceName {
             own_target,
             bus,
             outbox_relay,
+            nats_url,
         } = deps;
         match self {
             ServiceName::Orders => {
@@ -140,8 +143,13 @@ impl ServiceName {
                         own_target,
                     )?
                 };
-                let (server, background) =
-                    waybill_commands::server((*db).clone(), &settings.commands, registry).await?;
+                let (server, background) = waybill_commands::server(
+                    (*db).clone(),
+                    &settings.commands,
+                    registry,
+                    *nats_url,
+                )
+                .await?;
                 services.add(server).background(background)
             }
             ServiceName::Echo => services.add(waybill_echo::server(waybill_echo::Echo::new(

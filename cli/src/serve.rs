@@ -79,6 +79,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         own_target: &own_target,
         bus: &bus,
         outbox_relay: args.outbox_relay,
+        nats_url: args.bus.nats_url.as_deref(),
     };
     for name in &args.services {
         name.register(&mut services, &deps).await?;

@@ -62,7 +62,7 @@ SETTINGS = {
     ("commands", "pipeline"): {"shards": "WAYBILL_COMMAND_SHARDS", "workers": "WAYBILL_COMMAND_WORKERS",
                                "concurrency": "WAYBILL_COMMAND_CONCURRENCY", "lease": "WAYBILL_COMMAND_LEASE",
                                "maxAttempts": "WAYBILL_COMMAND_MAX_ATTEMPTS",
-                               "retention": "WAYBILL_COMMAND_RETENTION"},
+                               "retention": "WAYBILL_COMMAND_RETENTION", "queue": "WAYBILL_COMMAND_QUEUE"},
 }
 REGISTRY = ROOT / "cli" / "src" / "registry.rs"
 CRD_GROUP = "monitoring.coreos.com/"

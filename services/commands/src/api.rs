@@ -17,6 +17,7 @@ use crate::{
     domain::{Command, NewCommand, Payload, Transition, shard_of},
     hub::Hub,
     ingest::{self, Ingest},
+    jetstream::Dispatcher,
     store::{CommandStore, Refused, Rejected},
 };
 
@@ -34,15 +35,32 @@ pub struct CommandsApi {
     ingest: Ingest,
     hub: Hub,
     shard_count: u32,
+    /// The JetStream queue, when workers take commands from it.
+    dispatch: Option<Dispatcher>,
 }
 
 impl CommandsApi {
-    pub(crate) fn new(store: CommandStore, ingest: Ingest, hub: Hub, shard_count: u32) -> Self {
+    pub(crate) fn new(
+        store: CommandStore,
+        ingest: Ingest,
+        hub: Hub,
+        shard_count: u32,
+        dispatch: Option<Dispatcher>,
+    ) -> Self {
         Self {
             store,
             ingest,
             hub,
             shard_count,
+            dispatch,
+        }
+    }
+
+    /// Tells the JetStream queue that `command` is ready to run (submissions do this in the
+    /// ingest writer). If it is lost, the fallback scan takes the command later.
+    fn dispatch(&self, command: &Command, message_id: String) {
+        if let Some(dispatch) = &self.dispatch {
+            dispatch.send([(command.shard, command.id, message_id)]);
         }
     }
 
@@ -248,6 +266,7 @@ impl pb::command_service_server::CommandService for CommandsApi {
         let id = parse_uuid(&request.get_ref().command_id, "command_id")?;
         let undo = refused(self.store.undo(id).await?, id)?;
         self.hub.changed(id);
+        self.dispatch(&undo, undo.id.to_string());
         Ok(Response::new(pb::UndoCommandResponse {
             command: Some(command_to_proto(&undo)),
         }))
@@ -282,6 +301,9 @@ impl pb::command_service_server::CommandService for CommandsApi {
         let id = parse_uuid(&request.get_ref().command_id, "command_id")?;
         let command = refused(self.store.requeue(id).await?, id)?;
         self.changed(&command);
+        // Its own message id: the first dispatch's may still be in the dedup window.
+        let requeued = command.updated_at.timestamp_micros();
+        self.dispatch(&command, format!("{id}/requeued/{requeued}"));
         Ok(Response::new(pb::RequeueCommandResponse {
             command: Some(command_to_proto(&command)),
         }))

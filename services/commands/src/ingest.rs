@@ -14,6 +14,7 @@ use waybill_runtime::DbError;
 
 use crate::{
     domain::{Command, NewCommand},
+    jetstream::Dispatcher,
     store::{CommandStore, Rejected},
 };
 
@@ -44,11 +45,23 @@ impl Ingest {
     /// Starts `writers` writer tasks storing batches of at most `max_batch` through `store`,
     /// behind a queue of `capacity` submissions. The writers stop when every `Ingest` clone
     /// is dropped, after storing what was queued.
-    pub fn start(store: CommandStore, writers: usize, max_batch: usize, capacity: usize) -> Self {
+    /// With `dispatch`, each new command is published to it after its batch committed.
+    pub fn start(
+        store: CommandStore,
+        writers: usize,
+        max_batch: usize,
+        capacity: usize,
+        dispatch: Option<Dispatcher>,
+    ) -> Self {
         let (queue, receiver) = mpsc::channel(capacity.max(1));
         let receiver = Arc::new(Mutex::new(receiver));
         for _ in 0..writers.max(1) {
-            tokio::spawn(write(store.clone(), receiver.clone(), max_batch.max(1)));
+            tokio::spawn(write(
+                store.clone(),
+                receiver.clone(),
+                max_batch.max(1),
+                dispatch.clone(),
+            ));
         }
         Self { queue }
     }
@@ -66,8 +79,15 @@ impl Ingest {
     }
 }
 
-async fn write(store: CommandStore, receiver: Arc<Mutex<mpsc::Receiver<Pending>>>, max: usize) {
+async fn write(
+    store: CommandStore,
+    receiver: Arc<Mutex<mpsc::Receiver<Pending>>>,
+    max: usize,
+    dispatch: Option<Dispatcher>,
+) {
     let mut batch = Vec::with_capacity(max);
+    // The commands this batch stored, to dispatch.
+    let mut fresh = Vec::new();
     loop {
         {
             // One writer gathers at a time; the others are committing meanwhile.
@@ -83,6 +103,12 @@ async fn write(store: CommandStore, receiver: Arc<Mutex<mpsc::Receiver<Pending>>
         match store.insert_batch(&commands).await {
             Ok(results) => {
                 for (pending, result) in batch.drain(..).zip(results) {
+                    // Stored by this batch, not a repeat of an earlier submission.
+                    if let Ok(command) = &result
+                        && command.id == pending.command.id
+                    {
+                        fresh.push((command.shard, command.id, command.id.to_string()));
+                    }
                     let _ = pending.reply.send(Ok(result));
                 }
             }
@@ -102,5 +128,10 @@ async fn write(store: CommandStore, receiver: Arc<Mutex<mpsc::Receiver<Pending>>
             }
         }
         waybill_runtime::metrics::command_batch_stored(size);
+        // After the answers: a command is accepted once stored. A lost dispatch delays it by
+        // the fallback scan's quiet time; it does not lose it.
+        if let Some(dispatch) = &dispatch {
+            dispatch.send(fresh.drain(..));
+        }
     }
 }

@@ -13,6 +13,7 @@ pub mod domain;
 pub mod handlers;
 mod hub;
 mod ingest;
+mod jetstream;
 mod retention;
 mod store;
 mod worker;
@@ -105,10 +106,27 @@ pub struct CommandsConfig {
     /// the pipeline itself (claiming, recording, the audit trail), never for real traffic.
     #[arg(long, env = "WAYBILL_COMMAND_DRY_RUN")]
     pub command_dry_run: bool,
+    /// How workers learn which commands to run: `postgres` (notifications and a scan of the
+    /// log) or `nats` (a JetStream subject per shard, needs --nats-url; the scan stays as a
+    /// slow fallback for dispatches that were lost).
+    #[arg(
+        long,
+        env = "WAYBILL_COMMAND_QUEUE",
+        value_enum,
+        default_value = "postgres"
+    )]
+    pub command_queue: QueueKind,
     /// Submissions waiting to be stored before SubmitCommand refuses with
     /// RESOURCE_EXHAUSTED.
     #[arg(long, env = "WAYBILL_COMMAND_INGEST_QUEUE", default_value_t = 20_000)]
     pub command_ingest_queue: usize,
+}
+
+/// See [`CommandsConfig::command_queue`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum QueueKind {
+    Postgres,
+    Nats,
 }
 
 /// Why the command service could not be built.
@@ -125,6 +143,8 @@ pub enum CommandsError {
     WorkerShard(u32),
     #[error("command log: {0}")]
     Shards(String),
+    #[error("--command-queue nats: {0}")]
+    Queue(String),
 }
 
 /// The platform's handler registry: every kind, calling the services at `targets` (this
@@ -169,10 +189,12 @@ pub fn dry_run_registry() -> Registry {
 
 /// The gRPC server for the command service, and the work to run beside it (workers,
 /// retention, the LISTEN session, queue metrics). Checks the shard count first.
+/// `nats_url` is needed with `--command-queue nats`.
 pub async fn server(
     db: Db,
     config: &CommandsConfig,
     registry: Registry,
+    nats_url: Option<&str>,
 ) -> Result<
     (
         CommandServiceServer<CommandsApi>,
@@ -193,14 +215,35 @@ pub async fn server(
     if let Some(&bad) = shards.iter().find(|&&s| s >= config.command_shards) {
         return Err(CommandsError::WorkerShard(bad));
     }
+    let queue = match config.command_queue {
+        QueueKind::Postgres => None,
+        QueueKind::Nats => {
+            let url = nats_url.ok_or_else(|| {
+                CommandsError::Queue("needs --nats-url (WAYBILL_NATS_URL)".to_owned())
+            })?;
+            Some(
+                jetstream::JetStream::connect(url)
+                    .await
+                    .map_err(CommandsError::Queue)?,
+            )
+        }
+    };
+    let dispatcher = queue.clone().map(jetstream::Dispatcher::start);
     let hub = hub::Hub::new(config.command_cache_ttl, config.command_cache_size);
     let ingest = ingest::Ingest::start(
         store.clone(),
         config.command_ingest_writers,
         config.command_ingest_batch,
         config.command_ingest_queue,
+        dispatcher.clone(),
     );
-    let api = CommandsApi::new(store.clone(), ingest, hub.clone(), config.command_shards);
+    let api = CommandsApi::new(
+        store.clone(),
+        ingest,
+        hub.clone(),
+        config.command_shards,
+        dispatcher,
+    );
     let settings = worker::WorkerSettings {
         name: worker_name(),
         shards: shards
@@ -224,7 +267,7 @@ pub async fn server(
     let background = async move {
         let workers = async {
             if run_workers {
-                worker::work_forever(store.clone(), registry, settings, wake).await;
+                worker::work_forever(store.clone(), registry, settings, wake, queue).await;
             }
         };
         tokio::join!(

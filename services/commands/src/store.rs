@@ -20,8 +20,17 @@ const COLUMNS: &str = "c.id, c.shard, c.user_id, c.payload, c.status, c.attempts
                        c.last_error, c.undo_of, c.undone_by, c.traceparent, c.run_after, c.created_at, \
                        c.updated_at";
 
-/// Statuses in which a command still has to run (or is running).
-const OPEN: &str = "('ACCEPTED', 'RUNNING', 'RETRYING')";
+/// A command `c` that may be claimed now: due (or its lease ran out), and its user's oldest
+/// open command with none of that user's running. This is what keeps one user's commands
+/// in submission order whichever way they were dispatched.
+const CLAIMABLE: &str = "c.status IN ('ACCEPTED', 'RUNNING', 'RETRYING')
+    AND ((c.status <> 'RUNNING' AND c.run_after <= now())
+         OR (c.status = 'RUNNING' AND c.lease_until < now()))
+    AND NOT EXISTS (
+        SELECT 1 FROM commands.commands p
+        WHERE p.user_id = c.user_id AND p.id <> c.id
+          AND p.status IN ('ACCEPTED', 'RUNNING', 'RETRYING')
+          AND (p.seq < c.seq OR (p.status = 'RUNNING' AND p.lease_until >= now())))";
 
 /// A submission that could not be stored.
 #[derive(Debug)]
@@ -340,13 +349,74 @@ impl CommandStore {
 
     /// Claims up to `limit` commands of `shards` that are due: each the oldest open command
     /// of its user, with no other command of that user running. A RUNNING command whose lease
-    /// ran out is claimed again (its worker is presumed dead; the audit says so).
+    /// ran out is claimed again (its worker is presumed dead; the audit says so). Only
+    /// commands unchanged for `quiet_for` are taken: with the JetStream queue, the scan is
+    /// the fallback for dispatches that were lost, and must not race the messages.
     pub async fn claim(
         &self,
         shards: &[i32],
         worker: &str,
         lease: Duration,
         limit: i64,
+        quiet_for: Duration,
+    ) -> Result<Vec<Claim>, DbError> {
+        let pick = format!(
+            "c.shard = ANY($3) AND c.updated_at <= now() - make_interval(secs => $5)
+             AND {CLAIMABLE} ORDER BY c.seq LIMIT $4"
+        );
+        self.claim_picked(
+            &pick,
+            worker,
+            lease,
+            &[&shards, &limit, &quiet_for.as_secs_f64()],
+        )
+        .await
+    }
+
+    /// Claims those of `ids` that are claimable now (as [`claim`](Self::claim) decides), for
+    /// commands dispatched by message. The others are left as they are.
+    pub async fn claim_ids(
+        &self,
+        ids: &[Uuid],
+        worker: &str,
+        lease: Duration,
+    ) -> Result<Vec<Claim>, DbError> {
+        let pick = format!("c.id = ANY($3) AND {CLAIMABLE}");
+        self.claim_picked(&pick, worker, lease, &[&ids]).await
+    }
+
+    /// The status and due time of each of `ids` that exists.
+    pub async fn states(
+        &self,
+        ids: &[Uuid],
+    ) -> Result<Vec<(Uuid, Status, chrono::DateTime<chrono::Utc>)>, DbError> {
+        let client = self.db.primary().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT id, status, run_after FROM commands.commands WHERE id = ANY($1)",
+            )
+            .await?;
+        client
+            .query(&statement, &[&ids])
+            .await?
+            .iter()
+            .map(|row| {
+                let status: String = row.try_get(1)?;
+                let status = Status::parse(&status).ok_or_else(|| {
+                    DbError::Invariant(format!("a command has status {status:?}"))
+                })?;
+                Ok((row.try_get(0)?, status, row.try_get(2)?))
+            })
+            .collect()
+    }
+
+    /// Claims the rows `pick` selects (`$1` is the worker, `$2` the lease, `$3`… `pick`'s).
+    async fn claim_picked(
+        &self,
+        pick: &str,
+        worker: &str,
+        lease: Duration,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<Claim>, DbError> {
         let mut client = self.db.primary().await?;
         let tx = client.transaction().await?;
@@ -355,21 +425,12 @@ impl CommandStore {
                 "WITH ready AS (
                      SELECT c.ctid AS row_at, c.status AS was, c.worker AS previous_worker
                      FROM commands.commands c
-                     WHERE c.shard = ANY($1) AND c.status IN {OPEN}
-                       AND ((c.status <> 'RUNNING' AND c.run_after <= now())
-                            OR (c.status = 'RUNNING' AND c.lease_until < now()))
-                       AND NOT EXISTS (
-                           SELECT 1 FROM commands.commands p
-                           WHERE p.user_id = c.user_id AND p.id <> c.id
-                             AND p.status IN {OPEN}
-                             AND (p.seq < c.seq OR (p.status = 'RUNNING' AND p.lease_until >= now())))
-                     ORDER BY c.seq
-                     LIMIT $2
+                     WHERE {pick}
                      FOR UPDATE OF c SKIP LOCKED),
                  claimed AS (
                      UPDATE commands.commands c
-                     SET status = 'RUNNING', attempts = c.attempts + 1, worker = $3,
-                         lease_until = now() + make_interval(secs => $4), updated_at = now()
+                     SET status = 'RUNNING', attempts = c.attempts + 1, worker = $1,
+                         lease_until = now() + make_interval(secs => $2), updated_at = now()
                      -- By ctid: the rows are ours (locked above). As a join on id it was
                      -- planned as a hash of the whole table.
                      FROM ready WHERE c.ctid = ready.row_at
@@ -380,16 +441,14 @@ impl CommandStore {
                             'lease expired: worker ' || previous_worker || ' did not finish'
                      FROM claimed WHERE was = 'RUNNING'
                      UNION ALL
-                     SELECT id, 'RUNNING', attempts, $3, '' FROM claimed)
+                     SELECT id, 'RUNNING', attempts, $1, '' FROM claimed)
                  SELECT * FROM claimed ORDER BY seq"
             ))
             .await?;
-        let rows = tx
-            .query(
-                &statement,
-                &[&shards, &limit, &worker, &lease.as_secs_f64()],
-            )
-            .await?;
+        let lease = lease.as_secs_f64();
+        let mut all: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&worker, &lease];
+        all.extend_from_slice(params);
+        let rows = tx.query(&statement, &all).await?;
         let claims = rows
             .iter()
             .map(|row| {

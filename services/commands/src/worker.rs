@@ -10,17 +10,40 @@
 //! Claims are leases: a worker that dies mid-command loses nothing; when the lease runs out
 //! another worker claims the command again (attempt + 1) and, because handlers pass the
 //! command's idempotency key, its effect still happens once.
+//!
+//! With the JetStream queue (see `jetstream`), one task per shard takes dispatches from its
+//! consumer and claims their ids; the scan loop stays, slowed to a fallback that only takes
+//! commands no message brought for [`FALLBACK_QUIET`].
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use tokio::sync::{Notify, Semaphore, mpsc};
+use async_nats::jetstream::{AckKind, Message};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_stream::StreamExt;
 use tracing::Instrument;
+use uuid::Uuid;
 
 use crate::{
-    domain::backoff,
+    domain::{Status, backoff},
     handlers::{Execution, Failure, Registry},
+    jetstream::{self, JetStream},
     store::{Claim, CommandStore, Completion, Outcome},
 };
+
+/// With the JetStream queue: how long a command must sit unclaimed before the scan takes it
+/// (its dispatch was lost). Long enough that the scan never races a message in flight.
+pub const FALLBACK_QUIET: Duration = Duration::from_secs(5);
+/// Most dispatches claimed in one statement.
+const DISPATCH_BATCH: usize = 256;
+/// How soon a dispatch whose command cannot run yet (an earlier command of its user is open
+/// or running) is delivered again.
+const BLOCKED_RETRY: Duration = Duration::from_millis(100);
+
+/// An attempt that ended, and the dispatch that brought it (settled once it is recorded).
+struct Finished {
+    completion: Completion,
+    message: Option<Message>,
+}
 
 /// How a process's workers behave.
 #[derive(Debug, Clone)]
@@ -45,11 +68,13 @@ pub struct WorkerSettings {
 const RECORD_BATCH: usize = 512;
 
 /// Runs the workers until the task is dropped. `wake` is notified when work may be ready.
+/// With `queue`, commands come as JetStream dispatches and the scan is only the fallback.
 pub async fn work_forever(
     store: CommandStore,
     registry: Registry,
     settings: WorkerSettings,
     wake: Arc<Notify>,
+    queue: Option<JetStream>,
 ) {
     let settings = Arc::new(settings);
     let slots = Arc::new(Semaphore::new(settings.concurrency.max(1)));
@@ -60,21 +85,45 @@ pub async fn work_forever(
         outcome_queue,
         wake.clone(),
     ));
-    // Aborting the recorder with the loop keeps a stopped worker from writing later.
-    let _recorder = AbortOnDrop(recorder);
+    // Aborting the tasks with the loop keeps a stopped worker from writing later.
+    let mut _tasks = vec![AbortOnDrop(recorder)];
+    let quiet_for = match &queue {
+        Some(queue) => {
+            for &shard in &settings.shards {
+                _tasks.push(AbortOnDrop(tokio::spawn(dispatch_forever(
+                    shard,
+                    queue.clone(),
+                    store.clone(),
+                    registry.clone(),
+                    settings.clone(),
+                    slots.clone(),
+                    outcomes.clone(),
+                ))));
+            }
+            FALLBACK_QUIET
+        }
+        None => Duration::ZERO,
+    };
     let mut failures = Duration::from_millis(100);
     loop {
-        // Wait for at least one free slot, then claim as many as are free.
+        // Wait for at least one free slot, then take every free one and claim that many.
+        // Taken before the claim: with JetStream, dispatch tasks take slots meanwhile, and a
+        // claimed command without a slot would sit RUNNING until its lease ran out.
         let Ok(first) = slots.clone().acquire_owned().await else {
             return;
         };
-        let free = slots.available_permits() + 1;
+        let mut permits = vec![first];
+        while let Ok(permit) = slots.clone().try_acquire_owned() {
+            permits.push(permit);
+        }
+        let free = permits.len();
         let claims = match store
             .claim(
                 &settings.shards,
                 &settings.name,
                 settings.lease,
                 i64::try_from(free).unwrap_or(i64::MAX),
+                quiet_for,
             )
             .await
         {
@@ -83,7 +132,7 @@ pub async fn work_forever(
                 claims
             }
             Err(error) => {
-                drop(first);
+                drop(permits);
                 tracing::warn!(%error, retry_in = ?failures, "claiming commands failed");
                 tokio::time::sleep(failures).await;
                 failures = (failures * 2).min(Duration::from_secs(5));
@@ -91,31 +140,170 @@ pub async fn work_forever(
             }
         };
         let claimed = claims.len();
-        let mut first = Some(first);
-        for claim in claims {
-            let permit = match first.take() {
-                Some(permit) => permit,
-                None => match slots.clone().try_acquire_owned() {
-                    Ok(permit) => permit,
-                    // Cannot happen (we claimed no more than were free); the lease covers it.
-                    Err(_) => break,
-                },
-            };
-            let outcomes = outcomes.clone();
-            let registry = registry.clone();
-            let settings = settings.clone();
-            tokio::spawn(async move {
-                let completion = run(&registry, &settings, claim).await;
-                let _ = outcomes.send(completion);
-                drop(permit);
-            });
+        waybill_runtime::metrics::commands_claimed("scan", claimed);
+        // The claim's LIMIT is the number of permits: each claim has one.
+        for (claim, permit) in claims.into_iter().zip(permits.drain(..)) {
+            start(&registry, &settings, &outcomes, claim, None, permit);
         }
-        drop(first);
+        // Unused slots go back.
+        drop(permits);
         if claimed >= free {
             continue;
         }
-        // Nothing more is due now: sleep until told, or the fallback poll.
-        let _ = tokio::time::timeout(settings.poll, wake.notified()).await;
+        if queue.is_some() {
+            // Messages bring the work; notifications would only wake the scan for nothing.
+            tokio::time::sleep(settings.poll).await;
+        } else {
+            // Nothing more is due now: sleep until told, or the fallback poll.
+            let _ = tokio::time::timeout(settings.poll, wake.notified()).await;
+        }
+    }
+}
+
+/// Runs a claimed attempt in its own task, holding its slot until it ends.
+fn start(
+    registry: &Registry,
+    settings: &Arc<WorkerSettings>,
+    outcomes: &mpsc::UnboundedSender<Finished>,
+    claim: Claim,
+    message: Option<Message>,
+    permit: OwnedSemaphorePermit,
+) {
+    let (registry, settings, outcomes) = (registry.clone(), settings.clone(), outcomes.clone());
+    tokio::spawn(async move {
+        let completion = run(&registry, &settings, claim).await;
+        let _ = outcomes.send(Finished {
+            completion,
+            message,
+        });
+        drop(permit);
+    });
+}
+
+/// Takes `shard`'s dispatches for the life of the worker, reopening the consumer after
+/// failures. A message is taken only with a free slot, so what this process cannot run now
+/// stays in the stream for other processes.
+async fn dispatch_forever(
+    shard: i32,
+    queue: JetStream,
+    store: CommandStore,
+    registry: Registry,
+    settings: Arc<WorkerSettings>,
+    slots: Arc<Semaphore>,
+    outcomes: mpsc::UnboundedSender<Finished>,
+) {
+    let mut failures = Duration::from_millis(100);
+    loop {
+        let mut messages = match queue.pull(shard, settings.lease, DISPATCH_BATCH).await {
+            Ok(messages) => messages,
+            Err(error) => {
+                tracing::warn!(%error, shard, retry_in = ?failures, "cannot take command dispatches");
+                tokio::time::sleep(failures).await;
+                failures = (failures * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        loop {
+            let Ok(first_permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let first = match messages.next().await {
+                Some(Ok(message)) => message,
+                Some(Err(error)) => {
+                    tracing::warn!(%error, shard, "command dispatches failed");
+                    break;
+                }
+                None => break,
+            };
+            failures = Duration::from_millis(100);
+            let mut batch = vec![(first, first_permit)];
+            // Whatever else has arrived, while slots are free: one claim for all of it.
+            while batch.len() < DISPATCH_BATCH {
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    break;
+                };
+                // A zero timeout polls once: only messages already here.
+                match tokio::time::timeout(Duration::ZERO, messages.next()).await {
+                    Ok(Some(Ok(message))) => batch.push((message, permit)),
+                    _ => break,
+                }
+            }
+            dispatch(&store, &registry, &settings, &outcomes, batch).await;
+        }
+        tokio::time::sleep(failures).await;
+        failures = (failures * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Claims what a batch of dispatches names and starts it; the rest are settled: acked if
+/// their command is finished or unknown, delivered again later if it cannot run yet.
+async fn dispatch(
+    store: &CommandStore,
+    registry: &Registry,
+    settings: &Arc<WorkerSettings>,
+    outcomes: &mpsc::UnboundedSender<Finished>,
+    batch: Vec<(Message, OwnedSemaphorePermit)>,
+) {
+    let mut waiting: HashMap<Uuid, (Message, OwnedSemaphorePermit)> = HashMap::new();
+    for (message, permit) in batch {
+        match jetstream::command_id(&message) {
+            // A duplicate in one batch (a redelivery next to its original): one is enough.
+            Some(id) if !waiting.contains_key(&id) => {
+                waiting.insert(id, (message, permit));
+            }
+            Some(_) => jetstream::settle(&message, AckKind::Ack).await,
+            None => {
+                tracing::error!(subject = %message.subject, "dropping a dispatch that names no command");
+                jetstream::settle(&message, AckKind::Term).await;
+            }
+        }
+    }
+    let ids: Vec<Uuid> = waiting.keys().copied().collect();
+    let claims = match store.claim_ids(&ids, &settings.name, settings.lease).await {
+        Ok(claims) => claims,
+        Err(error) => {
+            tracing::warn!(%error, "claiming dispatched commands failed; they come back");
+            for (message, _) in waiting.into_values() {
+                jetstream::settle(&message, AckKind::Nak(Some(BLOCKED_RETRY))).await;
+            }
+            return;
+        }
+    };
+    waybill_runtime::metrics::commands_claimed("jetstream", claims.len());
+    for claim in claims {
+        if let Some((message, permit)) = waiting.remove(&claim.command.id) {
+            start(registry, settings, outcomes, claim, Some(message), permit);
+        }
+    }
+    if waiting.is_empty() {
+        return;
+    }
+    let left: Vec<Uuid> = waiting.keys().copied().collect();
+    let states: Option<HashMap<Uuid, (Status, chrono::DateTime<chrono::Utc>)>> =
+        match store.states(&left).await {
+            Ok(states) => Some(
+                states
+                    .into_iter()
+                    .map(|(id, status, due)| (id, (status, due)))
+                    .collect(),
+            ),
+            Err(error) => {
+                tracing::warn!(%error, "reading dispatched commands failed; they come back");
+                None
+            }
+        };
+    let now = chrono::Utc::now();
+    for (id, (message, _permit)) in waiting {
+        let kind = match states.as_ref().map(|states| states.get(&id)) {
+            None => AckKind::Nak(Some(BLOCKED_RETRY)),
+            Some(Some((Status::Accepted | Status::Running | Status::Retrying, due))) => {
+                let wait = (*due - now).to_std().unwrap_or_default();
+                AckKind::Nak(Some(wait.max(BLOCKED_RETRY)))
+            }
+            // Finished (a requeue dispatches it again), or gone past retention.
+            Some(_) => AckKind::Ack,
+        };
+        jetstream::settle(&message, kind).await;
     }
 }
 
@@ -189,16 +377,21 @@ async fn run(registry: &Registry, settings: &WorkerSettings, claim: Claim) -> Co
 async fn record(
     store: CommandStore,
     settings: Arc<WorkerSettings>,
-    mut queue: mpsc::UnboundedReceiver<Completion>,
+    mut queue: mpsc::UnboundedReceiver<Finished>,
     wake: Arc<Notify>,
 ) {
-    let mut batch = Vec::with_capacity(RECORD_BATCH);
-    while queue.recv_many(&mut batch, RECORD_BATCH).await > 0 {
+    let mut finished = Vec::with_capacity(RECORD_BATCH);
+    while queue.recv_many(&mut finished, RECORD_BATCH).await > 0 {
+        let batch: Vec<Completion> = finished.iter().map(|f| f.completion.clone()).collect();
         let given_up_at = tokio::time::Instant::now() + settings.lease;
         let mut pause = Duration::from_millis(50);
+        let mut recorded = false;
         loop {
             match store.complete(&settings.name, &batch).await {
-                Ok(_) => break,
+                Ok(_) => {
+                    recorded = true;
+                    break;
+                }
                 Err(error) if tokio::time::Instant::now() < given_up_at => {
                     tracing::warn!(%error, size = batch.len(), "recording command outcomes failed; trying again");
                     tokio::time::sleep(pause).await;
@@ -209,6 +402,22 @@ async fn record(
                     break;
                 }
             }
+        }
+        // Dispatches are settled once their outcome is stored: a retry comes back when due;
+        // an outcome that could not be stored leaves its message to be delivered again.
+        for Finished {
+            completion,
+            message,
+        } in finished.drain(..)
+        {
+            let Some(message) = message.filter(|_| recorded) else {
+                continue;
+            };
+            let kind = match completion.outcome {
+                Outcome::Retry { after, .. } => AckKind::Nak(Some(after)),
+                Outcome::Succeeded { .. } | Outcome::Dead { .. } => AckKind::Ack,
+            };
+            jetstream::settle(&message, kind).await;
         }
         // Successors of finished commands may be due now; retries come due later.
         wake.notify_one();
@@ -221,7 +430,6 @@ async fn record(
                 });
             }
         }
-        batch.clear();
     }
 }
 

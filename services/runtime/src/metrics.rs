@@ -96,6 +96,10 @@ pub fn describe() {
         "waybill_command_purged_total",
         "Finished commands deleted by retention."
     );
+    describe_counter!(
+        "waybill_command_claims_total",
+        "Commands claimed, by how the worker found them: scan of the log or JetStream dispatch."
+    );
 }
 
 // === the command pipeline ===
@@ -105,6 +109,12 @@ pub fn describe() {
 pub fn command_attempt(kind: &'static str, outcome: &'static str, ran: Duration) {
     counter!("waybill_command_attempts_total", "kind" => kind, "outcome" => outcome).increment(1);
     histogram!("waybill_command_run_duration_seconds", "kind" => kind).record(ran.as_secs_f64());
+}
+
+/// `waybill_command_claims_total{via}`: commands claimed by the scan of the log (`scan`) or
+/// from JetStream dispatches (`jetstream`).
+pub fn commands_claimed(via: &'static str, count: usize) {
+    counter!("waybill_command_claims_total", "via" => via).increment(count as u64);
 }
 
 /// `waybill_command_ingest_batch_commands`: one group commit stored `size` submissions.

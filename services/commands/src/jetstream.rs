@@ -1,0 +1,197 @@
+//! The NATS JetStream queue (`--command-queue nats`): the scale-out way for workers to learn
+//! which commands to run, instead of scanning the log.
+//!
+//! The log stays in Postgres: a command is accepted when its row commits, and its status,
+//! attempts and audit trail live there whatever the queue. What JetStream carries is the
+//! dispatch: one message per command id on the subject of its shard
+//! (`waybill-commands.<shard>`) in a work-queue stream, consumed through one durable pull
+//! consumer per shard that every process working on that shard shares. A worker claims the
+//! ids it is handed by primary key, with the same rule as the scan (the user's oldest open
+//! command, none of the user's running), so per-user order never depends on message order;
+//! a message whose command is not claimable yet comes back later (nak with a delay).
+//!
+//! A message is acked only after the attempt's outcome committed, so a worker that dies
+//! mid-command has its message redelivered after the ack wait (the lease). A publish that is
+//! lost (the process died between commit and publish, NATS was down) is covered by the scan,
+//! which in this mode only takes commands that stayed unclaimed for a while.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self, AckKind,
+    consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
+    message::PublishMessage,
+    stream,
+};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+/// The stream every dispatch goes to. Its subjects must not overlap the event bus's
+/// (`waybill.>`): NATS refuses two streams on one subject.
+pub const STREAM: &str = "WAYBILL_COMMANDS";
+/// How long the stream drops a re-published message id (a publish retried after a lost ack).
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// The subject of `shard`'s dispatches.
+pub fn subject(shard: i32) -> String {
+    format!("waybill-commands.{shard}")
+}
+
+/// The durable consumer of `shard`.
+fn consumer_name(shard: i32) -> String {
+    format!("shard-{shard}")
+}
+
+/// A connection to the queue. Cheap to clone.
+#[derive(Clone)]
+pub struct JetStream {
+    js: jetstream::Context,
+}
+
+impl JetStream {
+    /// Connects and creates (or updates) the stream.
+    pub async fn connect(url: &str) -> Result<Self, String> {
+        let client = async_nats::ConnectOptions::new()
+            .name("waybill-commands")
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|e| format!("connect to {url}: {e}"))?;
+        let js = jetstream::new(client);
+        js.create_or_update_stream(stream::Config {
+            name: STREAM.to_owned(),
+            subjects: vec!["waybill-commands.*".to_owned()],
+            storage: stream::StorageType::File,
+            // A message is gone once one worker acked it: a queue, not a log.
+            retention: stream::RetentionPolicy::WorkQueue,
+            duplicate_window: DUPLICATE_WINDOW,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("create stream {STREAM}: {e}"))?;
+        Ok(Self { js })
+    }
+
+    /// Publishes one message per `(shard, id, message id)` and waits for every ack. The
+    /// message id deduplicates a publish retried within the window; a requeue needs its own.
+    pub async fn publish(&self, dispatches: &[Dispatch]) -> Result<(), String> {
+        let mut acks = Vec::with_capacity(dispatches.len());
+        for (shard, id, message_id) in dispatches {
+            let message = PublishMessage::build()
+                .payload(id.to_string().into())
+                .message_id(message_id);
+            let ack = self
+                .js
+                .send_publish(subject(*shard), message)
+                .await
+                .map_err(|e| format!("publish: {e}"))?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await.map_err(|e| format!("publish ack: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Opens `shard`'s durable consumer (created if missing) and starts pulling. A message
+    /// not acked within `ack_wait` is delivered again: that is the lease.
+    pub async fn pull(
+        &self,
+        shard: i32,
+        ack_wait: Duration,
+        batch: usize,
+    ) -> Result<pull::Stream, String> {
+        let stream = self
+            .js
+            .get_stream(STREAM)
+            .await
+            .map_err(|e| format!("get stream {STREAM}: {e}"))?;
+        let consumer: PullConsumer = stream
+            .get_or_create_consumer(
+                &consumer_name(shard),
+                pull::Config {
+                    durable_name: Some(consumer_name(shard)),
+                    filter_subject: subject(shard),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait,
+                    deliver_policy: DeliverPolicy::All,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| format!("consumer of shard {shard}: {e}"))?;
+        consumer
+            .stream()
+            .max_messages_per_batch(batch)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| format!("pull shard {shard}: {e}"))
+    }
+}
+
+/// One command to dispatch: its shard, its id, and the message id that deduplicates it.
+pub type Dispatch = (i32, Uuid, String);
+
+/// Dispatches waiting to be published before new ones are dropped (the fallback scan takes
+/// their commands later).
+const DISPATCH_QUEUE: usize = 100_000;
+/// Most dispatches published before their acks are awaited.
+const PUBLISH_BATCH: usize = 1_024;
+
+/// Where the service hands dispatches: a queue in front of one publishing task, so neither a
+/// submission nor the ingest writers ever wait on NATS (a publish to a server that is down
+/// waits for its ack timeout). Cheap to clone.
+#[derive(Clone)]
+pub struct Dispatcher {
+    queue: mpsc::Sender<Dispatch>,
+}
+
+impl Dispatcher {
+    /// Starts the publishing task on `stream`.
+    pub fn start(stream: JetStream) -> Self {
+        let (queue, mut pending) = mpsc::channel::<Dispatch>(DISPATCH_QUEUE);
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+            while pending.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
+                if let Err(error) = stream.publish(&batch).await {
+                    tracing::warn!(%error, count = batch.len(), "dispatching commands failed; the fallback scan will take them");
+                }
+                batch.clear();
+            }
+        });
+        Self { queue }
+    }
+
+    /// Queues dispatches; any that do not fit are dropped and left to the fallback scan.
+    pub fn send(&self, dispatches: impl IntoIterator<Item = Dispatch>) {
+        let mut dropped = 0usize;
+        for dispatch in dispatches {
+            if self.queue.try_send(dispatch).is_err() {
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "the dispatch queue is full; the fallback scan will take those commands"
+            );
+        }
+    }
+}
+
+/// The command id a dispatch carries.
+pub fn command_id(message: &jetstream::Message) -> Option<Uuid> {
+    std::str::from_utf8(&message.payload)
+        .ok()
+        .and_then(|text| Uuid::parse_str(text).ok())
+}
+
+/// Settles a message; a failure only means it comes back after the ack wait, which the
+/// claim rule makes harmless.
+pub async fn settle(message: &jetstream::Message, kind: AckKind) {
+    if let Err(error) = message.ack_with(kind).await {
+        tracing::debug!(%error, "settling a command dispatch failed; it will be delivered again");
+    }
+}
