@@ -8,7 +8,7 @@
 # `waybill dev up` cluster (durable: fsync and synchronous_commit on, a streaming replica);
 # load from `waybill loadgen` on the same machine (open loop, latency from each call's
 # scheduled start). Ingestion runs with workers off, so it measures accepting alone; then
-# benches/commands-drain.sh measures executing alone.
+# benches/commands-drain.sh measures executing alone, with each queue.
 #
 # Usage: benches/commands.sh [SECONDS] [RATE…]   (default: 10 s at 2000 5000 8000 10000 20000)
 set -euo pipefail
@@ -79,3 +79,5 @@ psql "$primary" -qc "DROP DATABASE IF EXISTS bench_commands_echo" >/dev/null
 # Executing, alone: a backlog drained by a dry-run worker (one script for that figure).
 echo "--- executing (benches/commands-drain.sh 10000)"
 benches/commands-drain.sh 10000 | sed "s/^/  /"
+echo "--- executing, JetStream queue (QUEUE=nats benches/commands-drain.sh 10000)"
+QUEUE=nats benches/commands-drain.sh 10000 | sed "s/^/  /"
