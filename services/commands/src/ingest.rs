@@ -104,7 +104,8 @@ async fn write(
             Ok(results) => {
                 for (pending, result) in batch.drain(..).zip(results) {
                     // Stored by this batch, not a repeat of an earlier submission.
-                    if let Ok(command) = &result
+                    if dispatch.is_some()
+                        && let Ok(command) = &result
                         && command.id == pending.command.id
                     {
                         fresh.push((command.shard, command.id, command.id.to_string()));

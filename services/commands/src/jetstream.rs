@@ -114,6 +114,10 @@ impl JetStream {
                     filter_subject: subject(shard),
                     ack_policy: AckPolicy::Explicit,
                     ack_wait,
+                    // Messages delivered and not yet acked, naked ones waiting to come back
+                    // included: the server's default (1,000) stalls a shard behind its
+                    // retrying and blocked commands.
+                    max_ack_pending: 20_000,
                     deliver_policy: DeliverPolicy::All,
                     ..Default::default()
                 },
@@ -188,10 +192,52 @@ pub fn command_id(message: &jetstream::Message) -> Option<Uuid> {
         .and_then(|text| Uuid::parse_str(text).ok())
 }
 
-/// Settles a message; a failure only means it comes back after the ack wait, which the
-/// claim rule makes harmless.
-pub async fn settle(message: &jetstream::Message, kind: AckKind) {
-    if let Err(error) = message.ack_with(kind).await {
-        tracing::debug!(%error, "settling a command dispatch failed; it will be delivered again");
+/// Acks and naks waiting to be sent before new ones are dropped.
+const SETTLE_QUEUE: usize = 100_000;
+/// How long one ack may wait to be handed to the connection.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Where workers hand acks and naks: one task behind a bounded queue, each send bounded by a
+/// timeout. While NATS is unreachable async-nats stops taking commands, and an ack awaited in
+/// the recorder or the dispatch loop would stall them (and with them the recording of every
+/// outcome). A settle dropped or timed out only means the message comes back after its ack
+/// wait, which the claim rule makes harmless. Cheap to clone.
+#[derive(Clone)]
+pub struct Settler {
+    queue: mpsc::Sender<(jetstream::Message, AckKind)>,
+}
+
+impl Settler {
+    pub fn start() -> Self {
+        let (queue, mut pending) = mpsc::channel::<(jetstream::Message, AckKind)>(SETTLE_QUEUE);
+        tokio::spawn(async move {
+            while let Some((message, kind)) = pending.recv().await {
+                match tokio::time::timeout(SETTLE_TIMEOUT, message.ack_with(kind)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, "settling a command dispatch failed; it comes back");
+                    }
+                    Err(_) => {
+                        tracing::debug!("settling a command dispatch timed out; it comes back")
+                    }
+                }
+            }
+        });
+        Self { queue }
     }
+
+    pub fn settle(&self, message: jetstream::Message, kind: AckKind) {
+        if self.queue.try_send((message, kind)).is_err() {
+            tracing::debug!("the settle queue is full; the dispatch comes back after its ack wait");
+        }
+    }
+}
+
+/// How long a dispatch that could not run now waits before it comes back: `first`, doubling
+/// with each delivery up to `max`, so a long wait (a user's earlier command retrying for
+/// minutes, a database outage) is not a redelivery every `first`.
+pub fn backoff(message: &jetstream::Message, first: Duration, max: Duration) -> Duration {
+    let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+    let doublings = u32::try_from(delivered.saturating_sub(1).min(16)).unwrap_or(16);
+    first.saturating_mul(1 << doublings).min(max)
 }

@@ -36,8 +36,17 @@ pub const FALLBACK_QUIET: Duration = Duration::from_secs(5);
 /// Most dispatches claimed in one statement.
 const DISPATCH_BATCH: usize = 256;
 /// How soon a dispatch whose command cannot run yet (an earlier command of its user is open
-/// or running) is delivered again.
+/// or running) is first delivered again; it doubles per delivery up to [`BLOCKED_RETRY_MAX`].
 const BLOCKED_RETRY: Duration = Duration::from_millis(100);
+const BLOCKED_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// What starting a claimed attempt needs. Cheap to clone.
+#[derive(Clone)]
+struct Runner {
+    registry: Registry,
+    settings: Arc<WorkerSettings>,
+    outcomes: mpsc::UnboundedSender<Finished>,
+}
 
 /// An attempt that ended, and the dispatch that brought it (settled once it is recorded).
 struct Finished {
@@ -79,28 +88,34 @@ pub async fn work_forever(
     let settings = Arc::new(settings);
     let slots = Arc::new(Semaphore::new(settings.concurrency.max(1)));
     let (outcomes, outcome_queue) = mpsc::unbounded_channel();
+    let settler = queue.as_ref().map(|_| jetstream::Settler::start());
     let recorder = tokio::spawn(record(
         store.clone(),
         settings.clone(),
         outcome_queue,
         wake.clone(),
+        settler.clone(),
     ));
     // Aborting the tasks with the loop keeps a stopped worker from writing later.
     let mut _tasks = vec![AbortOnDrop(recorder)];
-    let quiet_for = match &queue {
-        Some(queue) => {
+    let runner = Runner {
+        registry,
+        settings: settings.clone(),
+        outcomes,
+    };
+    let quiet_for = match (&queue, settler) {
+        (Some(queue), Some(settler)) => {
             _tasks.push(AbortOnDrop(tokio::spawn(dispatch_forever(
                 settings.shards.clone(),
                 queue.clone(),
+                settler,
                 store.clone(),
-                registry.clone(),
-                settings.clone(),
+                runner.clone(),
                 slots.clone(),
-                outcomes.clone(),
             ))));
             FALLBACK_QUIET
         }
-        None => Duration::ZERO,
+        _ => Duration::ZERO,
     };
     let mut failures = Duration::from_millis(100);
     loop {
@@ -141,7 +156,7 @@ pub async fn work_forever(
         waybill_runtime::metrics::commands_claimed("scan", claimed);
         // The claim's LIMIT is the number of permits: each claim has one.
         for (claim, permit) in claims.into_iter().zip(permits.drain(..)) {
-            start(&registry, &settings, &outcomes, claim, None, permit);
+            start(&runner, claim, None, permit);
         }
         // Unused slots go back.
         drop(permits);
@@ -159,18 +174,11 @@ pub async fn work_forever(
 }
 
 /// Runs a claimed attempt in its own task, holding its slot until it ends.
-fn start(
-    registry: &Registry,
-    settings: &Arc<WorkerSettings>,
-    outcomes: &mpsc::UnboundedSender<Finished>,
-    claim: Claim,
-    message: Option<Message>,
-    permit: OwnedSemaphorePermit,
-) {
-    let (registry, settings, outcomes) = (registry.clone(), settings.clone(), outcomes.clone());
+fn start(runner: &Runner, claim: Claim, message: Option<Message>, permit: OwnedSemaphorePermit) {
+    let runner = runner.clone();
     tokio::spawn(async move {
-        let completion = run(&registry, &settings, claim).await;
-        let _ = outcomes.send(Finished {
+        let completion = run(&runner.registry, &runner.settings, claim).await;
+        let _ = runner.outcomes.send(Finished {
             completion,
             message,
         });
@@ -186,12 +194,12 @@ fn start(
 async fn dispatch_forever(
     shards: Vec<i32>,
     queue: JetStream,
+    settler: jetstream::Settler,
     store: CommandStore,
-    registry: Registry,
-    settings: Arc<WorkerSettings>,
+    runner: Runner,
     slots: Arc<Semaphore>,
-    outcomes: mpsc::UnboundedSender<Finished>,
 ) {
+    let settings = runner.settings.clone();
     let mut failures = Duration::from_millis(100);
     loop {
         let mut messages = StreamMap::new();
@@ -208,9 +216,8 @@ async fn dispatch_forever(
         }
         if messages.len() == shards.len() {
             loop {
-                let Ok(first_permit) = slots.clone().acquire_owned().await else {
-                    return;
-                };
+                // The message first, then a slot: a slot held while waiting for messages
+                // would starve the fallback scan (with one slot, for good).
                 let first = match messages.next().await {
                     Some((_, Ok(message))) => message,
                     Some((shard, Err(error))) => {
@@ -218,6 +225,9 @@ async fn dispatch_forever(
                         break;
                     }
                     None => break,
+                };
+                let Ok(first_permit) = slots.clone().acquire_owned().await else {
+                    return;
                 };
                 failures = Duration::from_millis(100);
                 let mut batch = vec![(first, first_permit)];
@@ -232,7 +242,7 @@ async fn dispatch_forever(
                         _ => break,
                     }
                 }
-                dispatch(&store, &registry, &settings, &outcomes, batch).await;
+                dispatch(&store, &runner, &settler, batch).await;
             }
         }
         // Every consumer is opened again: a failure is rare, and one loop stays simple.
@@ -246,9 +256,8 @@ async fn dispatch_forever(
 /// their command is finished or unknown, delivered again later if it cannot run yet.
 async fn dispatch(
     store: &CommandStore,
-    registry: &Registry,
-    settings: &Arc<WorkerSettings>,
-    outcomes: &mpsc::UnboundedSender<Finished>,
+    runner: &Runner,
+    settler: &jetstream::Settler,
     batch: Vec<(Message, OwnedSemaphorePermit)>,
 ) {
     let mut waiting: HashMap<Uuid, (Message, OwnedSemaphorePermit)> = HashMap::new();
@@ -258,20 +267,22 @@ async fn dispatch(
             Some(id) if !waiting.contains_key(&id) => {
                 waiting.insert(id, (message, permit));
             }
-            Some(_) => jetstream::settle(&message, AckKind::Ack).await,
+            Some(_) => settler.settle(message, AckKind::Ack),
             None => {
                 tracing::error!(subject = %message.subject, "dropping a dispatch that names no command");
-                jetstream::settle(&message, AckKind::Term).await;
+                settler.settle(message, AckKind::Term);
             }
         }
     }
     let ids: Vec<Uuid> = waiting.keys().copied().collect();
+    let settings = &runner.settings;
     let claims = match store.claim_ids(&ids, &settings.name, settings.lease).await {
         Ok(claims) => claims,
         Err(error) => {
             tracing::warn!(%error, "claiming dispatched commands failed; they come back");
             for (message, _) in waiting.into_values() {
-                jetstream::settle(&message, AckKind::Nak(Some(BLOCKED_RETRY))).await;
+                let wait = jetstream::backoff(&message, BLOCKED_RETRY, BLOCKED_RETRY_MAX);
+                settler.settle(message, AckKind::Nak(Some(wait)));
             }
             return;
         }
@@ -279,7 +290,7 @@ async fn dispatch(
     waybill_runtime::metrics::commands_claimed("jetstream", claims.len());
     for claim in claims {
         if let Some((message, permit)) = waiting.remove(&claim.command.id) {
-            start(registry, settings, outcomes, claim, Some(message), permit);
+            start(runner, claim, Some(message), permit);
         }
     }
     if waiting.is_empty() {
@@ -301,16 +312,17 @@ async fn dispatch(
         };
     let now = chrono::Utc::now();
     for (id, (message, _permit)) in waiting {
+        let blocked = jetstream::backoff(&message, BLOCKED_RETRY, BLOCKED_RETRY_MAX);
         let kind = match states.as_ref().map(|states| states.get(&id)) {
-            None => AckKind::Nak(Some(BLOCKED_RETRY)),
+            None => AckKind::Nak(Some(blocked)),
             Some(Some((Status::Accepted | Status::Running | Status::Retrying, due))) => {
                 let wait = (*due - now).to_std().unwrap_or_default();
-                AckKind::Nak(Some(wait.max(BLOCKED_RETRY)))
+                AckKind::Nak(Some(wait.max(blocked)))
             }
             // Finished (a requeue dispatches it again), or gone past retention.
             Some(_) => AckKind::Ack,
         };
-        jetstream::settle(&message, kind).await;
+        settler.settle(message, kind);
     }
 }
 
@@ -386,17 +398,19 @@ async fn record(
     settings: Arc<WorkerSettings>,
     mut queue: mpsc::UnboundedReceiver<Finished>,
     wake: Arc<Notify>,
+    settler: Option<jetstream::Settler>,
 ) {
     let mut finished = Vec::with_capacity(RECORD_BATCH);
     while queue.recv_many(&mut finished, RECORD_BATCH).await > 0 {
         let batch: Vec<Completion> = finished.iter().map(|f| f.completion.clone()).collect();
         let given_up_at = tokio::time::Instant::now() + settings.lease;
         let mut pause = Duration::from_millis(50);
-        let mut recorded = false;
+        // The completions the log took; one whose claim was taken over is not among them.
+        let mut applied = std::collections::HashSet::new();
         loop {
             match store.complete(&settings.name, &batch).await {
-                Ok(_) => {
-                    recorded = true;
+                Ok(changed) => {
+                    applied.extend(changed);
                     break;
                 }
                 Err(error) if tokio::time::Instant::now() < given_up_at => {
@@ -410,21 +424,25 @@ async fn record(
                 }
             }
         }
-        // Dispatches are settled once their outcome is stored: a retry comes back when due;
-        // an outcome that could not be stored leaves its message to be delivered again.
+        // Dispatches are settled once their outcome is stored: a retry comes back when due.
+        // An outcome not stored (given up, or the claim was taken over) leaves its message to
+        // be delivered again, where the claim rule sorts it out.
         for Finished {
             completion,
             message,
         } in finished.drain(..)
         {
-            let Some(message) = message.filter(|_| recorded) else {
+            let (Some(settler), Some(message)) = (&settler, message) else {
                 continue;
             };
+            if !applied.contains(&completion.id) {
+                continue;
+            }
             let kind = match completion.outcome {
                 Outcome::Retry { after, .. } => AckKind::Nak(Some(after)),
                 Outcome::Succeeded { .. } | Outcome::Dead { .. } => AckKind::Ack,
             };
-            jetstream::settle(&message, kind).await;
+            settler.settle(message, kind);
         }
         // Successors of finished commands may be due now; retries come due later.
         wake.notify_one();
