@@ -286,6 +286,66 @@ async fn a_command_whose_worker_dies_is_claimed_again_and_takes_effect_once() {
     );
 }
 
+/// SIGTERM while a handler's call is in flight: the process stops claiming, lets the attempt
+/// end and records it before it exits, so the command is SUCCEEDED after one attempt instead
+/// of waiting out its lease for another worker to run it again.
+#[tokio::test]
+async fn a_draining_worker_finishes_and_records_its_attempts_before_exiting() {
+    let db = TestDb::new().await;
+    let notifications = Waybill::start(
+        &db,
+        ServeOptions {
+            services: Some("notifications"),
+            policy: Some(
+                r#"{"methodConfig": [{"name": [{"service": "waybill.notifications.v1.NotificationsService", "method": "SendNotification"}],
+                    "faults": {"delay": {"duration": "1500ms", "percent": 100}}}]}"#,
+            ),
+            ..ServeOptions::default()
+        },
+    );
+    let target = notifications.endpoint();
+    let mut worker = Waybill::serve(
+        &db,
+        &[
+            "--services",
+            "commands",
+            "--notifications-target",
+            &target,
+            "--command-poll",
+            "100ms",
+        ],
+    );
+    let mut commands = client(&worker.channel().await);
+    let command = submit(&mut commands, "u-drain", "k", notify("u-drain", "hello")).await;
+    reaches(&commands, &command.command_id, CommandStatus::Running).await;
+    worker.terminate();
+    let status = worker.wait_for_exit(Duration::from_secs(20)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit: {status:?}\n{}",
+        worker.log()
+    );
+    assert!(
+        worker.log().contains("command workers drained"),
+        "{}",
+        worker.log()
+    );
+    let row = db
+        .primary()
+        .await
+        .query_one(
+            "SELECT status, attempts FROM commands.commands WHERE id = $1::text::uuid",
+            &[&command.command_id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0).as_str(), row.get::<_, i32>(1)),
+        ("SUCCEEDED", 1)
+    );
+    assert_eq!(db.count("notifications.notifications").await, 1);
+}
+
 /// A handler whose service is down: retried with backoff, then DEAD with the last error once
 /// the attempts run out; listed as dead; requeued after the service is back, it succeeds.
 #[tokio::test]

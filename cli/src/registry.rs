@@ -150,7 +150,7 @@ impl ServiceName {
                     *nats_url,
                 )
                 .await?;
-                services.add(server).background(background)
+                services.add(server).background_draining(background)
             }
             ServiceName::Echo => services.add(waybill_echo::server(waybill_echo::Echo::new(
                 (*policy).clone(),

@@ -18,7 +18,7 @@ mod retention;
 mod store;
 mod worker;
 
-use std::time::Duration;
+use std::{pin::Pin, time::Duration};
 
 use mesh_layer::{method::MethodTable, policy::Policy};
 use waybill_api::{
@@ -27,7 +27,7 @@ use waybill_api::{
     notifications::v1::notifications_service_client::NotificationsServiceClient,
     orders::v1::orders_service_client::OrdersServiceClient,
 };
-use waybill_runtime::{Db, Schema, TargetsConfig, config::parse_duration};
+use waybill_runtime::{Db, Schema, TargetsConfig, config::parse_duration, server::Drain};
 
 pub use api::CommandsApi;
 pub use handlers::{Execution, Failure, Handler, Registry};
@@ -188,8 +188,10 @@ pub fn dry_run_registry() -> Registry {
 }
 
 /// The gRPC server for the command service, and the work to run beside it (workers,
-/// retention, the LISTEN session, queue metrics). Checks the shard count first.
-/// `nats_url` is needed with `--command-queue nats`.
+/// retention, the LISTEN session, queue metrics), to start with the process's [`Drain`]: when
+/// draining starts the workers stop claiming, let the attempts in flight end and record them,
+/// and the work ends. Checks the shard count first. `nats_url` is needed with
+/// `--command-queue nats`.
 pub async fn server(
     db: Db,
     config: &CommandsConfig,
@@ -198,7 +200,7 @@ pub async fn server(
 ) -> Result<
     (
         CommandServiceServer<CommandsApi>,
-        impl Future<Output = ()> + Send + 'static,
+        impl FnOnce(Drain) -> Pin<Box<dyn Future<Output = ()> + Send>>,
     ),
     CommandsError,
 > {
@@ -264,18 +266,29 @@ pub async fn server(
         config.command_retention,
         config.command_retention_sweep,
     );
-    let background = async move {
-        let workers = async {
-            if run_workers {
-                worker::work_forever(store.clone(), registry, settings, wake, queue).await;
+    let background = move |mut drain: Drain| -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(async move {
+            let upkeep = async {
+                tokio::join!(
+                    hub.listen_forever(db.clone()),
+                    retention,
+                    retention::sample_queue_forever(db.clone()),
+                );
+            };
+            let workers = async {
+                if run_workers {
+                    worker::work_forever(store.clone(), registry, settings, wake, queue, drain)
+                        .await;
+                } else {
+                    drain.started().await;
+                }
+            };
+            // The upkeep never ends by itself; the work ends when the workers have drained.
+            tokio::select! {
+                () = upkeep => {}
+                () = workers => {}
             }
-        };
-        tokio::join!(
-            hub.listen_forever(db.clone()),
-            workers,
-            retention,
-            retention::sample_queue_forever(db),
-        );
+        })
     };
     Ok((CommandServiceServer::new(api), background))
 }

@@ -23,6 +23,8 @@ use tokio_stream::{StreamExt, StreamMap};
 use tracing::Instrument;
 use uuid::Uuid;
 
+use waybill_runtime::server::Drain;
+
 use crate::{
     domain::{Status, backoff},
     handlers::{Execution, Failure, Registry},
@@ -76,14 +78,17 @@ pub struct WorkerSettings {
 /// Most outcomes recorded in one statement.
 const RECORD_BATCH: usize = 512;
 
-/// Runs the workers until the task is dropped. `wake` is notified when work may be ready.
-/// With `queue`, commands come as JetStream dispatches and the scan is only the fallback.
+/// Runs the workers until `drain` says the process is draining, then stops claiming, lets the
+/// attempts in flight end, records them and returns (the process bounds that by its shutdown
+/// grace). `wake` is notified when work may be ready. With `queue`, commands come as
+/// JetStream dispatches and the scan is only the fallback.
 pub async fn work_forever(
     store: CommandStore,
     registry: Registry,
     settings: WorkerSettings,
     wake: Arc<Notify>,
     queue: Option<JetStream>,
+    mut drain: Drain,
 ) {
     let settings = Arc::new(settings);
     let slots = Arc::new(Semaphore::new(settings.concurrency.max(1)));
@@ -97,7 +102,8 @@ pub async fn work_forever(
         settler.clone(),
     ));
     // Aborting the tasks with the loop keeps a stopped worker from writing later.
-    let mut _tasks = vec![AbortOnDrop(recorder)];
+    let mut recorder = AbortOnDrop(recorder);
+    let mut dispatcher = None;
     let runner = Runner {
         registry,
         settings: settings.clone(),
@@ -105,7 +111,7 @@ pub async fn work_forever(
     };
     let quiet_for = match (&queue, settler) {
         (Some(queue), Some(settler)) => {
-            _tasks.push(AbortOnDrop(tokio::spawn(dispatch_forever(
+            dispatcher = Some(AbortOnDrop(tokio::spawn(dispatch_forever(
                 settings.shards.clone(),
                 queue.clone(),
                 settler,
@@ -117,60 +123,77 @@ pub async fn work_forever(
         }
         _ => Duration::ZERO,
     };
-    let mut failures = Duration::from_millis(100);
-    loop {
-        // Wait for at least one free slot, then take every free one and claim that many.
-        // Taken before the claim: with JetStream, dispatch tasks take slots meanwhile, and a
-        // claimed command without a slot would sit RUNNING until its lease ran out.
-        let Ok(first) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let mut permits = vec![first];
-        while let Ok(permit) = slots.clone().try_acquire_owned() {
-            permits.push(permit);
-        }
-        let free = permits.len();
-        let claims = match store
-            .claim(
-                &settings.shards,
-                &settings.name,
-                settings.lease,
-                i64::try_from(free).unwrap_or(i64::MAX),
-                quiet_for,
-            )
-            .await
-        {
-            Ok(claims) => {
-                failures = Duration::from_millis(100);
-                claims
+    let claiming = async {
+        let mut failures = Duration::from_millis(100);
+        loop {
+            // Wait for at least one free slot, then take every free one and claim that many.
+            // Taken before the claim: with JetStream, dispatch tasks take slots meanwhile, and a
+            // claimed command without a slot would sit RUNNING until its lease ran out.
+            let Ok(first) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let mut permits = vec![first];
+            while let Ok(permit) = slots.clone().try_acquire_owned() {
+                permits.push(permit);
             }
-            Err(error) => {
-                drop(permits);
-                tracing::warn!(%error, retry_in = ?failures, "claiming commands failed");
-                tokio::time::sleep(failures).await;
-                failures = (failures * 2).min(Duration::from_secs(5));
+            let free = permits.len();
+            let claims = match store
+                .claim(
+                    &settings.shards,
+                    &settings.name,
+                    settings.lease,
+                    i64::try_from(free).unwrap_or(i64::MAX),
+                    quiet_for,
+                )
+                .await
+            {
+                Ok(claims) => {
+                    failures = Duration::from_millis(100);
+                    claims
+                }
+                Err(error) => {
+                    drop(permits);
+                    tracing::warn!(%error, retry_in = ?failures, "claiming commands failed");
+                    tokio::time::sleep(failures).await;
+                    failures = (failures * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            let claimed = claims.len();
+            waybill_runtime::metrics::commands_claimed("scan", claimed);
+            // The claim's LIMIT is the number of permits: each claim has one.
+            for (claim, permit) in claims.into_iter().zip(permits.drain(..)) {
+                start(&runner, claim, None, permit);
+            }
+            // Unused slots go back.
+            drop(permits);
+            if claimed >= free {
                 continue;
             }
-        };
-        let claimed = claims.len();
-        waybill_runtime::metrics::commands_claimed("scan", claimed);
-        // The claim's LIMIT is the number of permits: each claim has one.
-        for (claim, permit) in claims.into_iter().zip(permits.drain(..)) {
-            start(&runner, claim, None, permit);
+            if queue.is_some() {
+                // Messages bring the work; notifications would only wake the scan for nothing.
+                tokio::time::sleep(settings.poll).await;
+            } else {
+                // Nothing more is due now: sleep until told, or the fallback poll.
+                let _ = tokio::time::timeout(settings.poll, wake.notified()).await;
+            }
         }
-        // Unused slots go back.
-        drop(permits);
-        if claimed >= free {
-            continue;
-        }
-        if queue.is_some() {
-            // Messages bring the work; notifications would only wake the scan for nothing.
-            tokio::time::sleep(settings.poll).await;
-        } else {
-            // Nothing more is due now: sleep until told, or the fallback poll.
-            let _ = tokio::time::timeout(settings.poll, wake.notified()).await;
-        }
+    };
+    tokio::select! {
+        () = claiming => {}
+        () = drain.started() => {}
     }
+    // Draining: no new claims or dispatches; the attempts in flight end and are recorded, so
+    // a restart does not wait out their leases to run them again.
+    drop(dispatcher);
+    let total = u32::try_from(settings.concurrency.max(1)).unwrap_or(u32::MAX);
+    let in_flight = settings.concurrency.max(1) - slots.available_permits();
+    tracing::info!(in_flight, "command workers draining: no new claims");
+    let _all_ended = slots.acquire_many(total).await;
+    // The recorder ends once every sender is gone: this one and the attempts' clones.
+    drop(runner);
+    let _ = (&mut recorder.0).await;
+    tracing::info!(in_flight, "command workers drained");
 }
 
 /// Runs a claimed attempt in its own task, holding its slot until it ends.

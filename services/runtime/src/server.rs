@@ -20,11 +20,37 @@ use crate::{Db, PgIdempotencyStore, ServerConfig, health};
 const PURGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The gRPC services one process serves, collected before serving.
-#[derive(Default)]
 pub struct Services {
     routes: RoutesBuilder,
     names: Vec<&'static str>,
     tasks: Vec<BackgroundTask>,
+    draining: Vec<BackgroundTask>,
+    drain: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Services {
+    fn default() -> Self {
+        Self {
+            routes: RoutesBuilder::default(),
+            names: Vec::new(),
+            tasks: Vec::new(),
+            draining: Vec::new(),
+            drain: tokio::sync::watch::Sender::new(false),
+        }
+    }
+}
+
+/// Tells a background task added with [`Services::background_draining`] that the process
+/// is draining. Cheap to clone.
+#[derive(Clone)]
+pub struct Drain(tokio::sync::watch::Receiver<bool>);
+
+impl Drain {
+    /// Completes once draining started (at once if it has).
+    pub async fn started(&mut self) {
+        // An error means the sender is gone: the process is stopping anyway.
+        let _ = self.0.wait_for(|&draining| draining).await;
+    }
 }
 
 /// Work a service does beside answering calls (a sweeper, a relay, a consumer).
@@ -51,6 +77,19 @@ impl Services {
     /// draining starts.
     pub fn background(&mut self, task: impl Future<Output = ()> + Send + 'static) -> &mut Self {
         self.tasks.push(Box::pin(task));
+        self
+    }
+
+    /// Adds work that must finish what it started when the process drains (command workers
+    /// with attempts in flight): it is told through its [`Drain`] and given the same grace as
+    /// in-flight calls, then stopped.
+    pub fn background_draining<F, Fut>(&mut self, task: F) -> &mut Self
+    where
+        F: FnOnce(Drain) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let drain = Drain(self.drain.subscribe());
+        self.draining.push(Box::pin(task(drain)));
         self
     }
 
@@ -91,8 +130,11 @@ pub async fn serve(
         mut routes,
         names,
         tasks,
+        draining,
+        drain,
     } = services;
     let tasks: Vec<_> = tasks.into_iter().map(tokio::spawn).collect();
+    let draining: Vec<_> = draining.into_iter().map(tokio::spawn).collect();
 
     let methods = MethodTable::from_descriptor_sets(&[waybill_api::FILE_DESCRIPTOR_SET])
         .map_err(|e| ServeError::Descriptors(e.to_string()))?;
@@ -145,6 +187,7 @@ pub async fn serve(
             sampler.abort();
             purge.abort();
             tasks.iter().for_each(|task| task.abort());
+            draining.iter().for_each(|task| task.abort());
             return result.map_err(ServeError::from);
         }
         () = shutdown => {}
@@ -156,14 +199,24 @@ pub async fn serve(
     tasks.iter().for_each(|task| task.abort());
     health::set_all(&reporter, &names, ServingStatus::NotServing).await;
     let _ = drain_tx.send(());
+    drain.send_replace(true);
     tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining in-flight calls");
-    match tokio::time::timeout(config.shutdown_grace, &mut server).await {
+    let aborts: Vec<_> = draining.iter().map(|task| task.abort_handle()).collect();
+    let drained = async {
+        let result = (&mut server).await;
+        for task in draining {
+            let _ = task.await;
+        }
+        result
+    };
+    match tokio::time::timeout(config.shutdown_grace, drained).await {
         Ok(result) => {
             tracing::info!("drained; stopped");
             result.map_err(ServeError::from)
         }
         Err(_) => {
-            tracing::warn!(grace = ?config.shutdown_grace, "calls still running after the grace period; stopping anyway");
+            aborts.iter().for_each(|task| task.abort());
+            tracing::warn!(grace = ?config.shutdown_grace, "calls or background work still running after the grace period; stopping anyway");
             Ok(())
         }
     }
