@@ -91,6 +91,25 @@ async fn events_flow_over_the_postgres_bus() {
     .await;
 }
 
+/// The inbox is the consumer's memory of handled events; past the bus's inbox retention
+/// (`--inbox-retention`) its rows are purged, and the notifications they guarded stay.
+#[tokio::test]
+async fn inbox_rows_past_retention_are_purged() {
+    let db = TestDb::new().await;
+    let server = Waybill::serve(&db, &["--inbox-retention", "1s"]);
+    place_one(server.channel().await, "c-purge").await;
+    assert_eq!(
+        notification_kinds(server.channel().await, "c-purge", 2).await,
+        expected_after_confirmation()
+    );
+    eventually("the inbox is purged", || async {
+        (db.count("notifications.inbox").await == 0).then_some(())
+    })
+    .await;
+    assert_eq!(db.count("notifications.notifications").await, 2);
+    assert!(server.log().contains("purged inbox rows past retention"));
+}
+
 #[tokio::test]
 async fn events_flow_over_nats_jetstream() {
     let nats = NatsServer::start().await;

@@ -247,14 +247,78 @@ impl Consumer {
                     crate::BusKind::Nats => "nats",
                 },
             };
-            match &self.bus.inner {
-                BusInner::Postgres(pg) => pg.consume(&inbox, &mut shutdown).await,
-                BusInner::Nats(nats) => nats.consume(&inbox, &mut shutdown).await,
+            let consume = async {
+                match &self.bus.inner {
+                    BusInner::Postgres(pg) => pg.consume(&inbox, &mut shutdown).await,
+                    BusInner::Nats(nats) => nats.consume(&inbox, &mut shutdown).await,
+                }
+            };
+            // The purge never ends by itself; the consumer stops at shutdown.
+            tokio::select! {
+                () = consume => {}
+                () = purge_inbox_forever(
+                    &self.db,
+                    self.inbox_schema,
+                    self.subscription.name(),
+                    self.bus.inbox_retention,
+                ) => {}
             }
             tracing::info!("consumer stopped");
         }
         .instrument(span)
         .await;
+    }
+}
+
+/// Inbox rows deleted per statement: short statements, so handlers never wait behind one.
+const INBOX_PURGE_BATCH: i64 = 1_000;
+
+/// Deletes `subscription`'s inbox rows older than `retention`, in batches, for the life of the
+/// consumer: without it the inbox grows by a row per event forever. A purged event delivered
+/// again would be handled again, which is why the retention must outlast the bus's
+/// redeliveries.
+async fn purge_inbox_forever(db: &Db, schema: &str, subscription: &str, retention: Duration) {
+    // Often enough that a short retention is honoured; never more than every ten minutes.
+    let every = (retention / 2).clamp(Duration::from_millis(200), Duration::from_secs(600));
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let statement = format!(
+        "DELETE FROM {schema}.inbox WHERE ctid = ANY(ARRAY(
+             SELECT ctid FROM {schema}.inbox
+             WHERE subscription = $1 AND received_at < now() - make_interval(secs => $2)
+             LIMIT $3))"
+    );
+    loop {
+        ticker.tick().await;
+        let mut purged = 0;
+        loop {
+            let deleted = match db.primary().await {
+                Ok(client) => client
+                    .execute(
+                        &statement,
+                        &[&subscription, &retention.as_secs_f64(), &INBOX_PURGE_BATCH],
+                    )
+                    .await
+                    .map_err(DbError::from),
+                Err(error) => Err(error),
+            };
+            match deleted {
+                Ok(count) => {
+                    purged += count;
+                    if count < INBOX_PURGE_BATCH.unsigned_abs() {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "purging the inbox failed; trying again next sweep");
+                    break;
+                }
+            }
+        }
+        if purged > 0 {
+            tracing::info!(purged, ?retention, "purged inbox rows past retention");
+        }
     }
 }
 

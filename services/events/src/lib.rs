@@ -132,7 +132,7 @@ pub mod outbox;
 mod relay;
 mod shutdown;
 
-pub use bus::{Bus, BusConfig, BusError, BusKind};
+pub use bus::{Bus, BusConfig, BusError, BusKind, DEFAULT_INBOX_RETENTION};
 pub use consumer::{Consumer, Handler, HandlerError, InvalidSubscription, Subscription};
 pub use event::Event;
 pub use outbox::{INBOX_TABLE_SQL, OUTBOX_TABLE_SQL};

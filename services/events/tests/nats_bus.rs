@@ -17,6 +17,7 @@ async fn nats_bus(fx: &Fixture, nats: &NatsServer) -> Bus {
     let config = BusConfig {
         event_bus: BusKind::Nats,
         nats_url: Some(nats.url.clone()),
+        inbox_retention: waybill_events::DEFAULT_INBOX_RETENTION,
     };
     let bus = config.connect(fx.db.clone()).await.unwrap();
     assert_eq!(bus.kind(), BusKind::Nats);

@@ -4,9 +4,13 @@
 pub(crate) mod nats;
 pub(crate) mod postgres;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use waybill_runtime::{Db, DbError};
+
+/// How long consumers remember handled events by default: longer than the NATS stream keeps
+/// a message (7 days), the longest either bus can deliver one again.
+pub const DEFAULT_INBOX_RETENTION: Duration = Duration::from_secs(8 * 24 * 3600);
 
 /// Which bus carries events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -27,21 +31,28 @@ pub struct BusConfig {
     /// NATS server URL(s), comma-separated, for `--event-bus nats` (nats://host:4222).
     #[arg(long, env = "WAYBILL_NATS_URL", hide_env_values = true)]
     pub nats_url: Option<String>,
+
+    /// How long a consumer's inbox remembers a handled event (the duplicate check), after
+    /// which its row is purged. Must be longer than the bus can deliver an event again: the
+    /// NATS stream keeps messages 7 days.
+    #[arg(long, env = "WAYBILL_INBOX_RETENTION", default_value = "192h", value_parser = waybill_runtime::config::parse_duration)]
+    pub inbox_retention: Duration,
 }
 
 impl BusConfig {
     /// Connects the configured bus. Postgres: the `bus` schema of `db` (the services'
     /// database). NATS: connects and creates or updates the stream.
     pub async fn connect(&self, db: Db) -> Result<Bus, BusError> {
-        match self.event_bus {
-            BusKind::Postgres => Ok(Bus::postgres(db)),
+        let bus = match self.event_bus {
+            BusKind::Postgres => Bus::postgres(db),
             BusKind::Nats => {
                 let url = self.nats_url.as_deref().ok_or_else(|| {
                     BusError::Config("--event-bus nats needs --nats-url (WAYBILL_NATS_URL)".into())
                 })?;
-                Bus::nats(url).await
+                Bus::nats(url).await?
             }
-        }
+        };
+        Ok(bus.with_inbox_retention(self.inbox_retention))
     }
 }
 
@@ -49,6 +60,7 @@ impl BusConfig {
 #[derive(Clone)]
 pub struct Bus {
     pub(crate) inner: BusInner,
+    pub(crate) inbox_retention: Duration,
 }
 
 #[derive(Clone)]
@@ -69,6 +81,7 @@ impl Bus {
     pub fn postgres(db: Db) -> Self {
         Self {
             inner: BusInner::Postgres(Arc::new(postgres::PgBus { db })),
+            inbox_retention: DEFAULT_INBOX_RETENTION,
         }
     }
 
@@ -77,7 +90,14 @@ impl Bus {
     pub async fn nats(url: &str) -> Result<Self, BusError> {
         Ok(Self {
             inner: BusInner::Nats(Arc::new(nats::NatsBus::connect(url).await?)),
+            inbox_retention: DEFAULT_INBOX_RETENTION,
         })
+    }
+
+    /// Consumers of this bus purge their inbox rows older than `retention`.
+    pub fn with_inbox_retention(mut self, retention: Duration) -> Self {
+        self.inbox_retention = retention;
+        self
     }
 
     /// Which bus this is.
