@@ -719,6 +719,7 @@ class Workloads(unittest.TestCase):
             **{variable: services["commands"]["pipeline"][key]
                for key, variable in SETTINGS[("commands", "pipeline")].items()},
             "WAYBILL_OUTBOX_RELAY": defaults["outboxRelay"],
+            "WAYBILL_INBOX_RETENTION": chart["eventBus"]["inboxRetention"],
             "WAYBILL_DB_POOL_SIZE": defaults["dbPoolSize"],
             "WAYBILL_DB_TIMEOUT": defaults["dbTimeout"],
             "WAYBILL_HEALTH_INTERVAL": defaults["healthInterval"],
