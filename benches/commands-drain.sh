@@ -10,7 +10,8 @@
 # then a worker process with `--command-queue nats` drains it.
 #
 # Release build, against the `waybill dev up` cluster (durable commits, a streaming replica).
-# Usage: [QUEUE=nats] benches/commands-drain.sh [USERS] [serve flags…]   (default: 10000 users)
+# Usage: [QUEUE=nats] [DRAIN_LOG=file] benches/commands-drain.sh [USERS] [serve flags…]
+#   (default: 10000 users; DRAIN_LOG keeps the draining process's log)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 users=${1:-10000}
@@ -35,7 +36,7 @@ cleanup() {
   [ -n "$serve" ] && { kill -TERM "$serve" 2>/dev/null; wait "$serve" 2>/dev/null; }
   [ -n "$nats" ] && { kill "$nats" 2>/dev/null; wait "$nats" 2>/dev/null; }
   [ -n "$natsdir" ] && rm -rf "$natsdir"
-  [ -n "${KEEP_DB:-}" ] || psql "$primary" -qc "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true
+  psql "$primary" -qc "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 
@@ -46,7 +47,7 @@ if [ "$queue" = nats ]; then
   natsdir=$(mktemp -d)
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   nats_bin=$(command -v nats-server || echo /usr/sbin/nats-server)
-  "$nats_bin" -js -a 127.0.0.1 -p "$port" -m "${NATS_MONITOR:-0}" -sd "$natsdir" >"$natsdir/log" 2>&1 &
+  "$nats_bin" -js -a 127.0.0.1 -p "$port" -sd "$natsdir" >"$natsdir/log" 2>&1 &
   nats=$!
   serve_flags+=(--command-queue nats --nats-url "nats://127.0.0.1:$port")
   sleep 0.5

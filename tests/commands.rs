@@ -6,7 +6,7 @@
 // A failed unwrap is a failed test, which is what we want here.
 #![allow(clippy::unwrap_used)]
 
-use std::{collections::HashMap, net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use tokio_stream::StreamExt;
 use tonic::{Code, Status, transport::Channel};
@@ -137,6 +137,82 @@ async fn on_hand(db: &TestDb, sku: &str) -> i32 {
         .get(0)
 }
 
+/// `users` users at once, each submitting `per_user` notifications one after another (each
+/// acknowledged before the next): each user (`{prefix}-N`) with its command ids in order.
+async fn submit_per_user(
+    channel: &Channel,
+    prefix: &str,
+    users: usize,
+    per_user: usize,
+) -> Vec<(String, Vec<String>)> {
+    let mut submitters = Vec::new();
+    for user in 0..users {
+        let mut commands = client(channel);
+        let user = format!("{prefix}-{user}");
+        submitters.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for n in 0..per_user {
+                let payload = notify(&user, &format!("message {n}"));
+                let command = submit(&mut commands, &user, &format!("k-{n}"), payload).await;
+                ids.push(command.command_id);
+            }
+            (user, ids)
+        }));
+    }
+    let mut by_user = Vec::new();
+    for submitter in submitters {
+        by_user.push(submitter.await.unwrap());
+    }
+    by_user
+}
+
+/// Each of `user`'s commands (`ids`, in submission order) started only after the one before it
+/// finished, as the audit trail shows, and each took effect once: one notification each.
+async fn assert_ran_in_order_once(db: &TestDb, user: &str, ids: &[String]) {
+    let primary = db.primary().await;
+    for pair in ids.windows(2) {
+        let row = primary
+            .query_one(
+                "SELECT (SELECT max(at) FROM commands.audit WHERE command_id = $1::text::uuid AND status = 'SUCCEEDED')
+                      <= (SELECT min(at) FROM commands.audit WHERE command_id = $2::text::uuid AND status = 'RUNNING')",
+                &[&pair[0], &pair[1]],
+            )
+            .await
+            .unwrap();
+        assert!(
+            row.get::<_, bool>(0),
+            "{user}: {} overlapped {}",
+            pair[1],
+            pair[0]
+        );
+    }
+    let sent: i64 = primary
+        .query_one(
+            "SELECT count(*) FROM notifications.notifications WHERE customer_id = $1",
+            &[&user],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sent, ids.len() as i64, "{user}");
+}
+
+/// A notifications service whose SendNotification answers only after 1.5 s, so a worker
+/// calling it is surely mid-call for a while.
+fn slow_notifications(db: &TestDb) -> Waybill {
+    Waybill::start(
+        db,
+        ServeOptions {
+            services: Some("notifications"),
+            policy: Some(
+                r#"{"methodConfig": [{"name": [{"service": "waybill.notifications.v1.NotificationsService", "method": "SendNotification"}],
+                    "faults": {"delay": {"duration": "1500ms", "percent": 100}}}]}"#,
+            ),
+            ..ServeOptions::default()
+        },
+    )
+}
+
 /// Many users, each submitting commands one after another (each acknowledged before the next),
 /// all users at once: every command runs once, and each user's run one at a time in the order
 /// submitted, as the audit trail shows.
@@ -147,32 +223,9 @@ async fn each_users_commands_run_in_order_and_users_run_in_parallel() {
     let channel = server.channel().await;
     const USERS: usize = 12;
     const PER_USER: usize = 8;
-    let mut submitters = Vec::new();
-    for user in 0..USERS {
-        let mut commands = client(&channel);
-        submitters.push(tokio::spawn(async move {
-            let user = format!("user-{user}");
-            let mut ids = Vec::new();
-            for n in 0..PER_USER {
-                let command = submit(
-                    &mut commands,
-                    &user,
-                    &format!("k-{n}"),
-                    notify(&user, &format!("message {n}")),
-                )
-                .await;
-                ids.push(command.command_id);
-            }
-            (user, ids)
-        }));
-    }
-    let mut by_user = HashMap::new();
-    for submitter in submitters {
-        let (user, ids) = submitter.await.unwrap();
-        by_user.insert(user, ids);
-    }
+    let by_user = submit_per_user(&channel, "user", USERS, PER_USER).await;
     let commands = client(&channel);
-    for ids in by_user.values() {
+    for (_, ids) in &by_user {
         for id in ids {
             let command = reaches(&commands, id, CommandStatus::Succeeded).await;
             assert_eq!(
@@ -185,36 +238,10 @@ async fn each_users_commands_run_in_order_and_users_run_in_parallel() {
             );
         }
     }
-    let primary = db.primary().await;
     for (user, ids) in &by_user {
-        // Each command started only after the one before it finished.
-        for pair in ids.windows(2) {
-            let row = primary
-                .query_one(
-                    "SELECT (SELECT max(at) FROM commands.audit WHERE command_id = $1::text::uuid AND status = 'SUCCEEDED')
-                          <= (SELECT min(at) FROM commands.audit WHERE command_id = $2::text::uuid AND status = 'RUNNING')",
-                    &[&pair[0], &pair[1]],
-                )
-                .await
-                .unwrap();
-            assert!(
-                row.get::<_, bool>(0),
-                "{user}: {} overlapped {}",
-                pair[1],
-                pair[0]
-            );
-        }
-        // The effect happened once per command.
-        let sent: i64 = primary
-            .query_one(
-                "SELECT count(*) FROM notifications.notifications WHERE customer_id = $1",
-                &[user],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(sent, PER_USER as i64, "{user}");
+        assert_ran_in_order_once(&db, user, ids).await;
     }
+    let primary = db.primary().await;
     // The users are spread over the shards.
     let shards: i64 = primary
         .query_one("SELECT count(DISTINCT shard) FROM commands.commands", &[])
@@ -229,19 +256,8 @@ async fn each_users_commands_run_in_order_and_users_run_in_parallel() {
 #[tokio::test]
 async fn a_command_whose_worker_dies_is_claimed_again_and_takes_effect_once() {
     let db = TestDb::new().await;
-    // The notifications service answers SendNotification only after a while, so the first
-    // worker is surely mid-call when it is killed.
-    let notifications = Waybill::start(
-        &db,
-        ServeOptions {
-            services: Some("notifications"),
-            policy: Some(
-                r#"{"methodConfig": [{"name": [{"service": "waybill.notifications.v1.NotificationsService", "method": "SendNotification"}],
-                    "faults": {"delay": {"duration": "1500ms", "percent": 100}}}]}"#,
-            ),
-            ..ServeOptions::default()
-        },
-    );
+    // The first worker is surely mid-call when it is killed.
+    let notifications = slow_notifications(&db);
     let target = notifications.endpoint();
     let worker_args = [
         "--services",
@@ -292,17 +308,7 @@ async fn a_command_whose_worker_dies_is_claimed_again_and_takes_effect_once() {
 #[tokio::test]
 async fn a_draining_worker_finishes_and_records_its_attempts_before_exiting() {
     let db = TestDb::new().await;
-    let notifications = Waybill::start(
-        &db,
-        ServeOptions {
-            services: Some("notifications"),
-            policy: Some(
-                r#"{"methodConfig": [{"name": [{"service": "waybill.notifications.v1.NotificationsService", "method": "SendNotification"}],
-                    "faults": {"delay": {"duration": "1500ms", "percent": 100}}}]}"#,
-            ),
-            ..ServeOptions::default()
-        },
-    );
+    let notifications = slow_notifications(&db);
     let target = notifications.endpoint();
     let mut worker = Waybill::serve(
         &db,
@@ -869,59 +875,14 @@ async fn with_the_jetstream_queue_users_keep_their_order_and_nats_going_away_los
     let channel = server.channel().await;
     const USERS: usize = 6;
     const PER_USER: usize = 5;
-    let mut submitters = Vec::new();
-    for user in 0..USERS {
-        let mut commands = client(&channel);
-        submitters.push(tokio::spawn(async move {
-            let user = format!("js-user-{user}");
-            let mut ids = Vec::new();
-            for n in 0..PER_USER {
-                let payload = notify(&user, &format!("message {n}"));
-                ids.push(
-                    submit(&mut commands, &user, &format!("k-{n}"), payload)
-                        .await
-                        .command_id,
-                );
-            }
-            (user, ids)
-        }));
-    }
-    let mut by_user = Vec::new();
-    for submitter in submitters {
-        by_user.push(submitter.await.unwrap());
-    }
+    let by_user = submit_per_user(&channel, "js-user", USERS, PER_USER).await;
     let commands = client(&channel);
-    let primary = db.primary().await;
     for (user, ids) in &by_user {
         for id in ids {
             let done = reaches(&commands, id, CommandStatus::Succeeded).await;
             assert_eq!(done.attempts, 1, "{id}");
         }
-        for pair in ids.windows(2) {
-            let row = primary
-                .query_one(
-                    "SELECT (SELECT max(at) FROM commands.audit WHERE command_id = $1::text::uuid AND status = 'SUCCEEDED')
-                          <= (SELECT min(at) FROM commands.audit WHERE command_id = $2::text::uuid AND status = 'RUNNING')",
-                    &[&pair[0], &pair[1]],
-                )
-                .await
-                .unwrap();
-            assert!(
-                row.get::<_, bool>(0),
-                "{user}: {} overlapped {}",
-                pair[1],
-                pair[0]
-            );
-        }
-        let sent: i64 = primary
-            .query_one(
-                "SELECT count(*) FROM notifications.notifications WHERE customer_id = $1",
-                &[user],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(sent, PER_USER as i64, "{user}");
+        assert_ran_in_order_once(&db, user, ids).await;
     }
     let scrape = server.scrape().await;
     let by_message = counter(&scrape, r#"waybill_command_claims_total{via="jetstream"}"#);

@@ -137,12 +137,7 @@ pub async fn run(command: CommandsCommand) -> anyhow::Result<()> {
             .await
             .map(|r| {
                 let page = r.into_inner();
-                page.commands
-                    .into_iter()
-                    .for_each(|c| print_command(Some(c)));
-                if !page.next_page_token.is_empty() {
-                    println!("next page: --page-token {}", page.next_page_token);
-                }
+                print_page(page.commands, &page.next_page_token);
             }),
         CommandsCommand::Watch { target, command_id } => {
             let mut stream = client(&target)?
@@ -179,12 +174,7 @@ pub async fn run(command: CommandsCommand) -> anyhow::Result<()> {
             .await
             .map(|r| {
                 let page = r.into_inner();
-                page.commands
-                    .into_iter()
-                    .for_each(|c| print_command(Some(c)));
-                if !page.next_page_token.is_empty() {
-                    println!("next page: --page-token {}", page.next_page_token);
-                }
+                print_page(page.commands, &page.next_page_token);
             }),
         CommandsCommand::Requeue { target, command_id } => client(&target)?
             .requeue_command(pb::RequeueCommandRequest { command_id })
@@ -271,6 +261,14 @@ fn transition(change: &pb::CommandTransition) -> String {
             format!("  error={:?}", change.error)
         }
     )
+}
+
+/// A page of a listing, and how to ask for the next one.
+fn print_page(commands: Vec<pb::Command>, next_page_token: &str) {
+    commands.into_iter().for_each(|c| print_command(Some(c)));
+    if !next_page_token.is_empty() {
+        println!("next page: --page-token {next_page_token}");
+    }
 }
 
 fn print_command(command: Option<pb::Command>) {

@@ -236,7 +236,7 @@ impl Settler {
 /// How long a dispatch that could not run now waits before it comes back: `first`, doubling
 /// with each delivery up to `max`, so a long wait (a user's earlier command retrying for
 /// minutes, a database outage) is not a redelivery every `first`.
-pub fn backoff(message: &jetstream::Message, first: Duration, max: Duration) -> Duration {
+pub fn redelivery_delay(message: &jetstream::Message, first: Duration, max: Duration) -> Duration {
     let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
     let doublings = u32::try_from(delivered.saturating_sub(1).min(16)).unwrap_or(16);
     first.saturating_mul(1 << doublings).min(max)

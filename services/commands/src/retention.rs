@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use waybill_runtime::Db;
+use waybill_runtime::{Db, purge::delete_in_batches};
 
 use crate::store::CommandStore;
 
@@ -18,26 +18,14 @@ pub async fn purge_forever(store: CommandStore, age: Duration, every: Duration) 
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let mut total = 0;
-        loop {
-            match store.purge(age, PURGE_BATCH).await {
-                Ok(deleted) => {
-                    total += deleted;
-                    waybill_runtime::metrics::commands_purged(deleted);
-                    if deleted < PURGE_BATCH.unsigned_abs() {
-                        break;
-                    }
-                    // Let other work in between batches.
-                    tokio::task::yield_now().await;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "command retention failed; trying again next sweep");
-                    break;
-                }
-            }
+        let (deleted, error) =
+            delete_in_batches(PURGE_BATCH.unsigned_abs(), || store.purge(age, PURGE_BATCH)).await;
+        waybill_runtime::metrics::commands_purged(deleted);
+        if let Some(error) = error {
+            tracing::warn!(%error, "command retention failed; trying again next sweep");
         }
-        if total > 0 {
-            tracing::info!(deleted = total, "purged finished commands past retention");
+        if deleted > 0 {
+            tracing::info!(deleted, "purged finished commands past retention");
         }
     }
 }

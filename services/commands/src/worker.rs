@@ -304,7 +304,7 @@ async fn dispatch(
         Err(error) => {
             tracing::warn!(%error, "claiming dispatched commands failed; they come back");
             for (message, _) in waiting.into_values() {
-                let wait = jetstream::backoff(&message, BLOCKED_RETRY, BLOCKED_RETRY_MAX);
+                let wait = jetstream::redelivery_delay(&message, BLOCKED_RETRY, BLOCKED_RETRY_MAX);
                 settler.settle(message, AckKind::Nak(Some(wait)));
             }
             return;
@@ -335,7 +335,7 @@ async fn dispatch(
         };
     let now = chrono::Utc::now();
     for (id, (message, _permit)) in waiting {
-        let blocked = jetstream::backoff(&message, BLOCKED_RETRY, BLOCKED_RETRY_MAX);
+        let blocked = jetstream::redelivery_delay(&message, BLOCKED_RETRY, BLOCKED_RETRY_MAX);
         let kind = match states.as_ref().map(|states| states.get(&id)) {
             None => AckKind::Nak(Some(blocked)),
             Some(Some((Status::Accepted | Status::Running | Status::Retrying, due))) => {
@@ -425,7 +425,10 @@ async fn record(
 ) {
     let mut finished = Vec::with_capacity(RECORD_BATCH);
     while queue.recv_many(&mut finished, RECORD_BATCH).await > 0 {
-        let batch: Vec<Completion> = finished.iter().map(|f| f.completion.clone()).collect();
+        let (batch, messages): (Vec<Completion>, Vec<Option<Message>>) = finished
+            .drain(..)
+            .map(|f| (f.completion, f.message))
+            .unzip();
         let given_up_at = tokio::time::Instant::now() + settings.lease;
         let mut pause = Duration::from_millis(50);
         // The completions the log took; one whose claim was taken over is not among them.
@@ -450,19 +453,15 @@ async fn record(
         // Dispatches are settled once their outcome is stored: a retry comes back when due.
         // An outcome not stored (given up, or the claim was taken over) leaves its message to
         // be delivered again, where the claim rule sorts it out.
-        for Finished {
-            completion,
-            message,
-        } in finished.drain(..)
-        {
+        for (completion, message) in batch.iter().zip(messages) {
             let (Some(settler), Some(message)) = (&settler, message) else {
                 continue;
             };
             if !applied.contains(&completion.id) {
                 continue;
             }
-            let kind = match completion.outcome {
-                Outcome::Retry { after, .. } => AckKind::Nak(Some(after)),
+            let kind = match &completion.outcome {
+                Outcome::Retry { after, .. } => AckKind::Nak(Some(*after)),
                 Outcome::Succeeded { .. } | Outcome::Dead { .. } => AckKind::Ack,
             };
             settler.settle(message, kind);

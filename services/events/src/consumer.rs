@@ -9,7 +9,7 @@
 use std::{fmt, future::Future, sync::Arc, time::Duration};
 
 use tracing::Instrument;
-use waybill_runtime::{Db, DbError};
+use waybill_runtime::{Db, DbError, purge::delete_in_batches};
 
 use crate::{
     Event,
@@ -288,33 +288,22 @@ async fn purge_inbox_forever(db: &Db, schema: &str, subscription: &str, retentio
              WHERE subscription = $1 AND received_at < now() - make_interval(secs => $2)
              LIMIT $3))"
     );
+    let statement = &statement;
     loop {
         ticker.tick().await;
-        let mut purged = 0;
-        loop {
-            let deleted = match db.primary().await {
-                Ok(client) => client
-                    .execute(
-                        &statement,
-                        &[&subscription, &retention.as_secs_f64(), &INBOX_PURGE_BATCH],
-                    )
-                    .await
-                    .map_err(DbError::from),
-                Err(error) => Err(error),
-            };
-            match deleted {
-                Ok(count) => {
-                    purged += count;
-                    if count < INBOX_PURGE_BATCH.unsigned_abs() {
-                        break;
-                    }
-                    tokio::task::yield_now().await;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "purging the inbox failed; trying again next sweep");
-                    break;
-                }
-            }
+        let (purged, error) = delete_in_batches(INBOX_PURGE_BATCH.unsigned_abs(), || async move {
+            let client = db.primary().await?;
+            let batch = INBOX_PURGE_BATCH;
+            Ok(client
+                .execute(
+                    statement,
+                    &[&subscription, &retention.as_secs_f64(), &batch],
+                )
+                .await?)
+        })
+        .await;
+        if let Some(error) = error {
+            tracing::warn!(%error, "purging the inbox failed; trying again next sweep");
         }
         if purged > 0 {
             tracing::info!(purged, ?retention, "purged inbox rows past retention");

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod otlp_metrics;
 pub mod page_token;
+pub mod purge;
 pub mod server;
 pub mod telemetry;
 pub mod validate;
