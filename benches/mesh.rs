@@ -184,6 +184,7 @@ async fn serve(kind: &str) -> Result<(), Box<dyn std::error::Error>> {
                     &policy(),
                     &methods(),
                     Arc::new(MemoryStore::default()),
+                    mesh_layer::shed::MethodCaps::default(),
                 ))
                 .add_service(echo)
                 .serve_with_incoming_shutdown(incoming, stop)

@@ -310,6 +310,8 @@ async fn fifty_concurrent_duplicates_place_one_order_and_share_its_answer() {
                     "faults": {"delay": {"duration": "200ms", "percent": 100}}}],
                     "loadShedding": {"enabled": false}}"#,
             ),
+            // PlaceOrder's own cap (32 by default) would shed some of the 50 too.
+            args: &["--saga-max-placing", "64"],
             ..ServeOptions::default()
         },
     );

@@ -76,6 +76,30 @@ impl Prometheus {
         Self { child, addr, dir }
     }
 
+    /// Waits until Prometheus listens and says it is ready: on a loaded machine its start
+    /// (the TSDB's) can take seconds, and a query before it would find the port closed. A
+    /// Prometheus that exits first (its port, picked free, taken meanwhile) fails the test
+    /// with its log.
+    async fn ready(&mut self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let log =
+                    std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default();
+                panic!("prometheus exited ({status}) before it was ready:\n{log}");
+            }
+            let listening = tokio::net::TcpStream::connect(self.addr).await.is_ok();
+            if listening && http_get(self.addr, "/-/ready").await.0 == 200 {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "prometheus not ready within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The result vector of an instant query, or the error Prometheus gave.
     async fn query(&self, promql: &str) -> Result<Vec<serde_json::Value>, String> {
         let (status, body) = http_get(
@@ -151,7 +175,8 @@ async fn prometheus_answers_every_dashboard_query_with_data() {
     let db = TestDb::new().await;
     let server = Waybill::serve(&db, &["--health-interval", "200ms"]);
     let channel = server.channel().await;
-    let prometheus = Prometheus::start(server.admin_addr().await);
+    let mut prometheus = Prometheus::start(server.admin_addr().await);
+    prometheus.ready().await;
 
     // Traffic the panels chart: orders confirmed and cancelled (events through the bus to
     // notifications), and a command run by a worker.

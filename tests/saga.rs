@@ -151,6 +151,27 @@ fn status(order: &pb::Order) -> pb::OrderStatus {
     pb::OrderStatus::try_from(order.status).unwrap()
 }
 
+/// A server whose every Reserve takes `delay` (an injected fault), started with `args`, with
+/// 100 units of SKU-1 and a courier of capacity 10 in zone north.
+async fn slow_reserve_server(db: &TestDb, delay: &str, args: &[&str]) -> (Waybill, Clients) {
+    let policy = format!(
+        r#"{{"methodConfig": [{{"name": [{{"service": "waybill.inventory.v1.InventoryService", "method": "Reserve"}}],
+            "faults": {{"delay": {{"duration": "{delay}", "percent": 100}}}}}}]}}"#
+    );
+    let server = Waybill::start(
+        db,
+        ServeOptions {
+            policy: Some(&policy),
+            args,
+            ..ServeOptions::default()
+        },
+    );
+    let mut clients = clients(&server).await;
+    clients.stock("SKU-1", 100).await;
+    clients.courier("bike-1", "north", 10).await;
+    (server, clients)
+}
+
 #[tokio::test]
 async fn an_order_is_confirmed_and_delivered() {
     let db = TestDb::new().await;
@@ -409,4 +430,158 @@ async fn a_saga_killed_midway_completes_after_restart() {
     assert_eq!(order.courier_id, "bike-1");
     assert_eq!(stock_of(&db, "SKU-1").await, (3, 0));
     assert_eq!(courier_load(&db, "bike-1").await, 1);
+}
+
+/// PlaceOrder runs at most `--saga-max-placing` sagas at once. Past that, a call is refused at
+/// once with RESOURCE_EXHAUSTED and writes nothing, while the admitted orders complete; a slot
+/// is free again once its saga ends.
+#[tokio::test]
+async fn orders_past_the_admission_bound_are_refused_at_once_and_write_nothing() {
+    let db = TestDb::new().await;
+    // Every Reserve takes 1.5 s, so two orders hold both slots while the others arrive.
+    let (_server, mut clients) = slow_reserve_server(
+        &db,
+        "1500ms",
+        &["--saga-max-placing", "2", "--saga-step-timeout", "10s"],
+    )
+    .await;
+
+    let admitted: Vec<_> = (0..2)
+        .map(|n| {
+            let mut orders = clients.orders.clone();
+            tokio::spawn(async move {
+                orders
+                    .place_order(place_request(&format!("c-{n}"), "SKU-1", 1))
+                    .await
+            })
+        })
+        .collect();
+    eventually("both admitted orders are stored", || async {
+        (db.count("orders.orders").await == 2).then_some(())
+    })
+    .await;
+
+    for n in 2..6 {
+        let started = std::time::Instant::now();
+        let refused = clients
+            .orders
+            .place_order(place_request(&format!("c-{n}"), "SKU-1", 1))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.code(),
+            tonic::Code::ResourceExhausted,
+            "{refused:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(1000),
+            "refused at once, not after the admitted sagas: {:?}",
+            started.elapsed()
+        );
+    }
+    for placing in admitted {
+        let order = placing.await.unwrap().unwrap().into_inner().order.unwrap();
+        assert_eq!(status(&order), pb::OrderStatus::Confirmed, "{order:?}");
+    }
+    assert_eq!(
+        db.count("orders.orders").await,
+        2,
+        "refused calls wrote no order"
+    );
+    assert_eq!(stock_of(&db, "SKU-1").await, (98, 0));
+
+    let after = clients.place("c-late", "SKU-1", 1).await;
+    assert_eq!(
+        status(&after),
+        pb::OrderStatus::Confirmed,
+        "slots are freed"
+    );
+}
+
+/// A saga whose run outlasts its lease renews it, so the driver does not start a second run of
+/// it meanwhile: with a 1 s lease and a Reserve that takes 2.5 s, the order is confirmed
+/// after exactly one Reserve and no resumption.
+#[tokio::test]
+async fn a_long_saga_renews_its_lease_and_runs_once() {
+    let db = TestDb::new().await;
+    let (server, mut clients) = slow_reserve_server(
+        &db,
+        "2500ms",
+        &[
+            "--saga-lease",
+            "1s",
+            "--saga-poll",
+            "100ms",
+            "--saga-step-timeout",
+            "10s",
+        ],
+    )
+    .await;
+
+    let order = clients.place("c-1", "SKU-1", 1).await;
+    assert_eq!(status(&order), pb::OrderStatus::Confirmed, "{order:?}");
+    let metrics = server.scrape().await;
+    let reserves: Vec<&str> = metrics
+        .lines()
+        .filter(|line| {
+            line.starts_with("mesh_server_request_duration_seconds_count")
+                && line.contains(r#"method="Reserve""#)
+        })
+        .collect();
+    assert_eq!(reserves.len(), 1, "{reserves:?}");
+    assert!(
+        reserves[0].ends_with(" 1"),
+        "one Reserve call: {reserves:?}"
+    );
+    assert!(
+        !server.log().contains("resuming saga"),
+        "the driver left the running saga alone"
+    );
+    assert_eq!(stock_of(&db, "SKU-1").await, (99, 0));
+}
+
+/// PlaceOrder's slot belongs to the saga, not to the call: a caller that gives up (its
+/// deadline passes) does not free it while the saga it started still runs.
+#[tokio::test]
+async fn an_abandoned_placement_keeps_its_slot_until_its_saga_ends() {
+    let db = TestDb::new().await;
+    let (_server, mut clients) = slow_reserve_server(
+        &db,
+        "1500ms",
+        &["--saga-max-placing", "1", "--saga-step-timeout", "10s"],
+    )
+    .await;
+
+    let mut hasty = Request::new(place_request("c-hasty", "SKU-1", 1));
+    hasty.set_timeout(Duration::from_millis(300));
+    let abandoned = clients.orders.place_order(hasty).await.unwrap_err();
+    assert!(
+        matches!(
+            abandoned.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{abandoned:?}"
+    );
+    let refused = clients
+        .orders
+        .place_order(place_request("c-next", "SKU-1", 1))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "the abandoned call's saga still holds the slot: {refused:?}"
+    );
+
+    eventually("the abandoned order's saga confirms it", || async {
+        let confirmed = db.count("orders.orders WHERE status = 'CONFIRMED'").await;
+        (confirmed == 1).then_some(())
+    })
+    .await;
+    let after = clients.place("c-after", "SKU-1", 1).await;
+    assert_eq!(
+        status(&after),
+        pb::OrderStatus::Confirmed,
+        "the slot is free"
+    );
 }

@@ -113,7 +113,13 @@ impl ServiceName {
                     &settings.targets,
                     own_target,
                 )?;
-                services.add(server).background(driver)
+                services
+                    .add(server)
+                    .cap(
+                        waybill_orders::PLACE_ORDER,
+                        settings.orders.saga_max_placing,
+                    )
+                    .background(driver)
             }
             ServiceName::Inventory => {
                 let (server, sweeper) =

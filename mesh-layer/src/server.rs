@@ -18,7 +18,7 @@ use crate::{
     method::MethodTable,
     policy::Policy,
     red::RedLayer,
-    shed::LoadShedLayer,
+    shed::{LoadShedLayer, MethodCaps},
     trace::ServerTraceLayer,
 };
 
@@ -38,17 +38,19 @@ pub type ServerStack = Stack<
 >;
 
 /// Builds the server stack from `policy`, for the methods `methods` describes (which are
-/// also the methods the RED metrics name), keeping idempotency keys in `store`. Build it once per server: the load-shedding limit is shared
-/// by everything the stack wraps.
+/// also the methods the RED metrics name), keeping idempotency keys in `store` and holding
+/// the methods in `caps` to their caps. Build it once per server: the load-shedding limit is
+/// shared by everything the stack wraps.
 pub fn stack(
     policy: &Policy,
     methods: &MethodTable,
     store: Arc<dyn IdempotencyStore>,
+    caps: MethodCaps,
 ) -> ServerStack {
     Stack::new(
         IdempotencyLayer::new(store, policy, methods.clone()),
         Stack::new(
-            LoadShedLayer::new(policy.load_shedding()),
+            LoadShedLayer::new(policy.load_shedding()).with_caps(caps),
             Stack::new(
                 FaultLayer::new(policy.clone()),
                 Stack::new(ServerDeadlineLayer, RedLayer::new(methods)),

@@ -20,7 +20,7 @@ use mesh_layer::{
     fault::FaultLayer,
     grpc,
     policy::{Policy, ShedPolicy},
-    shed::LoadShedLayer,
+    shed::{LoadShedLayer, MethodCaps},
 };
 use support::{code, echo_timeout, marker, ok, request, send, sent_timeout};
 use tokio::{sync::Notify, time::Instant};
@@ -140,8 +140,11 @@ async fn an_expired_deadline_fails_without_sending() {
     assert_eq!(calls.load(Ordering::SeqCst), 0, "never sent");
 }
 
-#[tokio::test(start_paused = true)]
-async fn overload_is_refused_at_once_but_health_checks_pass() {
+/// A handler whose calls all wait until `release.notify_waiters()`, then answer OK.
+fn gated_handler() -> (
+    Arc<Notify>,
+    tower::util::BoxCloneService<Request<Body>, http::Response<Body>, Infallible>,
+) {
     let release = Arc::new(Notify::new());
     let gate = release.clone();
     let handler = service_fn(move |_request: Request<Body>| {
@@ -151,6 +154,12 @@ async fn overload_is_refused_at_once_but_health_checks_pass() {
             Ok::<_, Infallible>(ok())
         }
     });
+    (release, tower::util::BoxCloneService::new(handler))
+}
+
+#[tokio::test(start_paused = true)]
+async fn overload_is_refused_at_once_but_health_checks_pass() {
+    let (release, handler) = gated_handler();
     let layer = LoadShedLayer::new(Some(&ShedPolicy {
         initial_limit: 2,
         min_limit: 1,
@@ -200,6 +209,43 @@ async fn overload_is_refused_at_once_but_health_checks_pass() {
     }
     assert_eq!(code(&health.await.unwrap().unwrap()), Code::Ok);
     assert_eq!(layer.limit_for("/s.S/M").unwrap().in_flight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_capped_method_is_refused_at_once_past_its_cap_even_with_adaptive_limits_off() {
+    let (release, handler) = gated_handler();
+    let caps = MethodCaps::default().with("/s.S/Capped", 2);
+    let service = LoadShedLayer::new(None).with_caps(caps).layer(handler);
+
+    let mut held: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(service.clone().oneshot(request("/s.S/Capped", None))))
+        .collect();
+    tokio::task::yield_now().await;
+
+    let started = Instant::now();
+    let refused = service
+        .clone()
+        .oneshot(request("/s.S/Capped", None))
+        .await
+        .unwrap();
+    assert_eq!(code(&refused), Code::ResourceExhausted);
+    assert_eq!(marker(&refused), Some("load-shed"));
+    assert_eq!(started.elapsed(), Duration::ZERO, "refused without waiting");
+
+    // Other methods, of the same service included, are not held to it.
+    let other = tokio::spawn(service.clone().oneshot(request("/s.S/Other", None)));
+    tokio::task::yield_now().await;
+    held.push(other);
+    release.notify_waiters();
+    for call in held {
+        assert_eq!(code(&call.await.unwrap().unwrap()), Code::Ok);
+    }
+
+    // The slots come back with the calls.
+    let again = tokio::spawn(service.clone().oneshot(request("/s.S/Capped", None)));
+    tokio::task::yield_now().await;
+    release.notify_waiters();
+    assert_eq!(code(&again.await.unwrap().unwrap()), Code::Ok);
 }
 
 #[tokio::test(start_paused = true)]

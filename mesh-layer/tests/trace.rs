@@ -39,8 +39,14 @@ fn attribute<'a>(span: &'a SpanData, key: &str) -> Option<&'a opentelemetry::Val
         .map(|kv| &kv.value)
 }
 
+/// One test at a time: `tracing` caches each callsite's interest process-wide, and a test that
+/// runs with no subscriber on another thread can leave the trace layers' spans disabled for
+/// the one that has a subscriber (seen once in a run of the workspace's tests).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test]
 async fn context_and_baggage_cross_from_client_span_to_server_span() {
+    let _serial = SERIAL.lock().await;
     let kept = Keep::default();
     let provider = SdkTracerProvider::builder()
         .with_simple_exporter(kept.clone())
@@ -143,6 +149,7 @@ async fn context_and_baggage_cross_from_client_span_to_server_span() {
 
 #[tokio::test]
 async fn without_a_subscriber_no_header_is_written() {
+    let _serial = SERIAL.lock().await;
     let server = tower::service_fn(|request: Request<Body>| async move {
         assert!(!request.headers().contains_key("traceparent"));
         Ok::<_, std::convert::Infallible>(http::Response::new(Body::empty()))

@@ -56,7 +56,8 @@ CALLS = {
 # The settings groups the chart exposes as values, per service: values key -> variable.
 SETTINGS = {
     ("orders", "saga"): {"lease": "WAYBILL_SAGA_LEASE", "stepTimeout": "WAYBILL_SAGA_STEP_TIMEOUT",
-                         "maxAttempts": "WAYBILL_SAGA_MAX_ATTEMPTS", "poll": "WAYBILL_SAGA_POLL"},
+                         "maxAttempts": "WAYBILL_SAGA_MAX_ATTEMPTS", "poll": "WAYBILL_SAGA_POLL",
+                         "maxPlacing": "WAYBILL_SAGA_MAX_PLACING"},
     ("inventory", "reservations"): {"ttl": "WAYBILL_RESERVATION_TTL", "sweep": "WAYBILL_RESERVATION_SWEEP"},
     ("inventory", "catalogCache"): {"ttl": "WAYBILL_CATALOG_CACHE_TTL"},
     ("commands", "pipeline"): {"shards": "WAYBILL_COMMAND_SHARDS", "workers": "WAYBILL_COMMAND_WORKERS",
@@ -712,6 +713,7 @@ class Workloads(unittest.TestCase):
             "WAYBILL_SAGA_STEP_TIMEOUT": services["orders"]["saga"]["stepTimeout"],
             "WAYBILL_SAGA_MAX_ATTEMPTS": services["orders"]["saga"]["maxAttempts"],
             "WAYBILL_SAGA_POLL": services["orders"]["saga"]["poll"],
+            "WAYBILL_SAGA_MAX_PLACING": services["orders"]["saga"]["maxPlacing"],
             "WAYBILL_RESERVATION_TTL": services["inventory"]["reservations"]["ttl"],
             "WAYBILL_RESERVATION_SWEEP": services["inventory"]["reservations"]["sweep"],
             "WAYBILL_CATALOG_CACHE_TTL": services["inventory"]["catalogCache"]["ttl"],

@@ -10,6 +10,12 @@
 //! long-run average by more than the tolerance, work is queueing somewhere (CPU, database
 //! pool), so the limit shrinks; while latency holds, it grows by a small queue allowance.
 //!
+//! A method may also have a fixed cap on its calls in flight ([`MethodCaps`]), for a service
+//! that knows what it can take better than any latency signal tells: PlaceOrder's sagas each
+//! run several transactions on a database other services share, so past the database's
+//! capacity more of them only queue, and each participant's own limit sees its latency rise
+//! without seeing why. A call over its method's cap is shed like one over the limit.
+//!
 //! Each gRPC service on a server has its own limit (a partition, as in Netflix's partitioned
 //! limiters). With one shared limit, a process serving orders and inventory together would
 //! let PlaceOrder calls, which wait on their own Reserve calls to the same process, take every
@@ -33,12 +39,49 @@ pub use limit::GradientLimit;
 
 use crate::{BoxFuture, grpc, metrics, policy::ShedPolicy};
 
-/// Refuses calls beyond the adaptive concurrency limit of their gRPC service. The limits are
-/// shared by all clones, so apply the layer once per server.
+/// Refuses calls beyond the adaptive concurrency limit of their gRPC service, or beyond their
+/// method's cap. The limits are shared by all clones, so apply the layer once per server.
 #[derive(Clone, Debug)]
 pub struct LoadShedLayer {
     /// `None`: shedding is off and the layer passes calls through.
     limits: Option<Arc<Limits>>,
+    caps: MethodCaps,
+}
+
+/// Fixed caps on the calls in flight of some methods, by path (`/pkg.Service/Method`).
+/// Clones share the counts.
+#[derive(Clone, Debug, Default)]
+pub struct MethodCaps {
+    by_path: Arc<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+/// The slot a capped call holds, in the request's extensions. A handler that hands its work to
+/// a task of its own (a saga that goes on if the caller hangs up) moves a clone into that
+/// task, so the slot is free only when both the call and the work have ended.
+#[derive(Clone, Debug)]
+pub struct CapSlot(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
+
+impl MethodCaps {
+    /// These caps plus at most `max` calls of `path` at once (at least one).
+    pub fn with(self, path: impl Into<String>, max: usize) -> Self {
+        let mut by_path = (*self.by_path).clone();
+        by_path.insert(
+            path.into(),
+            Arc::new(tokio::sync::Semaphore::new(max.max(1))),
+        );
+        Self {
+            by_path: Arc::new(by_path),
+        }
+    }
+
+    /// A slot for a call of `path`: `Ok(None)` when the method has no cap, `Err(())` when
+    /// its cap is reached.
+    fn admit(&self, path: &str) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ()> {
+        match self.by_path.get(path) {
+            None => Ok(None),
+            Some(slots) => slots.clone().try_acquire_owned().map(Some).map_err(|_| ()),
+        }
+    }
 }
 
 /// Most gRPC services with a limit of their own; further names share [`OTHER`]'s.
@@ -97,7 +140,15 @@ impl LoadShedLayer {
                     by_service: RwLock::default(),
                 })
             }),
+            caps: MethodCaps::default(),
         }
+    }
+
+    /// This layer, also holding the methods in `caps` to their caps (even with the adaptive
+    /// limits off).
+    pub fn with_caps(mut self, caps: MethodCaps) -> Self {
+        self.caps = caps;
+        self
     }
 
     /// The limit of the gRPC service that `path` (`/pkg.Service/Method`) calls, for
@@ -114,6 +165,7 @@ impl<S> Layer<S> for LoadShedLayer {
         LoadShed {
             inner,
             limits: self.limits.clone(),
+            caps: self.caps.clone(),
         }
     }
 }
@@ -127,6 +179,12 @@ fn is_health_check(request: &Request<Body>) -> bool {
 pub struct LoadShed<S> {
     inner: S,
     limits: Option<Arc<Limits>>,
+    caps: MethodCaps,
+}
+
+/// A RESOURCE_EXHAUSTED answer, marked as shed.
+fn refusal(reason: &'static str) -> Response<Body> {
+    grpc::error_response(Status::resource_exhausted(reason), "load-shed")
 }
 
 impl<S> Service<Request<Body>> for LoadShed<S>
@@ -142,29 +200,44 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+        let path = request.uri().path();
+        let capped = match self.caps.admit(path) {
+            Ok(slot) => slot.map(Arc::new),
+            Err(()) => {
+                tracing::debug!(method = %path, "shed: the method's cap is reached");
+                metrics::shed(path);
+                let refused = refusal("server at this method's capacity; retry later or elsewhere");
+                return Box::pin(async { Ok(refused) });
+            }
+        };
+        if let Some(slot) = &capped {
+            request.extensions_mut().insert(CapSlot(slot.clone()));
+        }
+        let path = request.uri().path();
         // Health checks are never shed: a liveness probe refused under load would get the
         // process restarted exactly when it is busiest.
         let Some(limits) = self.limits.as_ref().filter(|_| !is_health_check(&request)) else {
-            return Box::pin(self.inner.call(request));
+            let response = self.inner.call(request);
+            return Box::pin(async move {
+                let response = response.await;
+                drop(capped);
+                response
+            });
         };
-        let limit = limits.for_path(request.uri().path());
+        let limit = limits.for_path(path);
         let Some(permit) = limit.try_acquire() else {
-            let path = request.uri().path();
             tracing::debug!(method = %path, limit = limit.current(), "shed: over the concurrency limit");
             metrics::shed(path);
-            return Box::pin(async {
-                Ok(grpc::error_response(
-                    Status::resource_exhausted("server overloaded; retry later or elsewhere"),
-                    "load-shed",
-                ))
-            });
+            let refused = refusal("server overloaded; retry later or elsewhere");
+            return Box::pin(async { Ok(refused) });
         };
         let response = self.inner.call(request);
         Box::pin(async move {
             let started = Instant::now();
             let response = response.await;
             permit.complete(started.elapsed());
+            drop(capped);
             response
         })
     }

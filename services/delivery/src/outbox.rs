@@ -2,10 +2,15 @@
 //! change it describes, so it is published if and only if the change commits. The events
 //! relay moves `delivery.outbox` to the bus.
 
+use deadpool_postgres::GenericClient;
 use prost::Message;
-use tokio_postgres::GenericClient;
 use waybill_events::Event;
 use waybill_runtime::DbError;
+
+pub use waybill_events::outbox::OutboxRow;
+
+/// The schema whose outbox this service writes.
+pub const SCHEMA: &str = "delivery";
 
 /// Topic of [`waybill_api::events::v1::CourierAssigned`].
 pub const COURIER_ASSIGNED: &str = "delivery.courier_assigned";
@@ -21,5 +26,5 @@ pub async fn append(
     key: &str,
     message: &impl Message,
 ) -> Result<(), DbError> {
-    waybill_events::outbox::append(tx, "delivery", &Event::new(topic, key, message)).await
+    waybill_events::outbox::append(tx, SCHEMA, &Event::new(topic, key, message)).await
 }

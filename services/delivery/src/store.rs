@@ -9,9 +9,10 @@
 //! deliveries' key, so one order never gets two deliveries.
 
 use deadpool_postgres::Transaction;
-use tokio_postgres::Row;
+use tokio_postgres::{Row, types::ToSql};
 use uuid::Uuid;
 use waybill_api::{delivery::v1 as pb, events::v1 as events};
+use waybill_events::Event;
 use waybill_runtime::{ConsistencyToken, Db, DbError};
 
 use crate::{
@@ -111,36 +112,73 @@ impl DeliveryStore {
     ) -> Result<Assigned, DbError> {
         let mut client = self.db.primary().await?;
         let tx = client.transaction().await?;
-        if let Some(existing) = select_delivery(&*tx, order_id, false).await? {
+        // Both in one round trip (pipelined). A courier taken for an order that already has
+        // its delivery is given back by the rollback.
+        let (existing, taken) = tokio::try_join!(
+            biased;
+            select_delivery(&tx, order_id, false),
+            take_courier(&tx, order_id, zone, " SKIP LOCKED"),
+        )?;
+        if let Some(existing) = existing {
             return Ok(Assigned::Existing(existing));
         }
-        let Some(courier_id) = lock_courier(&tx, zone).await? else {
-            return Ok(Assigned::NoCourier);
+        // Every free courier is being assigned right now: wait for one.
+        let taken = match taken {
+            Some(courier_id) => Some(courier_id),
+            None => take_courier(&tx, order_id, zone, "").await?,
         };
-        tx.execute(
-            &tx.prepare_cached("UPDATE delivery.couriers SET active = active + 1, updated_at = now() WHERE id = $1").await?,
-            &[&courier_id],
-        )
-        .await?;
-        // The key decides between concurrent assignments of one order: the loser waits for
-        // the winner's commit, inserts nothing, and returns the winner's delivery.
+        let Some(courier_id) = taken else {
+            // No courier free, or a concurrent assignment of this order committed since the
+            // first look (the picks take none for an order with a delivery).
+            return Ok(match select_delivery(&tx, order_id, false).await? {
+                Some(existing) => Assigned::Existing(existing),
+                None => Assigned::NoCourier,
+            });
+        };
+        let event = Event::new(
+            outbox::COURIER_ASSIGNED,
+            order_id.to_string(),
+            &events::CourierAssigned {
+                order_id: order_id.to_string(),
+                customer_id: customer_id.to_owned(),
+                courier_id: courier_id.clone(),
+            },
+        );
+        let appended = outbox::OutboxRow::new(outbox::SCHEMA, &event)?;
+        // The delivery, its first history row (telling the watchers, as `record` does for
+        // every later change) and CourierAssigned in one statement. The key decides between concurrent assignments of one order: the
+        // loser waits for the winner's commit, inserts nothing (so neither does the rest of
+        // the statement), and returns the winner's delivery.
+        let statement = format!(
+            "WITH assigned AS (
+                 INSERT INTO delivery.deliveries AS d
+                     (order_id, customer_id, courier_id, zone, status, version)
+                 VALUES ($1, $2, $3, $4, 'ASSIGNED', 1)
+                 ON CONFLICT (order_id) DO NOTHING
+                 RETURNING {DELIVERY_COLUMNS}
+             ), tracked AS (
+                 INSERT INTO delivery.tracking_events (order_id, version, status, lat, lng, at)
+                 SELECT order_id, version, status, lat, lng, updated_at FROM assigned
+                 RETURNING pg_notify($5, order_id::text)
+             ), {}
+             SELECT * FROM assigned",
+            appended.cte("assigned", 6)
+        );
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+            &order_id,
+            &customer_id,
+            &courier_id,
+            &zone,
+            &tracking::CHANNEL,
+        ];
+        params.extend(appended.params());
         let inserted = tx
-            .query_opt(
-                &tx.prepare_cached(&format!(
-                    "INSERT INTO delivery.deliveries AS d
-                         (order_id, customer_id, courier_id, zone, status, version)
-                     VALUES ($1, $2, $3, $4, 'ASSIGNED', 1)
-                     ON CONFLICT (order_id) DO NOTHING
-                     RETURNING {DELIVERY_COLUMNS}"
-                ))
-                .await?,
-                &[&order_id, &customer_id, &courier_id, &zone],
-            )
+            .query_opt(&tx.prepare_cached(&statement).await?, &params)
             .await?;
         let Some(row) = inserted else {
             // Undo this transaction's claim on the courier.
             tx.rollback().await?;
-            return match select_delivery(&**client, order_id, false).await? {
+            return match select_delivery(&client, order_id, false).await? {
                 Some(winner) => Ok(Assigned::Existing(winner)),
                 None => Err(DbError::Invariant(format!(
                     "delivery {order_id} conflicted on insert but is not there"
@@ -148,18 +186,6 @@ impl DeliveryStore {
             };
         };
         let delivery = delivery_from_row(&row)?;
-        record(&tx, &delivery, None).await?;
-        outbox::append(
-            &*tx,
-            outbox::COURIER_ASSIGNED,
-            &order_id.to_string(),
-            &events::CourierAssigned {
-                order_id: order_id.to_string(),
-                customer_id: customer_id.to_owned(),
-                courier_id,
-            },
-        )
-        .await?;
         tx.commit().await?;
         Ok(Assigned::Created(delivery))
     }
@@ -172,7 +198,7 @@ impl DeliveryStore {
     pub async fn cancel(&self, order_id: Uuid, reason: &str) -> Result<Cancelled, DbError> {
         let mut client = self.db.primary().await?;
         let tx = client.transaction().await?;
-        let delivery = match select_delivery(&*tx, order_id, true).await? {
+        let delivery = match select_delivery(&tx, order_id, true).await? {
             Some(delivery) => delivery,
             None => {
                 let inserted = tx
@@ -198,13 +224,11 @@ impl DeliveryStore {
                 }
                 // An assignment committed in between: cancel that one (a new statement sees
                 // it, as this transaction reads committed data).
-                select_delivery(&*tx, order_id, true)
-                    .await?
-                    .ok_or_else(|| {
-                        DbError::Invariant(format!(
-                            "delivery {order_id} conflicted on insert but is not there"
-                        ))
-                    })?
+                select_delivery(&tx, order_id, true).await?.ok_or_else(|| {
+                    DbError::Invariant(format!(
+                        "delivery {order_id} conflicted on insert but is not there"
+                    ))
+                })?
             }
         };
         match change_status(&tx, delivery, DeliveryStatus::Cancelled, None, reason).await? {
@@ -234,7 +258,7 @@ impl DeliveryStore {
     ) -> Result<Updated, DbError> {
         let mut client = self.db.primary().await?;
         let tx = client.transaction().await?;
-        let Some(delivery) = select_delivery(&*tx, order_id, true).await? else {
+        let Some(delivery) = select_delivery(&tx, order_id, true).await? else {
             return Ok(Updated::NotFound);
         };
         let outcome = change_status(&tx, delivery, to, location, reason).await?;
@@ -255,7 +279,7 @@ impl DeliveryStore {
     ) -> Result<Updated, DbError> {
         let mut client = self.db.primary().await?;
         let tx = client.transaction().await?;
-        let Some(delivery) = select_delivery(&*tx, order_id, true).await? else {
+        let Some(delivery) = select_delivery(&tx, order_id, true).await? else {
             return Ok(Updated::NotFound);
         };
         if !delivery.status.tracks_location() {
@@ -347,7 +371,7 @@ impl DeliveryStore {
         db.namespace, waybill.db.role))]
     pub async fn current(&self, order_id: Uuid) -> Result<Option<Delivery>, DbError> {
         let client = self.db.primary().await?;
-        select_delivery(&**client, order_id, false).await
+        select_delivery(&client, order_id, false).await
     }
 
     /// The changes of a delivery after `version`, oldest first, each with the delivery as it
@@ -391,28 +415,32 @@ impl DeliveryStore {
 /// (their holders may not end up using the last capacity), so a busy zone neither queues on
 /// one courier nor refuses while capacity is left. Postgres re-checks `active < capacity` on
 /// the latest version of the row it locks, so capacity is never exceeded.
-async fn lock_courier(tx: &Transaction<'_>, zone: &str) -> Result<Option<String>, DbError> {
-    const PICK: &str = "SELECT id FROM delivery.couriers
-                        WHERE zone = $1 AND active < capacity
-                        ORDER BY active, id
-                        LIMIT 1
-                        FOR UPDATE";
-    if let Some(row) = tx
-        .query_opt(
-            &tx.prepare_cached(&format!("{PICK} SKIP LOCKED")).await?,
-            &[&zone],
-        )
+async fn take_courier(
+    tx: &Transaction<'_>,
+    order_id: Uuid,
+    zone: &str,
+    skip_locked: &str,
+) -> Result<Option<String>, DbError> {
+    // Pick and load in one statement; none for an order that has its delivery already (a
+    // repeated assignment), so a repeat changes no courier row, not even one it rolls back.
+    let statement = format!(
+        "WITH picked AS (
+             SELECT id FROM delivery.couriers
+             WHERE zone = $1 AND active < capacity
+               AND NOT EXISTS (SELECT 1 FROM delivery.deliveries WHERE order_id = $2)
+             ORDER BY active, id
+             LIMIT 1
+             FOR UPDATE{skip_locked}
+         )
+         UPDATE delivery.couriers c SET active = c.active + 1, updated_at = now()
+         FROM picked WHERE c.id = picked.id
+         RETURNING c.id"
+    );
+    tx.query_opt(&tx.prepare_cached(&statement).await?, &[&zone, &order_id])
         .await?
-    {
-        return Ok(Some(row.try_get(0)?));
-    }
-    match tx
-        .query_opt(&tx.prepare_cached(PICK).await?, &[&zone])
-        .await?
-    {
-        Some(row) => Ok(Some(row.try_get(0)?)),
-        None => Ok(None),
-    }
+        .map(|row| row.try_get(0))
+        .transpose()
+        .map_err(DbError::from)
 }
 
 /// Applies a status change to a delivery locked by `tx`, if the lifecycle allows: the row,
@@ -467,7 +495,7 @@ async fn change_status(
     record(tx, &changed, location).await?;
     let status: pb::DeliveryStatus = to.into();
     outbox::append(
-        &**tx,
+        tx,
         outbox::STATUS_CHANGED,
         &changed.order_id.to_string(),
         &events::DeliveryStatusChanged {
@@ -488,10 +516,15 @@ async fn record(
     delivery: &Delivery,
     reported: Option<Location>,
 ) -> Result<(), DbError> {
-    tx.execute(
+    // One round trip: the row, then the notification.
+    tx.query(
         &tx.prepare_cached(
-            "INSERT INTO delivery.tracking_events (order_id, version, status, lat, lng, at)
-         VALUES ($1, $2, $3, $4, $5, $6)",
+            "WITH recorded AS (
+                 INSERT INTO delivery.tracking_events (order_id, version, status, lat, lng, at)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 RETURNING 1
+             )
+             SELECT pg_notify($7, $8) FROM recorded",
         )
         .await?,
         &[
@@ -501,28 +534,27 @@ async fn record(
             &reported.map(|l| l.latitude),
             &reported.map(|l| l.longitude),
             &delivery.updated_at,
+            &tracking::CHANNEL,
+            &delivery.order_id.to_string(),
         ],
-    )
-    .await?;
-    tx.execute(
-        &tx.prepare_cached("SELECT pg_notify($1, $2)").await?,
-        &[&tracking::CHANNEL, &delivery.order_id.to_string()],
     )
     .await?;
     Ok(())
 }
 
 async fn select_delivery(
-    client: &impl tokio_postgres::GenericClient,
+    client: &impl deadpool_postgres::GenericClient,
     order_id: Uuid,
     for_update: bool,
 ) -> Result<Option<Delivery>, DbError> {
     let lock = if for_update { " FOR UPDATE" } else { "" };
     client
         .query_opt(
-            &format!(
-                "SELECT {DELIVERY_COLUMNS} FROM delivery.deliveries d WHERE d.order_id = $1{lock}"
-            ),
+            &client
+                .prepare_cached(&format!(
+                    "SELECT {DELIVERY_COLUMNS} FROM delivery.deliveries d WHERE d.order_id = $1{lock}"
+                ))
+                .await?,
             &[&order_id],
         )
         .await?

@@ -356,19 +356,120 @@ impl Inbox<'_> {
             Ok(Err(error)) => Outcome::Failed(error),
             Err(error) => Outcome::Failed(HandlerError::Retry(error.to_string())),
         };
-        let name = match &outcome {
+        self.record(&span, &outcome);
+        outcome
+    }
+
+    /// Puts `outcome` on the delivery's span and in the consumer's counter.
+    fn record(&self, span: &tracing::Span, outcome: &Outcome) {
+        let name = match outcome {
             Outcome::Handled => "handled",
             Outcome::Duplicate => "duplicate",
             Outcome::Failed(error) => {
                 span.record("otel.status_code", "ERROR");
                 // The bus logs the failure with what it does next; this is the span's event.
-                tracing::debug!(parent: &span, %error, "handler failed");
+                tracing::debug!(parent: span, %error, "handler failed");
                 "failed"
             }
         };
         span.record("waybill.event.outcome", name);
         waybill_runtime::metrics::consumer_outcome(self.subscription.name(), name);
-        outcome
+    }
+
+    /// Handles a batch of the Postgres bus's deliveries (`seq`, event) in one transaction,
+    /// settling in it every delivery handled (or seen before): one commit for the batch.
+    ///
+    /// Each handler runs under a savepoint, sent pipelined ahead of its first statement, so a
+    /// failing handler is rolled back alone: its delivery stays unsettled, its inbox row is
+    /// removed, and it is returned as [`Outcome::Failed`] for the caller to retry or dead
+    /// letter, while the others commit. No handler runs twice for one claim (a webhook sent
+    /// by the handler of a neighbouring event is not sent again). `None` when the transaction
+    /// itself failed: nothing of the batch committed.
+    pub(crate) async fn handle_batch_settling(
+        &self,
+        batch: &[(i64, &Event)],
+    ) -> Option<Vec<Outcome>> {
+        let spans: Vec<tracing::Span> = batch.iter().map(|(_, event)| self.span(event)).collect();
+        let name = self.subscription.name();
+        let outcomes = async {
+            let mut client = self.db.primary().await?;
+            let tx = client.transaction().await?;
+            let ids: Vec<uuid::Uuid> = batch.iter().map(|(_, event)| event.id).collect();
+            let fresh: std::collections::HashSet<uuid::Uuid> = tx
+                .query(
+                    &tx.prepare_cached(&format!(
+                        "INSERT INTO {}.inbox (subscription, event_id)
+                         SELECT $1::text, unnest($2::uuid[])
+                         ON CONFLICT DO NOTHING
+                         RETURNING event_id",
+                        self.schema
+                    ))
+                    .await?,
+                    &[&name, &ids],
+                )
+                .await?
+                .iter()
+                .map(|row| row.try_get(0))
+                .collect::<Result<_, _>>()?;
+            let mut outcomes = Vec::with_capacity(batch.len());
+            let mut settled = Vec::with_capacity(batch.len());
+            let mut failed = Vec::new();
+            for ((seq, event), span) in batch.iter().zip(&spans) {
+                if !fresh.contains(&event.id) {
+                    outcomes.push(Outcome::Duplicate);
+                    settled.push(*seq);
+                    continue;
+                }
+                let handle = tracing::debug_span!(parent: span, "events.handle",
+                    otel.kind = "client", db.system = "postgresql",
+                    db.operation.name = "handle");
+                let (savepoint, handled) = tokio::join!(
+                    biased;
+                    tx.batch_execute("SAVEPOINT handler"),
+                    self.handler.handle(&tx, event).instrument(handle),
+                );
+                savepoint?;
+                match handled {
+                    Ok(()) => {
+                        outcomes.push(Outcome::Handled);
+                        settled.push(*seq);
+                    }
+                    Err(error) => {
+                        tx.batch_execute("ROLLBACK TO SAVEPOINT handler").await?;
+                        failed.push(event.id);
+                        outcomes.push(Outcome::Failed(error));
+                    }
+                }
+            }
+            if !failed.is_empty() {
+                tx.execute(
+                    &tx.prepare_cached(&format!(
+                        "DELETE FROM {}.inbox WHERE subscription = $1 AND event_id = ANY($2)",
+                        self.schema
+                    ))
+                    .await?,
+                    &[&name, &failed],
+                )
+                .await?;
+            }
+            if !settled.is_empty() {
+                crate::bus::postgres::settle(&tx, name, &settled).await?;
+            }
+            tx.commit().await?;
+            Ok::<_, DbError>(outcomes)
+        }
+        .await;
+        let outcomes = match outcomes {
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                tracing::debug!(%error, "a batch of deliveries failed; they go one by one");
+                return None;
+            }
+        };
+        for (outcome, span) in outcomes.iter().zip(&spans) {
+            self.record(span, outcome);
+        }
+        Some(outcomes)
     }
 
     /// The span of one delivery of `event` (OpenTelemetry's messaging conventions).
@@ -419,7 +520,7 @@ impl Inbox<'_> {
             .await?;
         if inserted == 0 {
             if let Some(seq) = settle {
-                crate::bus::postgres::settle(&tx, self.subscription.name(), seq).await?;
+                crate::bus::postgres::settle(&tx, self.subscription.name(), &[seq]).await?;
                 tx.commit().await?;
             } else {
                 tx.rollback().await?;
@@ -429,7 +530,7 @@ impl Inbox<'_> {
         match self.handler.handle(&tx, event).await {
             Ok(()) => {
                 if let Some(seq) = settle {
-                    crate::bus::postgres::settle(&tx, self.subscription.name(), seq).await?;
+                    crate::bus::postgres::settle(&tx, self.subscription.name(), &[seq]).await?;
                 }
                 tx.commit().await?;
                 Ok(Ok(true))

@@ -57,7 +57,7 @@
 //! let tx = client.transaction().await?;
 //! // ... the state change, through `tx` ...
 //! let confirmed = OrderConfirmed { order_id: "o-1".into(), ..Default::default() };
-//! outbox::append(&*tx, "orders", &Event::new("orders.order_confirmed", "o-1", &confirmed))
+//! outbox::append(&tx, "orders", &Event::new("orders.order_confirmed", "o-1", &confirmed))
 //!     .await?;
 //! tx.commit().await?;
 //!

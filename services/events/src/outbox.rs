@@ -5,7 +5,8 @@
 //! consumes them) into one of its migrations, with `{schema}` replaced by its schema name
 //! ([`table_sql`] does the replacing). The queries in this crate expect exactly these columns.
 
-use tokio_postgres::GenericClient;
+use deadpool_postgres::GenericClient;
+use tokio_postgres::types::ToSql;
 use waybill_runtime::DbError;
 
 use crate::event::{Event, headers_to_json, is_identifier, with_trace_context};
@@ -51,7 +52,7 @@ pub fn channel(schema: &str) -> String {
 }
 
 /// Appends `event` to `schema`'s outbox through `client`, which should be the transaction
-/// that makes the change the event announces (pass `&*transaction` for a pooled one).
+/// that makes the change the event announces.
 ///
 /// It also notifies the relay; Postgres delivers the notification at commit, and not at all on
 /// rollback, so the relay wakes exactly when there is something committed to move.
@@ -64,31 +65,89 @@ pub async fn append(
     schema: &str,
     event: &Event,
 ) -> Result<(), DbError> {
-    check_schema(schema)?;
-    // One round trip: the insert, then the notification if the row went in.
-    let statement = format!(
-        "WITH appended AS (
-             INSERT INTO {schema}.outbox (id, topic, key, payload, headers, created_at)
-             VALUES ($1, $2, $3, $4, $5::text::jsonb, $6)
-             RETURNING 1
-         )
-         SELECT pg_notify($7, '') FROM appended"
-    );
+    let row = OutboxRow::new(schema, event)?;
+    let statement = format!("WITH {} SELECT 1", row.cte("(SELECT 1) AS always", 1));
+    // Through the connection's statement cache: one round trip, no parse, on every append
+    // after a connection's first.
     client
-        .query(
-            &statement,
-            &[
-                &event.id,
-                &event.topic,
-                &event.key,
-                &event.payload,
-                &headers_to_json(&with_trace_context(&event.headers)),
-                &event.created_at,
-                &channel(schema),
-            ],
-        )
+        .execute(&client.prepare_cached(&statement).await?, &row.params())
         .await?;
     Ok(())
+}
+
+/// An event to append from inside a statement that also makes the change it announces: the
+/// change and its event in one round trip, atomic without an explicit transaction.
+///
+/// ```text
+/// let row = OutboxRow::new("orders", &event)?;
+/// let sql = format!("WITH confirmed AS (UPDATE … RETURNING *), {} SELECT … FROM confirmed",
+///                   row.cte("confirmed", 3));
+/// // parameters: $1 and $2 for the update, then row.params() from $3
+/// ```
+pub struct OutboxRow {
+    schema: String,
+    id: uuid::Uuid,
+    topic: String,
+    key: String,
+    payload: Vec<u8>,
+    headers: String,
+    created_at: chrono::DateTime<chrono::Utc>,
+    channel: String,
+}
+
+impl OutboxRow {
+    /// `event` for `schema`'s outbox, with the current span's trace context (see [`append`]).
+    pub fn new(schema: &str, event: &Event) -> Result<Self, DbError> {
+        check_schema(schema)?;
+        Ok(Self {
+            schema: schema.to_owned(),
+            id: event.id,
+            topic: event.topic.clone(),
+            key: event.key.clone(),
+            payload: event.payload.clone(),
+            headers: headers_to_json(&with_trace_context(&event.headers)),
+            created_at: event.created_at,
+            channel: channel(schema),
+        })
+    }
+
+    /// A data-modifying CTE named `appended` (to put in a `WITH` list) that inserts the event
+    /// if `gate` — a `FROM` item, typically an earlier CTE of the statement — has any row,
+    /// and notifies the relay (delivered at commit). Its parameters are `$first` to
+    /// `$first + 6`, bound to [`Self::params`].
+    pub fn cte(&self, gate: &str, first: usize) -> String {
+        let p = |n: usize| format!("${}", first + n);
+        format!(
+            "appended AS (
+                 INSERT INTO {schema}.outbox (id, topic, key, payload, headers, created_at)
+                 SELECT {id}::uuid, {topic}::text, {key}::text, {payload}::bytea,
+                        {headers}::text::jsonb, {created_at}::timestamptz
+                 WHERE EXISTS (SELECT 1 FROM {gate})
+                 RETURNING pg_notify({channel}::text, '')
+             )",
+            schema = self.schema,
+            id = p(0),
+            topic = p(1),
+            key = p(2),
+            payload = p(3),
+            headers = p(4),
+            created_at = p(5),
+            channel = p(6),
+        )
+    }
+
+    /// The CTE's parameter values, in order.
+    pub fn params(&self) -> [&(dyn ToSql + Sync); 7] {
+        [
+            &self.id,
+            &self.topic,
+            &self.key,
+            &self.payload,
+            &self.headers,
+            &self.created_at,
+            &self.channel,
+        ]
+    }
 }
 
 /// Rejects a schema name that is not a plain identifier (it is spliced into SQL).

@@ -25,6 +25,32 @@ async fn registered(fx: &Fixture, name: &str) {
     .await;
 }
 
+/// Runs a consumer of subscription `name` (on [`TOPIC`], inbox in `app`) handing events to
+/// `recorder`.
+fn consume(fx: &Fixture, bus: &Bus, name: &str, recorder: &Recorder) -> common::Running {
+    run_consumer(
+        Consumer::new(
+            fx.db.clone(),
+            bus.clone(),
+            "app",
+            subscription(name),
+            recorder.clone(),
+        )
+        .unwrap(),
+    )
+}
+
+/// Waits until `subscription` has dead letters, and returns them.
+async fn dead_lettered(fx: &Fixture, subscription: &str) -> Vec<dead_letters::DeadLetter> {
+    eventually(&format!("{subscription} has dead letters"), || async {
+        let dead = dead_letters::list(&fx.db, Some(subscription))
+            .await
+            .unwrap();
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await
+}
+
 /// Waits until the bus holds nothing for anyone: every delivery settled, every message gone.
 async fn drained(fx: &Fixture) {
     eventually("the bus drained", || async {
@@ -43,26 +69,8 @@ async fn a_committed_event_reaches_each_subscription_once_and_a_rolled_back_one_
     let bus = Bus::postgres(fx.db.clone());
     let _relay = run_relay(Relay::new(fx.db.clone(), "app", bus.clone()).unwrap());
     let (a, b) = (Recorder::new("a"), Recorder::new("b"));
-    let _a = run_consumer(
-        Consumer::new(
-            fx.db.clone(),
-            bus.clone(),
-            "app",
-            subscription("a"),
-            a.clone(),
-        )
-        .unwrap(),
-    );
-    let _b = run_consumer(
-        Consumer::new(
-            fx.db.clone(),
-            bus.clone(),
-            "app",
-            subscription("b"),
-            b.clone(),
-        )
-        .unwrap(),
-    );
+    let _a = consume(&fx, &bus, "a", &a);
+    let _b = consume(&fx, &bus, "b", &b);
     registered(&fx, "a").await;
     registered(&fx, "b").await;
 
@@ -177,11 +185,7 @@ async fn a_failing_event_is_dead_lettered_listed_and_replayed_once() {
     let doomed = event("o-doomed");
     fx.emit(&doomed, true).await;
 
-    let dead = eventually("dead-lettered", || async {
-        let dead = dead_letters::list(&fx.db, Some("a")).await.unwrap();
-        (!dead.is_empty()).then_some(dead)
-    })
-    .await;
+    let dead = dead_lettered(&fx, "a").await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].event_id, doomed.id);
     assert_eq!(dead[0].subscription, "a");
@@ -227,27 +231,51 @@ async fn a_permanent_failure_is_dead_lettered_at_once() {
     let _relay = run_relay(Relay::new(fx.db.clone(), "app", bus.clone()).unwrap());
     let recorder = Recorder::new("a");
     recorder.fail(true, true);
-    let _consumer = run_consumer(
-        Consumer::new(
-            fx.db.clone(),
-            bus.clone(),
-            "app",
-            subscription("a"),
-            recorder.clone(),
-        )
-        .unwrap(),
-    );
+    let _consumer = consume(&fx, &bus, "a", &recorder);
     registered(&fx, "a").await;
     let bad = event("o-bad");
     fx.emit(&bad, true).await;
-    let dead = eventually("dead-lettered", || async {
-        let dead = dead_letters::list(&fx.db, Some("a")).await.unwrap();
-        (!dead.is_empty()).then_some(dead)
-    })
-    .await;
+    let dead = dead_lettered(&fx, "a").await;
     assert_eq!(dead[0].event_id, bad.id);
     assert_eq!(dead[0].attempts, 1);
     assert_eq!(recorder.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_poisoned_event_in_a_batch_is_dead_lettered_and_the_rest_are_handled_once() {
+    init_logs();
+    let fx = Fixture::new().await;
+    let bus = Bus::postgres(fx.db.clone());
+    let recorder = Recorder::new("a");
+    recorder.poison("o-3");
+    let _consumer = consume(&fx, &bus, "a", &recorder);
+    registered(&fx, "a").await;
+    // Committed together and moved by one relay pass, so the consumer claims them as one
+    // batch and handles it in one transaction, the poisoned event's handler under a savepoint
+    // of its own.
+    let events: Vec<Event> = (1..=6).map(|n| event(&format!("o-{n}"))).collect();
+    fx.emit_all(&events).await;
+    let _relay = run_relay(Relay::new(fx.db.clone(), "app", bus.clone()).unwrap());
+
+    let dead = dead_lettered(&fx, "a").await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].event_id, events[2].id);
+    assert_eq!(dead[0].last_error, "poisoned o-3");
+    drained(&fx).await;
+    let mut effects = fx.effects("a").await;
+    effects.sort();
+    let mut expected: Vec<_> = events
+        .iter()
+        .filter(|event| event.key != "o-3")
+        .map(|event| event.id)
+        .collect();
+    expected.sort();
+    assert_eq!(effects, expected, "every other event handled exactly once");
+    assert_eq!(
+        recorder.calls(),
+        6,
+        "each handler ran once: the failed one was rolled back alone, not the batch"
+    );
 }
 
 #[tokio::test]
@@ -261,16 +289,7 @@ async fn the_relay_and_consumer_wake_on_notify_not_on_their_sweeps() {
             .with_sweep_interval(Duration::from_secs(60)),
     );
     let recorder = Recorder::new("a");
-    let _consumer = run_consumer(
-        Consumer::new(
-            fx.db.clone(),
-            bus.clone(),
-            "app",
-            subscription("a"),
-            recorder.clone(),
-        )
-        .unwrap(),
-    );
+    let _consumer = consume(&fx, &bus, "a", &recorder);
     registered(&fx, "a").await;
     // A first event proves everything is up (it may ride on the startup sweep).
     fx.emit(&event("o-warm-up"), true).await;
@@ -310,16 +329,7 @@ async fn two_relays_deliver_everything_once_in_outbox_order() {
         })
         .collect();
     let recorder = Recorder::new("a");
-    let _consumer = run_consumer(
-        Consumer::new(
-            fx.db.clone(),
-            bus.clone(),
-            "app",
-            subscription("a"),
-            recorder.clone(),
-        )
-        .unwrap(),
-    );
+    let _consumer = consume(&fx, &bus, "a", &recorder);
     registered(&fx, "a").await;
 
     let mut sent = Vec::new();
@@ -351,16 +361,7 @@ async fn a_dropped_listen_connection_is_reopened_and_catches_up() {
             .with_sweep_interval(Duration::from_secs(60)),
     );
     let recorder = Recorder::new("a");
-    let _consumer = run_consumer(
-        Consumer::new(
-            fx.db.clone(),
-            bus.clone(),
-            "app",
-            subscription("a"),
-            recorder.clone(),
-        )
-        .unwrap(),
-    );
+    let _consumer = consume(&fx, &bus, "a", &recorder);
     registered(&fx, "a").await;
     fx.emit(&event("o-warm-up"), true).await;
     eventually("warm-up handled", || async {

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, time::Duration};
 use deadpool_postgres::Transaction;
 use tokio_postgres::{Row, error::SqlState};
 use uuid::Uuid;
-use waybill_runtime::{Db, DbError};
+use waybill_runtime::{Db, DbError, pipeline::pipeline};
 
 use crate::domain::{Item, NewReservation, Reservation, ReservationState};
 
@@ -184,21 +184,34 @@ impl InventoryStore {
         let mut client = self.db.primary().await?;
         let tx = client.transaction().await?;
         let ttl_seconds = ttl.as_secs_f64();
-        // The primary key decides between concurrent reserves of one order: the second waits
-        // for the first to commit and then sees the row.
-        let inserted = tx
-            .query_opt(
-                &tx.prepare_cached(
+        let skus: Vec<&str> = request.lines.keys().map(String::as_str).collect();
+        let quantities: Vec<i32> = request.lines.values().copied().collect();
+        // The reservation's row and the item locks (SKU order) in one round trip. The primary
+        // key decides between concurrent reserves of one order: the second waits for the
+        // first to commit and then sees the row.
+        let mut answers = pipeline(
+            &tx,
+            &[
+                (
                     "INSERT INTO inventory.reservations (order_id, state, expires_at)
-                 VALUES ($1, 'HELD', now() + make_interval(secs => $2))
-                 ON CONFLICT (order_id) DO NOTHING
-                 RETURNING expires_at",
-                )
-                .await?,
-                &[&request.order_id, &ttl_seconds],
-            )
-            .await?;
+                     VALUES ($1, 'HELD', now() + make_interval(secs => $2))
+                     ON CONFLICT (order_id) DO NOTHING
+                     RETURNING expires_at",
+                    &[&request.order_id, &ttl_seconds],
+                ),
+                (
+                    "SELECT sku, on_hand - reserved FROM inventory.items
+                     WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
+                    &[&skus],
+                ),
+            ],
+        )
+        .await?
+        .into_iter();
+        let inserted = answers.next().and_then(|rows| rows.into_iter().next());
+        let items = answers.next().unwrap_or_default();
         let Some(inserted) = inserted else {
+            // Already reserved (the item locks go with the rollback).
             let existing = load_reservation(&tx, request.order_id, false).await?;
             return Ok(match existing {
                 Some(r) if r.state == ReservationState::Released => Err(Refused::State(r)),
@@ -206,19 +219,7 @@ impl InventoryStore {
                 None => Err(Refused::NotFound),
             });
         };
-
-        let skus: Vec<&str> = request.lines.keys().map(String::as_str).collect();
-        let quantities: Vec<i32> = request.lines.values().copied().collect();
-        let available: BTreeMap<String, i32> = tx
-            .query(
-                &tx.prepare_cached(
-                    "SELECT sku, on_hand - reserved FROM inventory.items
-                 WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
-                )
-                .await?,
-                &[&skus],
-            )
-            .await?
+        let available: BTreeMap<String, i32> = items
             .iter()
             .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
             .collect::<Result<_, DbError>>()?;
@@ -335,27 +336,26 @@ impl InventoryStore {
             ReservationState::Committed => Ok(Ok(reservation)),
             ReservationState::Released => Ok(Err(Refused::State(reservation))),
             ReservationState::Held => {
-                lock_items(&tx, order_id).await?;
-                tx.execute(
-                    &tx.prepare_cached(
-                        "UPDATE inventory.items i
-                     SET on_hand = i.on_hand - l.quantity, reserved = i.reserved - l.quantity,
-                         updated_at = now()
-                     FROM inventory.reservation_lines l
-                     WHERE l.order_id = $1 AND i.sku = l.sku",
-                    )
-                    .await?,
-                    &[&order_id],
-                )
-                .await?;
-                tx.execute(
-                    &tx.prepare_cached(
-                        "UPDATE inventory.reservations
-                     SET state = 'COMMITTED', expires_at = NULL, updated_at = now()
-                     WHERE order_id = $1",
-                    )
-                    .await?,
-                    &[&order_id],
+                // Item locks in SKU order first, then both updates: one round trip.
+                pipeline(
+                    &tx,
+                    &[
+                        (LOCK_ITEMS, &[&order_id]),
+                        (
+                            "UPDATE inventory.items i
+                             SET on_hand = i.on_hand - l.quantity,
+                                 reserved = i.reserved - l.quantity, updated_at = now()
+                             FROM inventory.reservation_lines l
+                             WHERE l.order_id = $1 AND i.sku = l.sku",
+                            &[&order_id],
+                        ),
+                        (
+                            "UPDATE inventory.reservations
+                             SET state = 'COMMITTED', expires_at = NULL, updated_at = now()
+                             WHERE order_id = $1",
+                            &[&order_id],
+                        ),
+                    ],
                 )
                 .await?;
                 tx.commit().await?;
@@ -422,18 +422,15 @@ async fn give_back(
     Ok(())
 }
 
-/// Locks the reservation's item rows in SKU order (see the module comment).
+/// Locks the items of order `$1`'s reservation, in SKU order (see the module comment).
+const LOCK_ITEMS: &str = "SELECT 1 FROM inventory.items
+     WHERE sku IN (SELECT sku FROM inventory.reservation_lines WHERE order_id = $1)
+     ORDER BY sku FOR UPDATE";
+
+/// Locks the reservation's item rows ([`LOCK_ITEMS`]).
 async fn lock_items(tx: &Transaction<'_>, order_id: Uuid) -> Result<(), DbError> {
-    tx.execute(
-        &tx.prepare_cached(
-            "SELECT 1 FROM inventory.items
-         WHERE sku IN (SELECT sku FROM inventory.reservation_lines WHERE order_id = $1)
-         ORDER BY sku FOR UPDATE",
-        )
-        .await?,
-        &[&order_id],
-    )
-    .await?;
+    tx.execute(&tx.prepare_cached(LOCK_ITEMS).await?, &[&order_id])
+        .await?;
     Ok(())
 }
 
@@ -443,16 +440,26 @@ async fn load_reservation(
     for_update: bool,
 ) -> Result<Option<Reservation>, DbError> {
     let lock = if for_update { "FOR UPDATE" } else { "" };
-    let Some(row) = tx
-        .query_opt(
-            &tx.prepare_cached(&format!(
-                "SELECT state, expires_at FROM inventory.reservations WHERE order_id = $1 {lock}"
-            ))
-            .await?,
-            &[&order_id],
-        )
-        .await?
-    else {
+    // Both queries in one round trip (pipelined, run in this order); the lines of a
+    // reservation never change once written.
+    let reservation =
+        format!("SELECT state, expires_at FROM inventory.reservations WHERE order_id = $1 {lock}");
+    let mut answers = pipeline(
+        tx,
+        &[
+            (&reservation, &[&order_id]),
+            (
+                "SELECT sku, quantity FROM inventory.reservation_lines
+                 WHERE order_id = $1 ORDER BY sku",
+                &[&order_id],
+            ),
+        ],
+    )
+    .await?
+    .into_iter();
+    let row = answers.next().and_then(|rows| rows.into_iter().next());
+    let lines = answers.next().unwrap_or_default();
+    let Some(row) = row else {
         return Ok(None);
     };
     let state: &str = row.try_get(0)?;
@@ -461,12 +468,7 @@ async fn load_reservation(
             "unknown reservation state {state:?} in the database"
         ))
     })?;
-    let lines = tx
-        .query(
-            &tx.prepare_cached("SELECT sku, quantity FROM inventory.reservation_lines WHERE order_id = $1 ORDER BY sku").await?,
-            &[&order_id],
-        )
-        .await?
+    let lines = lines
         .iter()
         .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
         .collect::<Result<_, DbError>>()?;

@@ -1,5 +1,6 @@
 //! The gRPC edge: protobuf in, domain types inside, protobuf and `Status` out.
 
+use mesh_layer::shed::CapSlot;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 use waybill_api::orders::v1 as pb;
@@ -39,6 +40,9 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
         &self,
         request: Request<pb::PlaceOrderRequest>,
     ) -> Result<Response<pb::PlaceOrderResponse>, Status> {
+        // PlaceOrder's slot under its cap (crate::PLACE_ORDER) goes with the saga, which may
+        // outlive this call (a caller that hangs up, a deadline), so the cap bounds sagas.
+        let slot = request.extensions().get::<CapSlot>().cloned();
         let request = request.into_inner();
         let items = request
             .items
@@ -65,7 +69,7 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
         // here on the order exists, so no error may reach the caller: a retryable code would
         // release the idempotency key and a retry would place a second order. A saga that
         // failed to run is resumed by the driver when its lease ends; the caller sees PENDING.
-        let order = match self.sagas.run_detached(order.id).await {
+        let order = match self.sagas.run_detached(order.clone(), slot).await {
             Ok(order) => order,
             Err(status) => {
                 tracing::warn!(order_id = %order.id, %status, "saga did not run; it resumes when its lease ends");

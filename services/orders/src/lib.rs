@@ -32,6 +32,17 @@ pub const SCHEMA: Schema = Schema {
     runner: migrations::runner,
 };
 
+/// PlaceOrder's path, which the server caps at [`OrdersConfig::saga_max_placing`] calls at
+/// once (`Services::cap`).
+///
+/// This is the edge's admission control. Every saga step is a transaction in another
+/// service, on a database they share, so past the database's capacity more sagas at once only
+/// wait longer. Shed at the door, before the idempotency claim, the excess costs nothing,
+/// admitted orders keep their latency, and no saga is left half-way (a step shed by a
+/// participant defers its saga). The services' adaptive limits cannot do this alone: each sees
+/// its own latency rise with the shared bottleneck, but none sees the bottleneck.
+pub const PLACE_ORDER: &str = "/waybill.orders.v1.OrdersService/PlaceOrder";
+
 /// The orders service's settings.
 #[derive(Clone, Debug, clap::Args)]
 pub struct OrdersConfig {
@@ -45,6 +56,10 @@ pub struct OrdersConfig {
     /// Transient failures going forward before a saga gives up and compensates.
     #[arg(long, env = "WAYBILL_SAGA_MAX_ATTEMPTS", default_value_t = 5)]
     pub saga_max_attempts: i32,
+    /// Most PlaceOrder calls (each running its saga) at once; more are shed at once with
+    /// RESOURCE_EXHAUSTED, before anything is written (see [`PLACE_ORDER`]).
+    #[arg(long, env = "WAYBILL_SAGA_MAX_PLACING", default_value_t = 32)]
+    pub saga_max_placing: usize,
     /// How often to look for sagas to resume.
     #[arg(long, env = "WAYBILL_SAGA_POLL", default_value = "1s", value_parser = parse_duration)]
     pub saga_poll: Duration,

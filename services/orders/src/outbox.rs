@@ -1,10 +1,11 @@
 //! The events this service publishes, written to `orders.outbox` in the caller's
 //! transaction; the relay publishes them to the bus.
 
-use tokio_postgres::Transaction;
 use waybill_api::events::v1 as events;
 use waybill_events::Event;
+pub use waybill_events::outbox::OutboxRow;
 use waybill_runtime::DbError;
+use waybill_runtime::Transaction;
 
 use crate::domain::Order;
 

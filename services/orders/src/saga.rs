@@ -22,7 +22,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use mesh_layer::{balance::Balancer, client::MeshClient};
+use mesh_layer::{balance::Balancer, client::MeshClient, shed::CapSlot};
 use tokio::sync::Semaphore;
 use tonic::{Code, Request, Status, transport::Channel};
 use tracing::Instrument;
@@ -35,7 +35,7 @@ use waybill_runtime::DbError;
 
 use crate::{
     domain::Order,
-    store::{OrderStore, Phase},
+    store::{OrderStore, Phase, Saga},
 };
 
 /// The inventory service, through the mesh.
@@ -100,15 +100,25 @@ impl Orchestrator {
         &self.settings
     }
 
-    /// Runs the saga of an order this orchestrator holds the lease of, in its own task, until
-    /// it ends or is deferred; returns the order as it then stands.
+    /// Runs the saga of an order this orchestrator holds the lease of, in its own task (which
+    /// keeps `slot` until it ends), until it ends or is deferred; returns the order as it
+    /// then stands.
     ///
     /// The saga's span is a child of the current one (the PlaceOrder call's), so its steps'
     /// calls continue the caller's trace.
-    pub async fn run_detached(&self, order_id: Uuid) -> Result<Order, Status> {
+    pub async fn run_detached(&self, order: Order, slot: Option<CapSlot>) -> Result<Order, Status> {
         let this = self.clone();
+        let order_id = order.id;
         let span = Self::span(order_id, "place");
-        match tokio::spawn(async move { this.run(order_id).await }.instrument(span)).await {
+        // Just placed, as inserted, so the first turn need not read it back.
+        let placed = (order, Saga::placed());
+        let saga = async move {
+            let ran = this.run_from(order_id, Some(placed)).await;
+            // The call's slot under PlaceOrder's cap is free once the saga is over too.
+            drop(slot);
+            ran
+        };
+        match tokio::spawn(saga.instrument(span)).await {
             Ok(result) => result.map_err(Status::from),
             Err(error) => {
                 tracing::error!(%order_id, %error, "saga task failed");
@@ -127,15 +137,66 @@ impl Orchestrator {
 
     /// Runs an order's saga until it ends or is deferred.
     pub async fn run(&self, order_id: Uuid) -> Result<Order, DbError> {
+        self.run_from(order_id, None).await
+    }
+
+    /// [`Self::run`], starting from `known` (the order and its saga as they stand) instead
+    /// of reading them.
+    async fn run_from(
+        &self,
+        order_id: Uuid,
+        known: Option<(Order, Saga)>,
+    ) -> Result<Order, DbError> {
+        // A run can outlast its lease (slow participants, quick retries): renewed every third
+        // of it, the lease keeps the driver from starting a second run of the same saga.
+        // Renewal ends before the run defers the saga (`Renewal::stop` waits for a renewal in
+        // flight), so it never overwrites the backoff; a DONE saga is never renewed.
+        let lease = self.settings.lease;
+        let renewal = Renewal::default();
+        let renew = async {
+            let mut ticker = tokio::time::interval((lease / 3).max(Duration::from_millis(10)));
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                let stopped = renewal.stopped.lock().await;
+                if *stopped {
+                    continue;
+                }
+                if let Err(error) = self.store.renew_lease(order_id, lease).await {
+                    tracing::warn!(%order_id, %error, "could not renew the saga's lease");
+                }
+                drop(stopped);
+            }
+        };
+        tokio::select! {
+            ran = self.turns(order_id, known, &renewal) => ran,
+            never = renew => never,
+        }
+    }
+
+    /// Runs the saga's phases until it ends or is deferred.
+    async fn turns(
+        &self,
+        order_id: Uuid,
+        mut known: Option<(Order, Saga)>,
+        renewal: &Renewal,
+    ) -> Result<Order, DbError> {
         for _ in 0..MAX_TURNS {
-            let Some((order, saga)) = self.store.load_saga(order_id).await? else {
+            let loaded = match known.take() {
+                Some(known) => Some(known),
+                None => self.store.load_saga(order_id).await?,
+            };
+            let Some((order, saga)) = loaded else {
                 return Err(DbError::Invariant(format!("order {order_id} has no saga")));
             };
             match saga.phase {
                 Phase::Done => return Ok(order),
                 Phase::Forward => match self.forward_with_quick_retries(&order).await {
                     Ok(courier_id) => {
-                        if let Some(confirmed) = self.store.confirm(order.id, &courier_id).await? {
+                        if let Some(confirmed) =
+                            self.store.confirm(order.id, &order, &courier_id).await?
+                        {
                             tracing::info!(%order_id, %courier_id, "order confirmed");
                             waybill_runtime::metrics::saga_outcome("confirmed");
                             return Ok(confirmed);
@@ -157,9 +218,7 @@ impl Orchestrator {
                             let backoff = backoff(attempts);
                             tracing::info!(%order_id, step, %error, ?backoff, "saga step failed; retrying later");
                             waybill_runtime::metrics::saga_outcome("deferred");
-                            self.store
-                                .defer_saga(order.id, step, &error, backoff)
-                                .await?;
+                            self.defer(renewal, order.id, step, &error, backoff).await?;
                             return Ok(order);
                         }
                     }
@@ -177,9 +236,8 @@ impl Orchestrator {
                     // backoff and logged loudly.
                     Err(StepError::Permanent(error)) => {
                         tracing::error!(%order_id, %error, "compensation refused; retrying later");
-                        waybill_runtime::metrics::saga_outcome("deferred");
-                        self.store
-                            .defer_saga(order.id, "compensate", &error, MAX_BACKOFF)
+                        waybill_runtime::metrics::saga_outcome("compensation_refused");
+                        self.defer(renewal, order.id, "compensate", &error, MAX_BACKOFF)
                             .await?;
                         return Ok(order);
                     }
@@ -187,9 +245,7 @@ impl Orchestrator {
                         let backoff = backoff(saga.attempts + 1);
                         tracing::info!(%order_id, step, %error, ?backoff, "compensation failed; retrying later");
                         waybill_runtime::metrics::saga_outcome("deferred");
-                        self.store
-                            .defer_saga(order.id, step, &error, backoff)
-                            .await?;
+                        self.defer(renewal, order.id, step, &error, backoff).await?;
                         return Ok(order);
                     }
                 },
@@ -198,6 +254,21 @@ impl Orchestrator {
         Err(DbError::Invariant(format!(
             "the saga of order {order_id} changed phase more than {MAX_TURNS} times in one run"
         )))
+    }
+
+    /// Ends this run with the saga deferred for `backoff` after `step` failed with `error`.
+    /// The lease renewal stops first (waiting for one in flight), so it cannot overwrite the
+    /// backoff.
+    async fn defer(
+        &self,
+        renewal: &Renewal,
+        order_id: Uuid,
+        step: &str,
+        error: &str,
+        backoff: Duration,
+    ) -> Result<(), DbError> {
+        renewal.stop().await;
+        self.store.defer_saga(order_id, step, error, backoff).await
     }
 
     /// [`Self::forward`], tried again at once (after a short jittered pause) when a
@@ -348,6 +419,19 @@ impl Orchestrator {
                 );
             }
         }
+    }
+}
+
+/// Whether a run still renews its lease (see [`Orchestrator::run_from`]).
+#[derive(Default)]
+struct Renewal {
+    stopped: tokio::sync::Mutex<bool>,
+}
+
+impl Renewal {
+    /// No renewal after this returns, nor one still in flight.
+    async fn stop(&self) {
+        *self.stopped.lock().await = true;
     }
 }
 

@@ -322,6 +322,27 @@ impl OrderStore {
             .collect()
     }
 
+    /// Pushes the lease of a saga that is still running out to `lease` from now, so that no
+    /// other orchestrator resumes it while this one is at work.
+    #[tracing::instrument(name = "orders.renew_lease", level = "debug", skip_all, fields(
+        otel.kind = "client", db.system = "postgresql", db.operation.name = "renew_lease",
+        db.namespace, waybill.db.role))]
+    pub async fn renew_lease(&self, id: Uuid, lease: Duration) -> Result<(), DbError> {
+        let client = self.db.primary().await?;
+        client
+            .execute(
+                &client
+                    .prepare_cached(
+                        "UPDATE orders.sagas SET due_at = now() + make_interval(secs => $2)
+                         WHERE order_id = $1 AND phase <> 'DONE'",
+                    )
+                    .await?,
+                &[&id, &lease.as_secs_f64()],
+            )
+            .await?;
+        Ok(())
+    }
+
     /// The order and its saga.
     #[tracing::instrument(name = "orders.load_saga", level = "debug", skip_all, fields(
         otel.kind = "client", db.system = "postgresql", db.operation.name = "load_saga",
@@ -396,42 +417,46 @@ impl OrderStore {
     #[tracing::instrument(name = "orders.confirm", level = "debug", skip_all, fields(
         otel.kind = "client", db.system = "postgresql", db.operation.name = "confirm",
         db.namespace, waybill.db.role))]
-    pub async fn confirm(&self, id: Uuid, courier_id: &str) -> Result<Option<Order>, DbError> {
-        let mut client = self.db.primary().await?;
-        let transaction = client.transaction().await?;
-        let ended = transaction
-            .execute(
-                &transaction.prepare_cached("UPDATE orders.sagas SET phase = 'DONE', step = '', last_error = '', updated_at = now()
-                 WHERE order_id = $1 AND phase = 'FORWARD'").await?,
-                &[&id],
-            )
-            .await?;
-        if ended == 0 {
-            return Ok(None);
-        }
-        let row = transaction
-            .query_opt(
-                &transaction
-                    .prepare_cached(&format!(
-                        "WITH confirmed AS (
-                         UPDATE orders.orders
-                         SET status = 'CONFIRMED', courier_id = $2, updated_at = now()
-                         WHERE id = $1 AND status = 'PENDING'
-                         RETURNING *
-                     )
-                     SELECT {ORDER_COLUMNS} FROM confirmed o"
-                    ))
-                    .await?,
-                &[&id, &courier_id],
-            )
-            .await?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let order = order_from_row(&row)?;
-        outbox::append(&transaction, &outbox::order_confirmed(&order)).await?;
-        transaction.commit().await?;
-        Ok(Some(order))
+    pub async fn confirm(
+        &self,
+        id: Uuid,
+        order: &Order,
+        courier_id: &str,
+    ) -> Result<Option<Order>, DbError> {
+        // The event is built before the statement: it needs nothing the update computes.
+        let event = outbox::order_confirmed(&Order {
+            courier_id: courier_id.to_owned(),
+            ..order.clone()
+        });
+        let row = outbox::OutboxRow::new(outbox::SCHEMA, &event)?;
+        // One statement, so one round trip and no explicit transaction. The saga row is
+        // locked before the order row, as `cancel` does, so the two never deadlock; a saga
+        // no longer going forward (a cancel won) locks nothing and changes nothing.
+        let statement = format!(
+            "WITH saga AS (
+                 SELECT order_id FROM orders.sagas
+                 WHERE order_id = $1 AND phase = 'FORWARD'
+                 FOR UPDATE
+             ), confirmed AS (
+                 UPDATE orders.orders
+                 SET status = 'CONFIRMED', courier_id = $2, updated_at = now()
+                 WHERE id IN (SELECT order_id FROM saga) AND status = 'PENDING'
+                 RETURNING *
+             ), ended AS (
+                 UPDATE orders.sagas SET phase = 'DONE', step = '', last_error = '', updated_at = now()
+                 WHERE order_id IN (SELECT id FROM confirmed)
+             ), {}
+             SELECT {ORDER_COLUMNS} FROM confirmed o",
+            row.cte("confirmed", 3)
+        );
+        let client = self.db.primary().await?;
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&id, &courier_id];
+        params.extend(row.params());
+        client
+            .query_opt(&client.prepare_cached(&statement).await?, &params)
+            .await?
+            .map(|row| order_from_row(&row))
+            .transpose()
     }
 
     /// Ends a compensating saga: the order is CANCELLED with the saga's reason (unless the
@@ -516,6 +541,17 @@ pub struct Saga {
     pub reason: String,
     /// Transient failures of the current phase so far.
     pub attempts: i32,
+}
+
+impl Saga {
+    /// The saga [`OrderStore::insert`] stores with a new order.
+    pub fn placed() -> Self {
+        Self {
+            phase: Phase::Forward,
+            reason: String::new(),
+            attempts: 0,
+        }
+    }
 }
 
 fn order_from_row(row: &Row) -> Result<Order, DbError> {

@@ -41,6 +41,8 @@ use crate::DatabaseConfig;
 
 /// A pooled connection.
 pub type Client = Object;
+/// A transaction on a pooled connection (with its statement cache).
+pub type Transaction<'a> = deadpool_postgres::Transaction<'a>;
 
 /// The pools of one process, cheap to clone.
 #[derive(Clone)]

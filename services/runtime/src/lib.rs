@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod otlp_metrics;
 pub mod page_token;
+pub mod pipeline;
 pub mod purge;
 pub mod server;
 pub mod telemetry;
@@ -23,6 +24,6 @@ pub mod validate;
 
 pub use config::{DatabaseConfig, LogConfig, MeshConfig, ServerConfig, TargetsConfig};
 pub use consistency::ConsistencyToken;
-pub use db::{Client, Db, DbError};
+pub use db::{Client, Db, DbError, Transaction};
 pub use idempotency::{MESH_SCHEMA, PgIdempotencyStore};
 pub use migrate::Schema;

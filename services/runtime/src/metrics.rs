@@ -138,7 +138,8 @@ pub fn commands_purged(count: u64) {
 
 // === saga, outbox, consumers ===
 
-/// `waybill_saga_outcomes_total{outcome}`: `confirmed`, `cancelled` or `deferred`.
+/// `waybill_saga_outcomes_total{outcome}`: `confirmed`, `cancelled`, `deferred` or
+/// `compensation_refused`.
 pub fn saga_outcome(outcome: &'static str) {
     counter!("waybill_saga_outcomes_total", "outcome" => outcome).increment(1);
 }

@@ -12,7 +12,7 @@ use tonic::{
 };
 use tonic_health::ServingStatus;
 
-use mesh_layer::{method::MethodTable, policy::Policy};
+use mesh_layer::{method::MethodTable, policy::Policy, shed::MethodCaps};
 
 use crate::{Db, PgIdempotencyStore, ServerConfig, health};
 
@@ -20,24 +20,14 @@ use crate::{Db, PgIdempotencyStore, ServerConfig, health};
 const PURGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The gRPC services one process serves, collected before serving.
+#[derive(Default)]
 pub struct Services {
     routes: RoutesBuilder,
     names: Vec<&'static str>,
     tasks: Vec<BackgroundTask>,
     draining: Vec<BackgroundTask>,
     drain: tokio::sync::watch::Sender<bool>,
-}
-
-impl Default for Services {
-    fn default() -> Self {
-        Self {
-            routes: RoutesBuilder::default(),
-            names: Vec::new(),
-            tasks: Vec::new(),
-            draining: Vec::new(),
-            drain: tokio::sync::watch::Sender::new(false),
-        }
-    }
+    caps: MethodCaps,
 }
 
 /// Tells a background task added with [`Services::background_draining`] that the process
@@ -93,6 +83,14 @@ impl Services {
         self
     }
 
+    /// Holds method `path` (`/pkg.Service/Method`) to `max` calls at once (see
+    /// [`MethodCaps`]): calls past it are shed before anything else runs, idempotency claims
+    /// included.
+    pub fn cap(&mut self, path: &str, max: usize) -> &mut Self {
+        self.caps = std::mem::take(&mut self.caps).with(path, max);
+        self
+    }
+
     /// The fully qualified names of the services added so far.
     pub fn names(&self) -> &[&'static str] {
         &self.names
@@ -132,6 +130,7 @@ pub async fn serve(
         tasks,
         draining,
         drain,
+        caps,
     } = services;
     let tasks: Vec<_> = tasks.into_iter().map(tokio::spawn).collect();
     let draining: Vec<_> = draining.into_iter().map(tokio::spawn).collect();
@@ -174,7 +173,12 @@ pub async fn serve(
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let server = Server::builder()
         .layer(mesh_layer::server::trace())
-        .layer(mesh_layer::server::stack(policy, &methods, Arc::new(store)))
+        .layer(mesh_layer::server::stack(
+            policy,
+            &methods,
+            Arc::new(store),
+            caps,
+        ))
         .add_routes(routes.routes())
         .serve_with_incoming_shutdown(incoming, async {
             let _ = drain_rx.await;

@@ -4,9 +4,8 @@
 
 use std::time::Duration;
 
-use tokio_postgres::GenericClient;
 use uuid::Uuid;
-use waybill_runtime::{Db, DbError};
+use waybill_runtime::{Db, DbError, pipeline::pipeline};
 
 use crate::{
     Event,
@@ -39,20 +38,26 @@ struct Claimed {
     event: Event,
 }
 
-/// Moves up to `limit` outbox rows of `schema` into the bus within `tx` (the relay's
+/// Moves up to `limit` outbox rows of `schema` into the bus, in one statement (its own
 /// transaction): one message per event whose topic has subscriptions, one delivery per
-/// subscription, and a notification per subscription that got any. Returns the rows moved.
+/// subscription, and a notification per subscription that got any. Returns the rows moved,
+/// or `None` when another relay holds the schema's advisory lock `lock_key` and is moving.
 pub(crate) async fn move_outbox(
-    tx: &impl GenericClient,
+    client: &impl deadpool_postgres::GenericClient,
     schema: &str,
     limit: i64,
-) -> Result<u64, DbError> {
-    // One statement. Events of topics nobody subscribes to are dropped: a subscription gets
-    // what is published after it first registered.
+    lock_key: &str,
+) -> Result<Option<u64>, DbError> {
+    // Events of topics nobody subscribes to are dropped: a subscription gets what is
+    // published after it first registered. The lock is taken (or not) before anything is
+    // read, and held until the statement's transaction ends.
     let statement = format!(
-        "WITH moved AS (
+        "WITH lock AS (
+             SELECT pg_try_advisory_xact_lock(hashtext($2)) AS held
+         ), moved AS (
              DELETE FROM {schema}.outbox
-             WHERE id IN (SELECT id FROM {schema}.outbox ORDER BY id LIMIT $1
+             WHERE (SELECT held FROM lock)
+               AND id IN (SELECT id FROM {schema}.outbox ORDER BY id LIMIT $1
                           FOR UPDATE SKIP LOCKED)
              RETURNING id, topic, key, payload, headers, created_at
          ), published AS (
@@ -70,10 +75,19 @@ pub(crate) async fn move_outbox(
              SELECT pg_notify('{CHANNEL}', subscription)
              FROM (SELECT DISTINCT subscription FROM fanned) d
          )
-         SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM notified)"
+         SELECT (SELECT held FROM lock), (SELECT count(*) FROM moved),
+                (SELECT count(*) FROM notified)"
     );
-    let row = tx.query_one(&statement, &[&limit]).await?;
-    Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    let row = client
+        .query_one(
+            &client.prepare_cached(&statement).await?,
+            &[&limit, &lock_key],
+        )
+        .await?;
+    if !row.try_get::<_, bool>(0)? {
+        return Ok(None);
+    }
+    Ok(Some(u64::try_from(row.try_get::<_, i64>(1)?).unwrap_or(0)))
 }
 
 impl PgBus {
@@ -148,25 +162,47 @@ impl PgBus {
         inbox: &Inbox<'_>,
         shutdown: &mut Shutdown<F>,
     ) -> Result<Option<Duration>, DbError> {
-        let batch = self.claim(inbox).await?;
+        let (batch, later) = self.claim(inbox).await?;
         let full = batch.len() as i64 == CLAIM_BATCH;
-        for claimed in batch {
-            if shutdown.is_done() {
-                // The rest go back when their lease ends; give them back now instead.
-                self.release(inbox, claimed.seq).await?;
-                continue;
+        // Deadlines, fixed when each delay is learnt: handling the batch takes time too.
+        let mut wake_at = tokio::time::Instant::now()
+            + match later {
+                Some(secs) => Duration::try_from_secs_f64(secs.max(0.0))
+                    .unwrap_or(IDLE_MAX)
+                    .min(IDLE_MAX),
+                None => IDLE_MAX,
+            };
+        let max_attempts = inbox.subscription.max_attempts();
+        let (expired, due): (Vec<Claimed>, Vec<Claimed>) = batch
+            .into_iter()
+            .partition(|claimed| claimed.attempts > max_attempts);
+        for claimed in expired {
+            self.give_up(inbox, claimed).await?;
+        }
+        for (claimed, outcome) in self.handle_all(inbox, shutdown, due).await? {
+            if let Outcome::Failed(error) = outcome
+                && let Some(retry_in) = self.after_failure(inbox, claimed, error).await?
+            {
+                wake_at = wake_at.min(tokio::time::Instant::now() + retry_in);
             }
-            self.deliver(inbox, claimed).await?;
         }
         if full {
             return Ok(None);
         }
-        self.next_due(inbox).await
+        // Everything due was claimed: what is left waits for its retry time (or is held by
+        // another consumer, which settles it); new deliveries come with a NOTIFY.
+        Ok(Some(
+            wake_at.saturating_duration_since(tokio::time::Instant::now()),
+        ))
     }
 
-    async fn claim(&self, inbox: &Inbox<'_>) -> Result<Vec<Claimed>, DbError> {
+    /// Claims up to a batch of due deliveries under a lease, and says in how many seconds the
+    /// earliest delivery not yet due will be (`None`: there is none), in one statement.
+    async fn claim(&self, inbox: &Inbox<'_>) -> Result<(Vec<Claimed>, Option<f64>), DbError> {
         let sub = inbox.subscription;
         let client = self.db.primary().await?;
+        // `later` always yields its one row, so the answer has a row even when nothing was
+        // claimed; claimed deliveries come as further columns of rows joined to it.
         let rows = client
             .query(
                 &client
@@ -176,31 +212,43 @@ impl PgBus {
                      WHERE subscription = $1 AND next_attempt_at <= now()
                      ORDER BY seq LIMIT $2
                      FOR UPDATE SKIP LOCKED
+                 ), claimed AS (
+                     UPDATE bus.deliveries d
+                     SET attempts = d.attempts + 1,
+                         next_attempt_at = now() + make_interval(secs => $3)
+                     FROM due, bus.messages m
+                     WHERE d.subscription = due.subscription AND d.seq = due.seq AND m.seq = d.seq
+                     RETURNING d.seq, d.attempts, m.event_id, m.topic, m.key, m.payload,
+                               m.headers::text AS headers, m.created_at
+                 ), later AS (
+                     SELECT extract(epoch FROM min(next_attempt_at) - now())::float8 AS secs
+                     FROM bus.deliveries WHERE subscription = $1 AND next_attempt_at > now()
                  )
-                 UPDATE bus.deliveries d
-                 SET attempts = d.attempts + 1,
-                     next_attempt_at = now() + make_interval(secs => $3)
-                 FROM due, bus.messages m
-                 WHERE d.subscription = due.subscription AND d.seq = due.seq AND m.seq = d.seq
-                 RETURNING d.seq, d.attempts, m.event_id, m.topic, m.key, m.payload,
-                           m.headers::text, m.created_at",
+                 SELECT later.secs, c.seq, c.attempts, c.event_id, c.topic, c.key, c.payload,
+                        c.headers, c.created_at
+                 FROM later LEFT JOIN claimed c ON true",
                     )
                     .await?,
                 &[&sub.name(), &CLAIM_BATCH, &sub.ack_wait().as_secs_f64()],
             )
             .await?;
+        let later: Option<f64> = match rows.first() {
+            Some(row) => row.try_get(0)?,
+            None => None,
+        };
         let mut batch: Vec<Claimed> = rows
             .iter()
+            .filter(|row| row.get::<_, Option<i64>>(1).is_some())
             .map(|row| Claimed {
-                seq: row.get(0),
-                attempts: u32::try_from(row.get::<_, i32>(1)).unwrap_or(u32::MAX),
+                seq: row.get(1),
+                attempts: u32::try_from(row.get::<_, i32>(2)).unwrap_or(u32::MAX),
                 event: Event {
-                    id: row.get(2),
-                    topic: row.get(3),
-                    key: row.get(4),
-                    payload: row.get(5),
-                    headers: headers_from_json(row.get(6)),
-                    created_at: row.get(7),
+                    id: row.get(3),
+                    topic: row.get(4),
+                    key: row.get(5),
+                    payload: row.get(6),
+                    headers: headers_from_json(row.get(7)),
+                    created_at: row.get(8),
                 },
             })
             .collect();
@@ -208,44 +256,91 @@ impl PgBus {
         if !batch.is_empty() {
             tracing::debug!(claimed = batch.len(), "claimed deliveries");
         }
-        Ok(batch)
+        Ok((batch, later))
     }
 
-    /// Hands one claimed delivery to the handler and settles it: ack, retry later, or dead
-    /// letter.
-    async fn deliver(&self, inbox: &Inbox<'_>, claimed: Claimed) -> Result<(), DbError> {
+    /// Handles `due` in one transaction, one commit for all of it. If that transaction fails
+    /// as a whole (the database, not a handler), the deliveries go one at a time, each in a
+    /// transaction of its own, so that one cannot hold the others back. At shutdown, what is
+    /// not handled yet is given back untried.
+    async fn handle_all<F: Future>(
+        &self,
+        inbox: &Inbox<'_>,
+        shutdown: &mut Shutdown<F>,
+        due: Vec<Claimed>,
+    ) -> Result<Vec<(Claimed, Outcome)>, DbError> {
+        if due.is_empty() {
+            return Ok(Vec::new());
+        }
+        if !shutdown.is_done() {
+            let batch: Vec<(i64, &Event)> = due
+                .iter()
+                .map(|claimed| (claimed.seq, &claimed.event))
+                .collect();
+            if let Some(outcomes) = inbox.handle_batch_settling(&batch).await {
+                return Ok(due.into_iter().zip(outcomes).collect());
+            }
+        }
+        let mut handled = Vec::with_capacity(due.len());
+        for claimed in due {
+            if shutdown.is_done() {
+                // They would go back when their lease ends; give them back now instead.
+                self.release(inbox, claimed.seq).await?;
+                continue;
+            }
+            // The delivery is settled in the handler's own transaction.
+            let outcome = inbox
+                .handle_settling(&claimed.event, Some(claimed.seq))
+                .await;
+            handled.push((claimed, outcome));
+        }
+        Ok(handled)
+    }
+
+    /// Dead-letters a delivery claimed again after its last attempt: that attempt's lease ran
+    /// out (the consumer died or the handler hung).
+    async fn give_up(&self, inbox: &Inbox<'_>, claimed: Claimed) -> Result<(), DbError> {
+        let max_attempts = inbox.subscription.max_attempts();
+        let error = format!(
+            "gave up after {max_attempts} attempts; the last did not finish within the ack wait"
+        );
+        self.dead_letter(
+            inbox,
+            claimed.seq,
+            &claimed.event,
+            claimed.attempts - 1,
+            &error,
+        )
+        .await
+    }
+
+    /// What follows a failed handling of a claimed delivery: a retry after its backoff (the
+    /// delay is returned), or the dead letter when the failure is permanent or the attempts
+    /// are used up.
+    async fn after_failure(
+        &self,
+        inbox: &Inbox<'_>,
+        claimed: Claimed,
+        error: crate::HandlerError,
+    ) -> Result<Option<Duration>, DbError> {
         let sub = inbox.subscription;
         let Claimed {
             seq,
             attempts,
             event,
         } = claimed;
-        if attempts > sub.max_attempts() {
-            // The last attempt's lease ran out: the consumer died or the handler hung.
-            let error = format!(
-                "gave up after {} attempts; the last did not finish within the ack wait",
-                sub.max_attempts()
-            );
-            return self
-                .dead_letter(inbox, seq, &event, attempts - 1, &error)
-                .await;
-        }
-        // The delivery is settled in the handler's own transaction.
-        match inbox.handle_settling(&event, Some(seq)).await {
-            Outcome::Handled | Outcome::Duplicate => Ok(()),
-            Outcome::Failed(error) => {
-                let permanent = matches!(error, crate::HandlerError::Permanent(_));
-                if permanent || attempts >= sub.max_attempts() {
-                    self.dead_letter(inbox, seq, &event, attempts, &error.to_string())
-                        .await
-                } else {
-                    let delay = sub.backoff(attempts);
-                    tracing::info!(event_id = %event.id, attempts, retry_in = ?delay, %error,
-                        "handler failed; will retry");
-                    self.retry_later(inbox, seq, delay, &error.to_string())
-                        .await
-                }
-            }
+        let permanent = matches!(error, crate::HandlerError::Permanent(_));
+        if permanent || attempts >= sub.max_attempts() {
+            self.dead_letter(inbox, seq, &event, attempts, &error.to_string())
+                .await?;
+            Ok(None)
+        } else {
+            let delay = sub.backoff(attempts);
+            tracing::info!(event_id = %event.id, attempts, retry_in = ?delay, %error,
+                "handler failed; will retry");
+            self.retry_later(inbox, seq, delay, &error.to_string())
+                .await?;
+            Ok(Some(delay))
         }
     }
 
@@ -260,9 +355,8 @@ impl PgBus {
         let name = inbox.subscription.name();
         let mut client = self.db.primary().await?;
         let tx = client.transaction().await?;
-        lock_message(&tx, seq).await?;
         dead_letters::record(&*tx, name, event, attempts, error).await?;
-        settle(&tx, name, seq).await?;
+        settle(&tx, name, &[seq]).await?;
         tx.commit().await?;
         dead_letters::log_dead(name, event, attempts, error);
         Ok(())
@@ -300,74 +394,54 @@ impl PgBus {
     async fn release(&self, inbox: &Inbox<'_>, seq: i64) -> Result<(), DbError> {
         let client = self.db.primary().await?;
         client
-            .execute(
+            .query(
                 &client
                     .prepare_cached(
-                        "UPDATE bus.deliveries SET attempts = attempts - 1, next_attempt_at = now()
-                 WHERE subscription = $1 AND seq = $2",
+                        // With a NOTIFY, so another consumer of the subscription, which
+                        // may have gone to sleep past this delivery, takes it now.
+                        "WITH released AS (
+                     UPDATE bus.deliveries SET attempts = attempts - 1, next_attempt_at = now()
+                     WHERE subscription = $1 AND seq = $2
+                     RETURNING subscription
+                 )
+                 SELECT pg_notify($3, subscription) FROM released",
                     )
                     .await?,
-                &[&inbox.subscription.name(), &seq],
+                &[&inbox.subscription.name(), &seq, &CHANNEL],
             )
             .await?;
         Ok(())
     }
-
-    /// How long until the subscription's next delivery is due, at most [`IDLE_MAX`]; `None`
-    /// if one is due now.
-    async fn next_due(&self, inbox: &Inbox<'_>) -> Result<Option<Duration>, DbError> {
-        let client = self.db.primary().await?;
-        let row = client
-            .query_one(
-                &client
-                    .prepare_cached(
-                        "SELECT extract(epoch FROM min(next_attempt_at) - now())::float8
-                 FROM bus.deliveries WHERE subscription = $1",
-                    )
-                    .await?,
-                &[&inbox.subscription.name()],
-            )
-            .await?;
-        Ok(match row.get::<_, Option<f64>>(0) {
-            Some(secs) if secs <= 0.0 => None,
-            Some(secs) => Some(Duration::from_secs_f64(secs).min(IDLE_MAX)),
-            None => Some(IDLE_MAX),
-        })
-    }
 }
 
-/// Locks message `seq`, so acks of several subscriptions take turns deciding whether the
-/// message is fully delivered (each then sees the others' committed deletes).
-async fn lock_message(tx: &deadpool_postgres::Transaction<'_>, seq: i64) -> Result<(), DbError> {
-    tx.query_opt(
-        &tx.prepare_cached("SELECT 1 FROM bus.messages WHERE seq = $1 FOR UPDATE")
-            .await?,
-        &[&seq],
-    )
-    .await?;
-    Ok(())
-}
-
-/// Deletes `subscription`'s delivery of `seq`, and the message if it was the last one.
+/// Deletes `subscription`'s deliveries of `seqs`, and each message whose last delivery that
+/// was.
+///
+/// The three statements go out pipelined (one round trip), yet run in order, each with a
+/// snapshot of its own: the last one sees deliveries another subscription deleted while this
+/// one waited for the message locks, which every subscription takes in `seq` order.
 pub(crate) async fn settle(
     tx: &deadpool_postgres::Transaction<'_>,
     subscription: &str,
-    seq: i64,
+    seqs: &[i64],
 ) -> Result<(), DbError> {
-    lock_message(tx, seq).await?;
-    tx.execute(
-        &tx.prepare_cached("DELETE FROM bus.deliveries WHERE subscription = $1 AND seq = $2")
-            .await?,
-        &[&subscription, &seq],
-    )
-    .await?;
-    tx.execute(
-        &tx.prepare_cached(
-            "DELETE FROM bus.messages m WHERE m.seq = $1
-         AND NOT EXISTS (SELECT 1 FROM bus.deliveries d WHERE d.seq = $1)",
-        )
-        .await?,
-        &[&seq],
+    pipeline(
+        tx,
+        &[
+            (
+                "SELECT 1 FROM bus.messages WHERE seq = ANY($1) ORDER BY seq FOR UPDATE",
+                &[&seqs],
+            ),
+            (
+                "DELETE FROM bus.deliveries WHERE subscription = $1 AND seq = ANY($2)",
+                &[&subscription, &seqs],
+            ),
+            (
+                "DELETE FROM bus.messages m WHERE m.seq = ANY($1)
+                 AND NOT EXISTS (SELECT 1 FROM bus.deliveries d WHERE d.seq = m.seq)",
+                &[&seqs],
+            ),
+        ],
     )
     .await?;
     Ok(())

@@ -73,12 +73,22 @@ impl Fixture {
     pub async fn emit(&self, event: &Event, commit: bool) {
         let mut client = self.db.primary().await.unwrap();
         let tx = client.transaction().await.unwrap();
-        outbox::append(&*tx, APP, event).await.unwrap();
+        outbox::append(&tx, APP, event).await.unwrap();
         if commit {
             tx.commit().await.unwrap();
         } else {
             tx.rollback().await.unwrap();
         }
+    }
+
+    /// Appends `events` to `app.outbox` in one committed transaction.
+    pub async fn emit_all(&self, events: &[Event]) {
+        let mut client = self.db.primary().await.unwrap();
+        let tx = client.transaction().await.unwrap();
+        for event in events {
+            outbox::append(&tx, APP, event).await.unwrap();
+        }
+        tx.commit().await.unwrap();
     }
 
     /// `SELECT count(*) FROM <table> [WHERE <filter>]`.
@@ -126,6 +136,7 @@ struct State {
     seen: Mutex<Vec<Event>>,
     failing: AtomicBool,
     permanent: AtomicBool,
+    poisoned: Mutex<Option<String>>,
 }
 
 impl Recorder {
@@ -141,6 +152,11 @@ impl Recorder {
     pub fn fail(&self, failing: bool, permanent: bool) {
         self.state.permanent.store(permanent, Ordering::SeqCst);
         self.state.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// Makes every call for events keyed `key` fail permanently, and no other.
+    pub fn poison(&self, key: &str) {
+        *self.state.poisoned.lock().unwrap() = Some(key.to_owned());
     }
 
     /// How many times the handler ran.
@@ -168,6 +184,9 @@ impl Handler for Recorder {
             &[&self.name, &event.id],
         )
         .await?;
+        if self.state.poisoned.lock().unwrap().as_deref() == Some(event.key.as_str()) {
+            return Err(HandlerError::Permanent(format!("poisoned {}", event.key)));
+        }
         if self.state.failing.load(Ordering::SeqCst) {
             let message = format!("boom on {}", event.key);
             return Err(if self.state.permanent.load(Ordering::SeqCst) {
