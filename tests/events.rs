@@ -77,6 +77,13 @@ fn expected_after_confirmation() -> Vec<i32> {
 async fn events_flow_over_the_postgres_bus() {
     let db = TestDb::new().await;
     let server = Waybill::serve(&db, &[]);
+    // Registered before the server listened: the bus drops events of topics nobody has
+    // subscribed to yet, so an order placed at once would otherwise notify nobody.
+    assert_eq!(
+        db.count("bus.subscriptions").await,
+        4,
+        "the notifications subscription's four topics"
+    );
     let order = place_one(server.channel().await, "c-pg").await;
     assert_eq!(order.status(), pb::OrderStatus::Confirmed);
     assert_eq!(

@@ -132,7 +132,8 @@ impl ServiceName {
                     (*db).clone(),
                     (*bus).clone(),
                     &settings.notifications,
-                )?;
+                )
+                .await?;
                 services.add(server).background(consumer)
             }
             ServiceName::Commands => {

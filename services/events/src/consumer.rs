@@ -13,7 +13,7 @@ use waybill_runtime::{Db, DbError, purge::delete_in_batches};
 
 use crate::{
     Event,
-    bus::{Bus, BusInner},
+    bus::{Bus, BusError, BusInner},
     outbox::check_schema,
     shutdown::Shutdown,
 };
@@ -225,6 +225,23 @@ impl Consumer {
             subscription,
             handler: Arc::new(handler),
         })
+    }
+
+    /// Registers the subscription with the bus. Both buses drop an event whose topic has no
+    /// subscription when it is published (a subscription gets what is published after it first
+    /// registered), so a process registers its consumers before it serves or relays anything:
+    /// otherwise the first events after a fresh install could go to nobody. [`Consumer::run`]
+    /// registers again (idempotent) and retries while the bus is down; this fails instead.
+    pub async fn register(&self) -> Result<(), BusError> {
+        match &self.bus.inner {
+            BusInner::Postgres(pg) => pg.register(&self.subscription).await?,
+            BusInner::Nats(nats) => {
+                nats.register(&self.subscription).await?;
+            }
+        }
+        tracing::info!(subscription = %self.subscription.name(), topics = ?self.subscription.topics(),
+            "subscription registered before serving");
+        Ok(())
     }
 
     /// Registers the subscription with the bus and handles its events until `shutdown`

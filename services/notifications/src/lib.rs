@@ -14,8 +14,8 @@ mod sink;
 pub use sink::SinkConfig;
 
 use waybill_api::notifications::v1::notifications_service_server::NotificationsServiceServer;
-use waybill_events::{Bus, Consumer, Subscription};
-use waybill_runtime::{Db, DbError, Schema};
+use waybill_events::{Bus, BusError, Consumer, Subscription};
+use waybill_runtime::{Db, Schema};
 
 pub use api::NotificationsApi;
 
@@ -38,8 +38,9 @@ pub const TOPICS: [&str; 4] = [
     "delivery.status_changed",
 ];
 
-/// The gRPC server and the event consumer to run beside it.
-pub fn server(
+/// The gRPC server and the event consumer to run beside it. The consumer's subscription is
+/// registered before this returns, so no event published after it is missed.
+pub async fn server(
     db: Db,
     bus: Bus,
     config: &SinkConfig,
@@ -48,11 +49,11 @@ pub fn server(
         NotificationsServiceServer<NotificationsApi>,
         impl Future<Output = ()> + Send + 'static,
     ),
-    DbError,
+    BusError,
 > {
     let subscription = Subscription::new(SUBSCRIPTION, TOPICS)
-        .map_err(|error| DbError::Config(error.to_string()))?;
-    let sink = std::sync::Arc::new(sink::Sink::from_config(config).map_err(DbError::Config)?);
+        .map_err(|error| BusError::Config(error.to_string()))?;
+    let sink = std::sync::Arc::new(sink::Sink::from_config(config).map_err(BusError::Config)?);
     let consumer = Consumer::new(
         db.clone(),
         bus,
@@ -60,6 +61,7 @@ pub fn server(
         subscription,
         handler::Notifier { sink: sink.clone() },
     )?;
+    consumer.register().await?;
     Ok((
         NotificationsServiceServer::new(NotificationsApi::new(db, sink)),
         consumer.run(std::future::pending::<()>()),

@@ -20,7 +20,7 @@ use waybill_runtime::Db;
 use crate::{
     Event, HandlerError,
     bus::BusError,
-    consumer::{Inbox, Outcome},
+    consumer::{Inbox, Outcome, Subscription},
     dead_letters,
     shutdown::Shutdown,
 };
@@ -145,9 +145,9 @@ impl NatsBus {
         }
     }
 
-    /// Creates or updates the subscription's durable consumer and starts pulling.
-    async fn open(&self, inbox: &Inbox<'_>) -> Result<pull::Stream, BusError> {
-        let sub = inbox.subscription;
+    /// Creates or updates `sub`'s durable consumer: from then on the stream keeps its
+    /// subjects' messages for it (the stream's retention is by interest). Idempotent.
+    pub(crate) async fn register(&self, sub: &Subscription) -> Result<PullConsumer, BusError> {
         let stream = self
             .js
             .get_stream(STREAM)
@@ -170,11 +170,16 @@ impl NatsBus {
             [only] => subject(only),
             _ => subject(">"),
         };
-        let consumer: PullConsumer = stream
+        stream
             .create_consumer(config)
             .await
-            .map_err(|e| nats_error("create consumer", e))?;
-        consumer
+            .map_err(|e| nats_error("create consumer", e))
+    }
+
+    /// Registers the subscription's durable consumer and starts pulling.
+    async fn open(&self, inbox: &Inbox<'_>) -> Result<pull::Stream, BusError> {
+        self.register(inbox.subscription)
+            .await?
             .stream()
             .max_messages_per_batch(PULL_BATCH)
             .heartbeat(Duration::from_secs(5))

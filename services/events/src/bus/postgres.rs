@@ -10,7 +10,7 @@ use waybill_runtime::{Db, DbError, pipeline::pipeline};
 use crate::{
     Event,
     bus::BusError,
-    consumer::{Inbox, Outcome},
+    consumer::{Inbox, Outcome, Subscription},
     dead_letters,
     event::headers_from_json,
     listen::Listener,
@@ -95,7 +95,7 @@ impl PgBus {
     pub(crate) async fn consume<F: Future>(&self, inbox: &Inbox<'_>, shutdown: &mut Shutdown<F>) {
         let subscription = inbox.subscription;
         let mut delay = FAILURE_FIRST;
-        while let Err(error) = self.register(inbox).await {
+        while let Err(error) = self.register(subscription).await {
             tracing::warn!(%error, retry_in = ?delay, "cannot register the subscription");
             if !shutdown.sleep(delay).await {
                 return;
@@ -133,8 +133,9 @@ impl PgBus {
         }
     }
 
-    async fn register(&self, inbox: &Inbox<'_>) -> Result<(), DbError> {
-        let sub = inbox.subscription;
+    /// Records `sub`'s topics in `bus.subscriptions`: from then on the relay fans their events
+    /// out to it. Idempotent.
+    pub(crate) async fn register(&self, sub: &Subscription) -> Result<(), DbError> {
         let client = self.db.primary().await?;
         client
             .execute(
