@@ -28,6 +28,11 @@ use std::{
 };
 
 use hdrhistogram::Histogram;
+
+// The allocator `waybill` itself runs with (cli/src/main.rs): the stacks are measured as they
+// ship. Both sides of every comparison use it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use mesh_layer::{idempotency::MemoryStore, method::MethodTable, policy::Policy};
 use tonic::transport::{Channel, Server};
 use waybill_api::echo::v1::{EchoRequest, echo_service_client::EchoServiceClient};

@@ -50,22 +50,36 @@ pub fn parse_timeout(value: &HeaderValue) -> Option<Duration> {
 /// Encodes a duration as a `grpc-timeout` value in the finest unit that fits in 8 digits,
 /// rounding up so a small positive budget never becomes zero.
 pub fn format_timeout(timeout: Duration) -> HeaderValue {
-    const MAX: u128 = 99_999_999;
-    let nanos = timeout.as_nanos().max(1);
-    let units: [(u128, &str); 6] = [
-        (1, "n"),
-        (1_000, "u"),
-        (1_000_000, "m"),
-        (1_000_000_000, "S"),
-        (60_000_000_000, "M"),
-        (3_600_000_000_000, "H"),
-    ];
-    let (amount, unit) = units
-        .iter()
-        .map(|(size, unit)| (nanos.div_ceil(*size), *unit))
-        .find(|(amount, _)| *amount <= MAX)
-        .unwrap_or((MAX, "H"));
-    // At most 8 digits and a unit: encoded on the stack, no allocation.
+    const MAX: u64 = 99_999_999;
+    // u64 arithmetic with constant divisors (multiplications): this runs on every call.
+    let Ok(nanos) = u64::try_from(timeout.as_nanos()) else {
+        // Past 584 years: whole seconds are precise enough.
+        let secs = timeout.as_secs();
+        return if secs.div_ceil(60) <= MAX {
+            digits(secs.div_ceil(60), b'M')
+        } else {
+            digits(secs.div_ceil(3600).min(MAX), b'H')
+        };
+    };
+    let nanos = nanos.max(1);
+    let (amount, unit) = if nanos <= MAX {
+        (nanos, b'n')
+    } else if nanos.div_ceil(1_000) <= MAX {
+        (nanos.div_ceil(1_000), b'u')
+    } else if nanos.div_ceil(1_000_000) <= MAX {
+        (nanos.div_ceil(1_000_000), b'm')
+    } else if nanos.div_ceil(1_000_000_000) <= MAX {
+        (nanos.div_ceil(1_000_000_000), b'S')
+    } else if nanos.div_ceil(60_000_000_000) <= MAX {
+        (nanos.div_ceil(60_000_000_000), b'M')
+    } else {
+        (nanos.div_ceil(3_600_000_000_000).min(MAX), b'H')
+    };
+    digits(amount, unit)
+}
+
+/// `amount` (at most 8 digits) followed by `unit`, encoded on the stack: no allocation.
+fn digits(amount: u64, unit: u8) -> HeaderValue {
     let mut buffer = [0u8; 9];
     let mut start = 8;
     let mut rest = amount;
@@ -77,7 +91,7 @@ pub fn format_timeout(timeout: Duration) -> HeaderValue {
             break;
         }
     }
-    buffer[8] = unit.as_bytes()[0];
+    buffer[8] = unit;
     HeaderValue::from_bytes(&buffer[start..]).unwrap_or(HeaderValue::from_static("1n"))
 }
 
@@ -133,6 +147,8 @@ mod tests {
             assert_eq!(value, text, "{duration:?}");
             assert!(parse_timeout(&value).unwrap_or_default() >= duration);
         }
+        assert_eq!(format_timeout(Duration::MAX), "99999999H");
+        assert_eq!(format_timeout(Duration::from_secs(100 * 60)), "6000000m");
     }
 
     #[test]

@@ -3,6 +3,12 @@
 
 use std::{collections::HashMap, sync::Arc};
 
+/// A map keyed by method path (or service name), as the layers look things up on every
+/// call: a fast fixed-seed hash rather than SipHash. Such maps are built from configuration
+/// and descriptors, or bounded when requests add to them, so a flooding of crafted keys
+/// cannot degrade them.
+pub type PathMap<V> = HashMap<String, V, foldhash::fast::FixedState>;
+
 use prost::Message;
 use prost_types::{FileDescriptorSet, method_options::IdempotencyLevel};
 
@@ -27,14 +33,14 @@ impl MethodInfo {
 /// Facts about methods, by HTTP/2 path (`/package.Service/Method`). Cheap to clone.
 #[derive(Clone, Debug, Default)]
 pub struct MethodTable {
-    methods: Arc<HashMap<String, MethodInfo>>,
+    methods: Arc<PathMap<MethodInfo>>,
 }
 
 impl MethodTable {
     /// Reads every method of every service in encoded `FileDescriptorSet`s (as produced by
     /// `tonic-prost-build`'s `file_descriptor_set_path`).
     pub fn from_descriptor_sets(sets: &[&[u8]]) -> Result<Self, prost::DecodeError> {
-        let mut methods = HashMap::new();
+        let mut methods = PathMap::default();
         for bytes in sets {
             let set = FileDescriptorSet::decode(*bytes)?;
             for file in set.file {

@@ -12,10 +12,7 @@
 //! and no allocation. The other functions are called only when a layer makes a decision,
 //! never on the plain path.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, OnceLock},
-};
+use std::sync::{Arc, OnceLock};
 
 use metrics::{
     Counter, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge,
@@ -23,7 +20,7 @@ use metrics::{
 };
 use tonic::Code;
 
-use crate::method::{MethodTable, split_path};
+use crate::method::{MethodTable, PathMap, split_path};
 
 /// `mesh_server_requests_total{service,method,code}`: calls answered by the server, by
 /// status code (shed, failed-fast and replayed calls included).
@@ -143,7 +140,7 @@ pub fn code_name(code: Code) -> &'static str {
 /// atomic add, no lookup by name, no allocation.
 #[derive(Debug)]
 pub struct MethodMetrics {
-    methods: HashMap<String, Arc<Handles>>,
+    methods: PathMap<Arc<Handles>>,
     /// Paths not in the method table share one entry (`service="unknown"`).
     unknown: Arc<Handles>,
 }

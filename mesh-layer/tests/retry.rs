@@ -24,6 +24,8 @@ use tower::{Layer, Service, service_fn};
 #[derive(Debug, Clone, PartialEq)]
 struct Seen {
     previous_attempts: Option<String>,
+    /// The `grpc-timeout` the attempt carried.
+    timeout: Option<Duration>,
     body: Bytes,
     at: Instant,
 }
@@ -73,9 +75,14 @@ impl Scripted {
                     .headers()
                     .get(grpc::PREVIOUS_ATTEMPTS)
                     .map(|v| v.to_str().unwrap().to_owned());
+                let timeout = request
+                    .headers()
+                    .get(grpc::GRPC_TIMEOUT)
+                    .and_then(grpc::parse_timeout);
                 let body = request.into_body().collect().await.unwrap().to_bytes();
                 this.seen.lock().unwrap().push(Seen {
                     previous_attempts,
+                    timeout,
                     body,
                     at: Instant::now(),
                 });
@@ -199,6 +206,33 @@ async fn server_pushback_delays_or_forbids_the_retry() {
     let attempts = server.attempts();
     assert_eq!(attempts.len(), 2);
     assert_eq!(attempts[1].at - attempts[0].at, Duration::from_millis(300));
+}
+
+/// The server of a retry learns the time the caller has left, not the time it had at first.
+#[tokio::test(start_paused = true)]
+async fn each_retry_carries_the_time_left_in_grpc_timeout() {
+    let mut pushback = status(Code::Unavailable);
+    pushback
+        .headers_mut()
+        .insert(grpc::RETRY_PUSHBACK, HeaderValue::from_static("300"));
+    let server = Scripted::answering(vec![pushback]);
+    let mut client = RetryLayer::new(policy(""), methods()).layer(server.clone().service());
+
+    let mut request = call("/s.S/Get", "");
+    request
+        .headers_mut()
+        .insert(grpc::GRPC_TIMEOUT, HeaderValue::from_static("1S"));
+    assert_eq!(code(&send(&mut client, request).await), Code::Ok);
+
+    let timeouts: Vec<_> = server.attempts().iter().map(|a| a.timeout).collect();
+    assert_eq!(
+        timeouts,
+        [
+            Some(Duration::from_secs(1)),
+            Some(Duration::from_millis(700))
+        ],
+        "the second attempt starts 300 ms (the pushback) into the call"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,12 +1,16 @@
-use std::task::{Context, Poll};
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
 
-use http::{Request, Response};
-use tokio::time::Instant;
+use http::{Request, Response, Uri};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
 use tonic::{Status, body::Body};
 use tower::{Layer, Service};
 
 use crate::{
-    BoxFuture,
     context::CallContext,
     grpc::{self, GRPC_TIMEOUT},
     metrics,
@@ -47,12 +51,10 @@ pub struct DeadlineService<S> {
 impl<S> Service<Request<Body>> for DeadlineService<S>
 where
     S: Service<Request<Body>, Response = Response<Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Response<Body>, S::Error>>;
+    type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -79,16 +81,13 @@ where
             .min();
 
         let Some(deadline) = deadline else {
-            return Box::pin(self.inner.call(request));
+            return ResponseFuture::Unbounded {
+                inner: self.inner.call(request),
+            };
         };
         if deadline <= now {
             metrics::client_deadline_exceeded(request.uri().path(), "before_send");
-            return Box::pin(async {
-                Ok(grpc::error_response(
-                    Status::deadline_exceeded("deadline passed before the call was sent"),
-                    "deadline",
-                ))
-            });
+            return ResponseFuture::Expired;
         }
         // The layers below (retry) read the deadline back from this header.
         request
@@ -96,16 +95,53 @@ where
             .insert(GRPC_TIMEOUT, grpc::format_timeout(deadline - now));
         // A refcounted copy, for the rare log line: not an allocation per call.
         let uri = request.uri().clone();
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            tokio::select! {
-                biased;
-                response = response => response,
-                () = tokio::time::sleep_until(deadline) => {
-                    metrics::client_deadline_exceeded(uri.path(), "in_flight");
-                    Ok(grpc::error_response(Status::deadline_exceeded("deadline exceeded"), "deadline"))
+        ResponseFuture::Bounded {
+            inner: self.inner.call(request),
+            sleep: tokio::time::sleep_until(deadline),
+            uri,
+        }
+    }
+}
+
+pin_project! {
+    /// The response of a call with a deadline: the inner response, or DEADLINE_EXCEEDED
+    /// (marked `deadline`) when the deadline comes first or had passed before the call.
+    #[project = Projection]
+    pub enum ResponseFuture<F> {
+        /// No deadline applies.
+        Unbounded { #[pin] inner: F },
+        /// The deadline had passed: not sent.
+        Expired,
+        /// In flight until the deadline.
+        Bounded { #[pin] inner: F, #[pin] sleep: Sleep, uri: Uri },
+    }
+}
+
+impl<F, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            Projection::Unbounded { inner } => inner.poll(cx),
+            Projection::Expired => Poll::Ready(Ok(grpc::error_response(
+                Status::deadline_exceeded("deadline passed before the call was sent"),
+                "deadline",
+            ))),
+            Projection::Bounded { inner, sleep, uri } => {
+                // The response first: one that is ready at the deadline still counts.
+                if let Poll::Ready(response) = inner.poll(cx) {
+                    return Poll::Ready(response);
                 }
+                ready!(sleep.poll(cx));
+                metrics::client_deadline_exceeded(uri.path(), "in_flight");
+                Poll::Ready(Ok(grpc::error_response(
+                    Status::deadline_exceeded("deadline exceeded"),
+                    "deadline",
+                )))
             }
-        })
+        }
     }
 }

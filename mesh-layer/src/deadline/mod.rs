@@ -15,5 +15,5 @@
 mod client;
 mod server;
 
-pub use client::{DeadlineLayer, DeadlineService};
+pub use client::{DeadlineLayer, DeadlineService, ResponseFuture};
 pub use server::{ServerDeadline, ServerDeadlineLayer};

@@ -1,6 +1,8 @@
 //! The JSON document as written, and its validation into a [`Policy`].
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
+
+use crate::method::PathMap;
 
 use serde::Deserialize;
 use tonic::Code;
@@ -158,8 +160,8 @@ fn validate(document: Document) -> Result<Policy, PolicyError> {
         ));
     }
 
-    let mut by_method = HashMap::new();
-    let mut by_service = HashMap::new();
+    let mut by_method = PathMap::default();
+    let mut by_service = PathMap::default();
     let mut default = None;
     for (index, entry) in document.method_config.into_iter().enumerate() {
         let at = format!("methodConfig[{index}]");
@@ -197,7 +199,7 @@ fn validate(document: Document) -> Result<Policy, PolicyError> {
                 (None, None) => default.replace(policy.clone()).is_some(),
                 (Some(service), None) => by_service.insert(service, policy.clone()).is_some(),
                 (Some(service), Some(method)) => by_method
-                    .insert((service, method), policy.clone())
+                    .insert(format!("/{service}/{method}"), policy.clone())
                     .is_some(),
                 (None, Some(_)) => {
                     return Err(PolicyError::new(field, "a method needs its service"));

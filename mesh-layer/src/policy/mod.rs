@@ -27,13 +27,13 @@
 mod document;
 mod duration;
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use tonic::Code;
 
 pub use duration::parse_duration;
 
-use crate::method::split_path;
+use crate::method::{PathMap, split_path};
 
 /// Why a policy document was refused: the field, and what is wrong with it.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -62,8 +62,9 @@ pub struct Policy {
 
 #[derive(Debug)]
 struct Inner {
-    by_method: HashMap<(String, String), Arc<MethodPolicy>>,
-    by_service: HashMap<String, Arc<MethodPolicy>>,
+    /// By path, `/service/method`: looked up with the request's path as it is.
+    by_method: PathMap<Arc<MethodPolicy>>,
+    by_service: PathMap<Arc<MethodPolicy>>,
     default: Arc<MethodPolicy>,
     retry_budget: BudgetPolicy,
     breaker: BreakerPolicy,
@@ -244,8 +245,8 @@ impl Default for Policy {
     fn default() -> Self {
         Self {
             inner: Arc::new(Inner {
-                by_method: HashMap::new(),
-                by_service: HashMap::new(),
+                by_method: PathMap::default(),
+                by_service: PathMap::default(),
                 default: Arc::new(MethodPolicy::builtin_default()),
                 retry_budget: BudgetPolicy::default(),
                 breaker: BreakerPolicy::default(),
@@ -268,14 +269,8 @@ impl Policy {
     /// service's, else the default entry (`"name": [{}]`), else
     /// [`MethodPolicy::builtin_default`].
     pub fn method(&self, path: &str) -> Arc<MethodPolicy> {
-        if let Some((service, method)) = split_path(path) {
-            // Avoid allocating on the hot path when there are no per-method entries.
-            if !self.inner.by_method.is_empty()
-                && let Some(policy) = self
-                    .inner
-                    .by_method
-                    .get(&(service.to_owned(), method.to_owned()))
-            {
+        if let Some((service, _)) = split_path(path) {
+            if let Some(policy) = self.inner.by_method.get(path) {
                 return policy.clone();
             }
             if let Some(policy) = self.inner.by_service.get(service) {

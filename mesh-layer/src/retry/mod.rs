@@ -45,9 +45,9 @@ use crate::{
     body::{Buffered, MAX_RESPONSE_BYTES, buffer_request, read_response, replay},
     context::CallContext,
     grpc::{self, IDEMPOTENCY_KEY, PREVIOUS_ATTEMPTS, Pushback},
-    method::MethodTable,
-    metrics::{self, MethodMetrics},
-    policy::Policy,
+    method::{MethodInfo, MethodTable, PathMap},
+    metrics::{self, Handles, MethodMetrics},
+    policy::{MethodPolicy, Policy},
 };
 
 /// Every how many original calls the budget gauge is refreshed (retries refresh it too).
@@ -63,27 +63,61 @@ pub struct RetryLayer {
 #[derive(Debug)]
 struct Shared {
     policy: Policy,
-    methods: MethodTable,
     budget: RetryBudget,
     /// Original calls so far, to sample the budget gauge every [`BUDGET_SAMPLE`] calls.
     calls_seen: AtomicU64,
+    /// What a call needs to know about its method, found with one lookup per call.
+    routes: PathMap<Route>,
+    /// For paths not in the method table.
+    unknown: Route,
+}
+
+/// One method as the retry layer sees it.
+#[derive(Debug)]
+struct Route {
+    info: MethodInfo,
+    policy: Arc<MethodPolicy>,
+    /// `mesh_client_requests_total` handles.
+    metrics: Arc<Handles>,
     latency: TypicalLatency,
-    /// `mesh_client_requests_total` handles, per method.
-    calls: MethodMetrics,
+}
+
+impl Shared {
+    fn route(&self, path: &str) -> &Route {
+        self.routes.get(path).unwrap_or(&self.unknown)
+    }
 }
 
 impl RetryLayer {
     /// Retries as `policy` configures them, for the methods `methods` describes.
     pub fn new(policy: Policy, methods: MethodTable) -> Self {
         let budget = policy.retry_budget();
+        let metrics = MethodMetrics::new(&methods);
+        let routes = methods
+            .iter()
+            .map(|(path, info)| {
+                let route = Route {
+                    info: *info,
+                    policy: policy.method(path),
+                    metrics: metrics.get(path).clone(),
+                    latency: TypicalLatency::default(),
+                };
+                (path.to_owned(), route)
+            })
+            .collect();
+        let unknown = Route {
+            info: methods.get(""),
+            policy: policy.method(""),
+            metrics: metrics.get("").clone(),
+            latency: TypicalLatency::default(),
+        };
         Self {
             shared: Arc::new(Shared {
                 budget: RetryBudget::new(budget.ttl, budget.min_per_second, budget.retry_ratio),
                 calls_seen: AtomicU64::new(0),
-                calls: MethodMetrics::new(&methods),
+                routes,
+                unknown,
                 policy,
-                methods,
-                latency: TypicalLatency::default(),
             }),
         }
     }
@@ -134,9 +168,10 @@ where
         {
             metrics::retry_budget(path, shared.budget.available());
         }
-        shared.calls.get(path).client_call();
-        let info = shared.methods.get(path);
-        let method = shared.policy.method(path);
+        let route = shared.route(path);
+        route.metrics.client_call();
+        let info = route.info;
+        let method = &route.policy;
         let eligible = method.retry.is_some()
             && !info.client_streaming
             && (info.idempotent || request.headers().contains_key(IDEMPOTENCY_KEY));
@@ -145,6 +180,7 @@ where
         }
         let upstream_retry = CallContext::current().is_some_and(|c| c.previous_attempts > 0);
         let shared = self.shared.clone();
+        let method = method.clone();
         // The service we were polled ready on makes the first attempt; keep a clone in its
         // place (tower's rule: the clone is not ready, the original is).
         let clone = self.inner.clone();
@@ -156,6 +192,7 @@ where
             };
             let (parts, body) = request.into_parts();
             let path = parts.uri.path();
+            let route = shared.route(path);
             let bytes = match buffer_request(body, shared.policy.max_retry_buffer_bytes()).await {
                 Buffered::Complete(bytes) => bytes,
                 Buffered::TooLarge(body) => {
@@ -176,9 +213,13 @@ where
             loop {
                 let mut request = Request::from_parts(parts.clone(), replay(&bytes));
                 if attempt > 1 {
-                    request
-                        .headers_mut()
-                        .insert(PREVIOUS_ATTEMPTS, HeaderValue::from(attempt - 1));
+                    let headers = request.headers_mut();
+                    headers.insert(PREVIOUS_ATTEMPTS, HeaderValue::from(attempt - 1));
+                    // The copied header still says the time the call had at first.
+                    if let Some(deadline) = deadline {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        headers.insert(grpc::GRPC_TIMEOUT, grpc::format_timeout(left));
+                    }
                 }
                 let started = Instant::now();
                 let result = if attempt == 1 {
@@ -216,7 +257,7 @@ where
                 };
 
                 if code == Code::Ok {
-                    shared.latency.record(path, started.elapsed());
+                    route.latency.record(started.elapsed());
                     return outcome;
                 }
                 if !retry.retryable_codes.contains(&code) {
@@ -253,7 +294,7 @@ where
                 };
                 if let Some(deadline) = deadline {
                     let left = deadline.saturating_duration_since(Instant::now());
-                    if left < wait + shared.latency.get(path) {
+                    if left < wait + route.latency.get() {
                         skip("deadline");
                         return outcome;
                     }

@@ -25,7 +25,6 @@
 mod limit;
 
 use std::{
-    collections::HashMap,
     sync::{Arc, RwLock},
     task::{Context, Poll},
 };
@@ -37,7 +36,7 @@ use tower::{Layer, Service};
 
 pub use limit::GradientLimit;
 
-use crate::{BoxFuture, grpc, metrics, policy::ShedPolicy};
+use crate::{BoxFuture, grpc, method::PathMap, metrics, policy::ShedPolicy};
 
 /// Refuses calls beyond the adaptive concurrency limit of their gRPC service, or beyond their
 /// method's cap. The limits are shared by all clones, so apply the layer once per server.
@@ -52,7 +51,7 @@ pub struct LoadShedLayer {
 /// Clones share the counts.
 #[derive(Clone, Debug, Default)]
 pub struct MethodCaps {
-    by_path: Arc<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    by_path: Arc<PathMap<Arc<tokio::sync::Semaphore>>>,
 }
 
 /// The slot a capped call holds, in the request's extensions. A handler that hands its work to
@@ -93,7 +92,7 @@ const OTHER: &str = "other";
 #[derive(Debug)]
 struct Limits {
     policy: ShedPolicy,
-    by_service: RwLock<HashMap<String, Arc<GradientLimit>>>,
+    by_service: RwLock<PathMap<Arc<GradientLimit>>>,
 }
 
 impl Limits {
