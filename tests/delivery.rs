@@ -728,3 +728,34 @@ async fn a_watcher_hears_of_a_cancellation_made_elsewhere() {
     assert_eq!(rest[0].status(), pb::DeliveryStatus::Cancelled);
     assert_eq!(rest[0].reason, "customer changed their mind");
 }
+
+/// Assignments update their courier's load in place (HOT): no courier column that changes is
+/// indexed, and pages keep room. Without that, every assignment added an entry to each of the
+/// table's indexes, and picking a courier read through the dead ones (delivery V4).
+#[tokio::test]
+async fn assignments_update_couriers_in_place() {
+    let (db, _server, mut client) = start().await;
+    put_courier(&mut client, "hot-1", "hot", 100).await;
+    put_courier(&mut client, "hot-2", "hot", 100).await;
+    for _ in 0..30 {
+        assign(&mut client, &Uuid::now_v7().to_string(), "hot")
+            .await
+            .unwrap();
+    }
+    let primary = db.primary().await;
+    // The server's backends report their table statistics when idle, within seconds.
+    let (updates, hot) = waybill_test_support::eventually("courier updates counted", || async {
+        let row = primary
+            .query_one(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables
+                 WHERE schemaname = 'delivery' AND relname = 'couriers'",
+                &[],
+            )
+            .await
+            .ok()?;
+        let (updates, hot): (i64, i64) = (row.get(0), row.get(1));
+        (updates >= 30).then_some((updates, hot))
+    })
+    .await;
+    assert_eq!(hot, updates, "every courier update is HOT");
+}
