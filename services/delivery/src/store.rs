@@ -13,7 +13,7 @@ use tokio_postgres::{Row, types::ToSql};
 use uuid::Uuid;
 use waybill_api::{delivery::v1 as pb, events::v1 as events};
 use waybill_events::Event;
-use waybill_runtime::{ConsistencyToken, Db, DbError};
+use waybill_runtime::{ConsistencyToken, Db, DbError, pipeline::PipelinedTx};
 
 use crate::{
     domain::{Courier, Delivery, DeliveryStatus, Location, TrackingEvent, Transition},
@@ -110,27 +110,41 @@ impl DeliveryStore {
         customer_id: &str,
         zone: &str,
     ) -> Result<Assigned, DbError> {
-        let mut client = self.db.primary().await?;
-        let tx = client.transaction().await?;
-        // Both in one round trip (pipelined). A courier taken for an order that already has
-        // its delivery is given back by the rollback.
-        let (existing, taken) = tokio::try_join!(
-            biased;
-            select_delivery(&tx, order_id, false),
-            take_courier(&tx, order_id, zone, " SKIP LOCKED"),
-        )?;
+        let client = self.db.primary().await?;
+        // BEGIN, the existing delivery and a courier pick in one round trip. A courier taken
+        // for an order that already has its delivery is given back by the rollback.
+        let select = select_delivery_sql(false);
+        let pick = take_courier_sql(" SKIP LOCKED");
+        let (tx, answers) = PipelinedTx::begin(
+            client,
+            &[(&select, &[&order_id]), (&pick, &[&zone, &order_id])],
+        )
+        .await?;
+        let existing = answers
+            .first()
+            .and_then(|rows| rows.first())
+            .map(delivery_from_row)
+            .transpose()?;
+        let taken: Option<String> = answers
+            .get(1)
+            .and_then(|rows| rows.first())
+            .map(|row| row.try_get(0))
+            .transpose()?;
         if let Some(existing) = existing {
+            tx.rollback().await?;
             return Ok(Assigned::Existing(existing));
         }
         // Every free courier is being assigned right now: wait for one.
         let taken = match taken {
             Some(courier_id) => Some(courier_id),
-            None => take_courier(&tx, order_id, zone, "").await?,
+            None => take_courier(tx.client(), order_id, zone, "").await?,
         };
         let Some(courier_id) = taken else {
             // No courier free, or a concurrent assignment of this order committed since the
             // first look (the picks take none for an order with a delivery).
-            return Ok(match select_delivery(&tx, order_id, false).await? {
+            let existing = select_delivery(tx.client(), order_id, false).await?;
+            tx.rollback().await?;
+            return Ok(match existing {
                 Some(existing) => Assigned::Existing(existing),
                 None => Assigned::NoCourier,
             });
@@ -146,9 +160,10 @@ impl DeliveryStore {
         );
         let appended = outbox::OutboxRow::new(outbox::SCHEMA, &event)?;
         // The delivery, its first history row (telling the watchers, as `record` does for
-        // every later change) and CourierAssigned in one statement. The key decides between concurrent assignments of one order: the
-        // loser waits for the winner's commit, inserts nothing (so neither does the rest of
-        // the statement), and returns the winner's delivery.
+        // every later change) and CourierAssigned in one statement, sent with the COMMIT. The
+        // key decides between concurrent assignments of one order: the loser waits for the
+        // winner's commit and inserts nothing (so neither does the rest of the statement),
+        // and gives back the courier it took, so that what it commits changes nothing.
         let statement = format!(
             "WITH assigned AS (
                  INSERT INTO delivery.deliveries AS d
@@ -160,6 +175,9 @@ impl DeliveryStore {
                  INSERT INTO delivery.tracking_events (order_id, version, status, lat, lng, at)
                  SELECT order_id, version, status, lat, lng, updated_at FROM assigned
                  RETURNING pg_notify($5, order_id::text)
+             ), given_back AS (
+                 UPDATE delivery.couriers SET active = active - 1, updated_at = now()
+                 WHERE id = $3 AND NOT EXISTS (SELECT 1 FROM assigned)
              ), {}
              SELECT * FROM assigned",
             appended.cte("assigned", 6)
@@ -172,22 +190,16 @@ impl DeliveryStore {
             &tracking::CHANNEL,
         ];
         params.extend(appended.params());
-        let inserted = tx
-            .query_opt(&tx.prepare_cached(&statement).await?, &params)
-            .await?;
-        let Some(row) = inserted else {
-            // Undo this transaction's claim on the courier.
-            tx.rollback().await?;
-            return match select_delivery(&client, order_id, false).await? {
+        let answers = tx.commit(&[(&statement, &params)]).await?;
+        match answers.first().and_then(|rows| rows.first()) {
+            Some(row) => Ok(Assigned::Created(delivery_from_row(row)?)),
+            None => match select_delivery(&self.db.primary().await?, order_id, false).await? {
                 Some(winner) => Ok(Assigned::Existing(winner)),
                 None => Err(DbError::Invariant(format!(
                     "delivery {order_id} conflicted on insert but is not there"
                 ))),
-            };
-        };
-        let delivery = delivery_from_row(&row)?;
-        tx.commit().await?;
-        Ok(Assigned::Created(delivery))
+            },
+        }
     }
 
     /// Cancels an ASSIGNED delivery and frees its courier. For an order without a delivery
@@ -416,14 +428,29 @@ impl DeliveryStore {
 /// one courier nor refuses while capacity is left. Postgres re-checks `active < capacity` on
 /// the latest version of the row it locks, so capacity is never exceeded.
 async fn take_courier(
-    tx: &Transaction<'_>,
+    client: &impl deadpool_postgres::GenericClient,
     order_id: Uuid,
     zone: &str,
     skip_locked: &str,
 ) -> Result<Option<String>, DbError> {
+    client
+        .query_opt(
+            &client
+                .prepare_cached(&take_courier_sql(skip_locked))
+                .await?,
+            &[&zone, &order_id],
+        )
+        .await?
+        .map(|row| row.try_get(0))
+        .transpose()
+        .map_err(DbError::from)
+}
+
+/// [`take_courier`]'s statement: zone `$1`, order `$2`.
+fn take_courier_sql(skip_locked: &str) -> String {
     // Pick and load in one statement; none for an order that has its delivery already (a
     // repeated assignment), so a repeat changes no courier row, not even one it rolls back.
-    let statement = format!(
+    format!(
         "WITH picked AS (
              SELECT id FROM delivery.couriers
              WHERE zone = $1 AND active < capacity
@@ -435,12 +462,7 @@ async fn take_courier(
          UPDATE delivery.couriers c SET active = c.active + 1, updated_at = now()
          FROM picked WHERE c.id = picked.id
          RETURNING c.id"
-    );
-    tx.query_opt(&tx.prepare_cached(&statement).await?, &[&zone, &order_id])
-        .await?
-        .map(|row| row.try_get(0))
-        .transpose()
-        .map_err(DbError::from)
+    )
 }
 
 /// Applies a status change to a delivery locked by `tx`, if the lifecycle allows: the row,
@@ -547,19 +569,22 @@ async fn select_delivery(
     order_id: Uuid,
     for_update: bool,
 ) -> Result<Option<Delivery>, DbError> {
-    let lock = if for_update { " FOR UPDATE" } else { "" };
     client
         .query_opt(
             &client
-                .prepare_cached(&format!(
-                    "SELECT {DELIVERY_COLUMNS} FROM delivery.deliveries d WHERE d.order_id = $1{lock}"
-                ))
+                .prepare_cached(&select_delivery_sql(for_update))
                 .await?,
             &[&order_id],
         )
         .await?
         .map(|row| delivery_from_row(&row))
         .transpose()
+}
+
+/// The delivery of order `$1`, its row locked when `for_update`.
+fn select_delivery_sql(for_update: bool) -> String {
+    let lock = if for_update { " FOR UPDATE" } else { "" };
+    format!("SELECT {DELIVERY_COLUMNS} FROM delivery.deliveries d WHERE d.order_id = $1{lock}")
 }
 
 fn delivery_from_row(row: &Row) -> Result<Delivery, DbError> {

@@ -4,10 +4,13 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use deadpool_postgres::Transaction;
-use tokio_postgres::{Row, error::SqlState};
+use deadpool_postgres::{GenericClient, Transaction};
+use tokio_postgres::{Row, error::SqlState, types::ToSql};
 use uuid::Uuid;
-use waybill_runtime::{Db, DbError, pipeline::pipeline};
+use waybill_runtime::{
+    Db, DbError,
+    pipeline::{PipelinedTx, Statement, pipeline},
+};
 
 use crate::domain::{Item, NewReservation, Reservation, ReservationState};
 
@@ -181,16 +184,15 @@ impl InventoryStore {
         request: &NewReservation,
         ttl: Duration,
     ) -> Result<Result<Reservation, Refused>, DbError> {
-        let mut client = self.db.primary().await?;
-        let tx = client.transaction().await?;
+        let client = self.db.primary().await?;
         let ttl_seconds = ttl.as_secs_f64();
         let skus: Vec<&str> = request.lines.keys().map(String::as_str).collect();
         let quantities: Vec<i32> = request.lines.values().copied().collect();
-        // The reservation's row and the item locks (SKU order) in one round trip. The primary
-        // key decides between concurrent reserves of one order: the second waits for the
-        // first to commit and then sees the row.
-        let mut answers = pipeline(
-            &tx,
+        // BEGIN, the reservation's row and the item locks (SKU order) in one round trip. The
+        // primary key decides between concurrent reserves of one order: the second waits for
+        // the first to commit and then sees the row.
+        let (tx, answers) = PipelinedTx::begin(
+            client,
             &[
                 (
                     "INSERT INTO inventory.reservations (order_id, state, expires_at)
@@ -206,13 +208,14 @@ impl InventoryStore {
                 ),
             ],
         )
-        .await?
-        .into_iter();
+        .await?;
+        let mut answers = answers.into_iter();
         let inserted = answers.next().and_then(|rows| rows.into_iter().next());
         let items = answers.next().unwrap_or_default();
         let Some(inserted) = inserted else {
             // Already reserved (the item locks go with the rollback).
-            let existing = load_reservation(&tx, request.order_id, false).await?;
+            let existing = load_reservation(tx.client(), request.order_id, false).await?;
+            tx.rollback().await?;
             return Ok(match existing {
                 Some(r) if r.state == ReservationState::Released => Err(Refused::State(r)),
                 Some(r) => Ok(r),
@@ -223,31 +226,34 @@ impl InventoryStore {
             .iter()
             .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
             .collect::<Result<_, DbError>>()?;
-        for (sku, &requested) in &request.lines {
-            match available.get(sku) {
-                None => return Ok(Err(Refused::UnknownItem(sku.clone()))),
-                Some(&available) if available < requested => {
-                    return Ok(Err(Refused::OutOfStock {
-                        sku: sku.clone(),
-                        requested,
-                        available,
-                    }));
-                }
-                Some(_) => {}
-            }
+        let refused = request
+            .lines
+            .iter()
+            .find_map(|(sku, &requested)| match available.get(sku) {
+                None => Some(Refused::UnknownItem(sku.clone())),
+                Some(&available) if available < requested => Some(Refused::OutOfStock {
+                    sku: sku.clone(),
+                    requested,
+                    available,
+                }),
+                Some(_) => None,
+            });
+        if let Some(refused) = refused {
+            tx.rollback().await?;
+            return Ok(Err(refused));
         }
-        tx.execute(
-            &tx.prepare_cached("WITH wanted AS (SELECT * FROM unnest($2::text[], $3::int4[]) AS w(sku, quantity)),
+        // The units held, the lines and COMMIT in one round trip.
+        tx.commit(&[(
+            "WITH wanted AS (SELECT * FROM unnest($2::text[], $3::int4[]) AS w(sku, quantity)),
                   held AS (
                       UPDATE inventory.items i SET reserved = i.reserved + w.quantity, updated_at = now()
                       FROM wanted w WHERE i.sku = w.sku
                   )
              INSERT INTO inventory.reservation_lines (order_id, sku, quantity)
-             SELECT $1, sku, quantity FROM wanted").await?,
+             SELECT $1, sku, quantity FROM wanted",
             &[&request.order_id, &skus, &quantities],
-        )
+        )])
         .await?;
-        tx.commit().await?;
         Ok(Ok(Reservation {
             order_id: request.order_id,
             lines: request.lines.clone(),
@@ -327,38 +333,42 @@ impl InventoryStore {
         otel.kind = "client", db.system = "postgresql", db.operation.name = "commit",
         db.namespace, waybill.db.role))]
     pub async fn commit(&self, order_id: Uuid) -> Result<Result<Reservation, Refused>, DbError> {
-        let mut client = self.db.primary().await?;
-        let tx = client.transaction().await?;
-        let Some(reservation) = load_reservation(&tx, order_id, true).await? else {
+        let client = self.db.primary().await?;
+        let (tx, answers) =
+            PipelinedTx::begin(client, &reservation_queries(&[&order_id], true)).await?;
+        let Some(reservation) = reservation_from_rows(order_id, answers)? else {
+            tx.rollback().await?;
             return Ok(Err(Refused::NotFound));
         };
         match reservation.state {
-            ReservationState::Committed => Ok(Ok(reservation)),
-            ReservationState::Released => Ok(Err(Refused::State(reservation))),
+            ReservationState::Committed | ReservationState::Released => {
+                tx.rollback().await?;
+                Ok(match reservation.state {
+                    ReservationState::Committed => Ok(reservation),
+                    _ => Err(Refused::State(reservation)),
+                })
+            }
             ReservationState::Held => {
-                // Item locks in SKU order first, then both updates: one round trip.
-                pipeline(
-                    &tx,
-                    &[
-                        (LOCK_ITEMS, &[&order_id]),
-                        (
-                            "UPDATE inventory.items i
+                // Item locks in SKU order first, then both updates, then COMMIT: one round
+                // trip.
+                tx.commit(&[
+                    (LOCK_ITEMS, &[&order_id]),
+                    (
+                        "UPDATE inventory.items i
                              SET on_hand = i.on_hand - l.quantity,
                                  reserved = i.reserved - l.quantity, updated_at = now()
                              FROM inventory.reservation_lines l
                              WHERE l.order_id = $1 AND i.sku = l.sku",
-                            &[&order_id],
-                        ),
-                        (
-                            "UPDATE inventory.reservations
+                        &[&order_id],
+                    ),
+                    (
+                        "UPDATE inventory.reservations
                              SET state = 'COMMITTED', expires_at = NULL, updated_at = now()
                              WHERE order_id = $1",
-                            &[&order_id],
-                        ),
-                    ],
-                )
+                        &[&order_id],
+                    ),
+                ])
                 .await?;
-                tx.commit().await?;
                 Ok(Ok(Reservation {
                     state: ReservationState::Committed,
                     expires_at: None,
@@ -435,28 +445,44 @@ async fn lock_items(tx: &Transaction<'_>, order_id: Uuid) -> Result<(), DbError>
 }
 
 async fn load_reservation(
-    tx: &Transaction<'_>,
+    client: &impl GenericClient,
     order_id: Uuid,
     for_update: bool,
 ) -> Result<Option<Reservation>, DbError> {
-    let lock = if for_update { "FOR UPDATE" } else { "" };
-    // Both queries in one round trip (pipelined, run in this order); the lines of a
-    // reservation never change once written.
-    let reservation =
-        format!("SELECT state, expires_at FROM inventory.reservations WHERE order_id = $1 {lock}");
-    let mut answers = pipeline(
-        tx,
-        &[
-            (&reservation, &[&order_id]),
-            (
-                "SELECT sku, quantity FROM inventory.reservation_lines
-                 WHERE order_id = $1 ORDER BY sku",
-                &[&order_id],
-            ),
-        ],
-    )
-    .await?
-    .into_iter();
+    let answers = pipeline(client, &reservation_queries(&[&order_id], for_update)).await?;
+    reservation_from_rows(order_id, answers)
+}
+
+/// The reservation of `order_id` (its row locked when `for_update`) and its lines: two
+/// statements for one round trip, run in this order; the lines of a reservation never change
+/// once written. `order_id` is the one parameter, `[&order_id]`; [`reservation_from_rows`]
+/// reads their answers.
+fn reservation_queries<'a>(
+    order_id: &'a [&'a (dyn ToSql + Sync); 1],
+    for_update: bool,
+) -> [Statement<'a>; 2] {
+    [
+        (
+            if for_update {
+                "SELECT state, expires_at FROM inventory.reservations WHERE order_id = $1 FOR UPDATE"
+            } else {
+                "SELECT state, expires_at FROM inventory.reservations WHERE order_id = $1"
+            },
+            order_id,
+        ),
+        (
+            "SELECT sku, quantity FROM inventory.reservation_lines
+             WHERE order_id = $1 ORDER BY sku",
+            order_id,
+        ),
+    ]
+}
+
+fn reservation_from_rows(
+    order_id: Uuid,
+    answers: Vec<Vec<Row>>,
+) -> Result<Option<Reservation>, DbError> {
+    let mut answers = answers.into_iter();
     let row = answers.next().and_then(|rows| rows.into_iter().next());
     let lines = answers.next().unwrap_or_default();
     let Some(row) = row else {

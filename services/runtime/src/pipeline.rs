@@ -37,3 +37,78 @@ pub async fn pipeline(
     )
     .await?)
 }
+
+/// A transaction whose `BEGIN` leaves with its first statements and whose `COMMIT` leaves
+/// with its last: a transaction of two exchanges costs two round trips, where
+/// tokio-postgres's `Transaction` spends one more at each end waiting for `BEGIN` and
+/// `COMMIT` alone.
+///
+/// A `COMMIT` sent behind a statement that failed ends the transaction as a rollback
+/// (Postgres answers it `ROLLBACK`), so after [`PipelinedTx::commit`] the connection is out
+/// of the transaction whatever happened. A transaction that is dropped open (an error
+/// returned with `?`, a cancelled call) takes its connection out of the pool, and closing it
+/// rolls back: a connection in a transaction must never serve another caller. Paths that
+/// end a transaction early on purpose call [`PipelinedTx::rollback`].
+pub struct PipelinedTx {
+    /// `None` once the transaction has ended and the connection went back to the pool.
+    client: Option<crate::db::Client>,
+}
+
+impl PipelinedTx {
+    /// Begins a transaction on `client` and runs `first` in it, in one round trip.
+    pub async fn begin(
+        client: crate::db::Client,
+        first: &[Statement<'_>],
+    ) -> Result<(Self, Vec<Vec<Row>>), DbError> {
+        let tx = Self {
+            client: Some(client),
+        };
+        let mut statements = Vec::with_capacity(first.len() + 1);
+        statements.push(("BEGIN", &[][..]));
+        statements.extend_from_slice(first);
+        let mut rows = pipeline(tx.client(), &statements).await?;
+        rows.remove(0);
+        Ok((tx, rows))
+    }
+
+    /// The connection, for statements in the middle of the transaction.
+    pub fn client(&self) -> &crate::db::Client {
+        // Only `commit` and `rollback` take the client, and they consume `self`.
+        self.client
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("a PipelinedTx is used after it ended"))
+    }
+
+    /// Runs `last` and commits, in one round trip; returns `last`'s rows.
+    pub async fn commit(mut self, last: &[Statement<'_>]) -> Result<Vec<Vec<Row>>, DbError> {
+        let mut statements = Vec::with_capacity(last.len() + 1);
+        statements.extend_from_slice(last);
+        statements.push(("COMMIT", &[][..]));
+        let result = pipeline(self.client(), &statements).await;
+        if result.is_ok() {
+            // Committed: the connection can serve again.
+            self.client = None;
+        }
+        // On failure the drop discards the connection: the COMMIT may not have been sent (a
+        // statement that failed to prepare), and a rare failure is not worth finding out.
+        let mut rows = result?;
+        rows.pop();
+        Ok(rows)
+    }
+
+    /// Rolls back, keeping the connection for the pool.
+    pub async fn rollback(mut self) -> Result<(), DbError> {
+        self.client().batch_execute("ROLLBACK").await?;
+        self.client = None;
+        Ok(())
+    }
+}
+
+impl Drop for PipelinedTx {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            // Still in the transaction: out of the pool, and closed when dropped.
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
