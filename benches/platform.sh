@@ -8,6 +8,8 @@
 # `waybill loadgen` on the same machine (open loop, latency from each call's scheduled start).
 #
 # Usage: benches/platform.sh [SECONDS] [RATE…]   (default: 20 s at 200 500 1000 1200 1500)
+# BIN=PATH runs that waybill binary instead of building this checkout's (to compare with
+# another commit's build in the same session).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-20}
@@ -16,8 +18,10 @@ rates=("$@")
 [ ${#rates[@]} -eq 0 ] && rates=(200 500 1000 1200 1500)
 
 scripts/prereqs postgres >/dev/null
-cargo build --locked --release -p waybill 2>/dev/null
-waybill=target/release/waybill
+if [ -z "${BIN:-}" ]; then
+  cargo build --locked --release -p waybill 2>/dev/null
+fi
+waybill=${BIN:-target/release/waybill}
 "$waybill" dev up >/dev/null
 "$waybill" migrate --services orders,inventory,delivery,notifications >/dev/null 2>&1
 
