@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio_postgres::error::SqlState;
 use waybill_runtime::{DatabaseConfig, Db, DbError, pipeline::PipelinedTx};
-use waybill_test_support::{TestDb, eventually};
+use waybill_test_support::TestDb;
 
 async fn pool_of_one(db: &TestDb) -> Db {
     let config = DatabaseConfig {
@@ -55,18 +55,28 @@ async fn rows(db: &TestDb) -> Vec<i32> {
         .collect()
 }
 
-#[tokio::test]
-async fn a_committed_transaction_writes_and_frees_its_connection() {
+/// A fresh database, a pool of one connection to it and that connection's backend.
+async fn setup() -> (TestDb, Db, i32) {
     let db = TestDb::new().await;
     let pool = pool_of_one(&db).await;
     let (pid, _) = next_connection(&pool).await;
+    (db, pool, pid)
+}
 
-    let (tx, answers) = PipelinedTx::begin(
+/// A transaction begun with the insert of row 1, and that insert's answer.
+async fn begin_inserting_one(pool: &Db) -> (PipelinedTx, Vec<Vec<tokio_postgres::Row>>) {
+    PipelinedTx::begin(
         pool.primary().await.unwrap(),
         &[("INSERT INTO public.t VALUES (1) RETURNING n", &[])],
     )
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_committed_transaction_writes_and_frees_its_connection() {
+    let (db, pool, pid) = setup().await;
+    let (tx, answers) = begin_inserting_one(&pool).await;
     assert_eq!(answers[0][0].get::<_, i32>(0), 1);
     let answers = tx
         .commit(&[("INSERT INTO public.t VALUES (2) RETURNING n", &[])])
@@ -84,16 +94,8 @@ async fn a_committed_transaction_writes_and_frees_its_connection() {
 
 #[tokio::test]
 async fn a_rolled_back_transaction_writes_nothing_and_frees_its_connection() {
-    let db = TestDb::new().await;
-    let pool = pool_of_one(&db).await;
-    let (pid, _) = next_connection(&pool).await;
-
-    let (tx, _) = PipelinedTx::begin(
-        pool.primary().await.unwrap(),
-        &[("INSERT INTO public.t VALUES (1)", &[])],
-    )
-    .await
-    .unwrap();
+    let (db, pool, pid) = setup().await;
+    let (tx, _) = begin_inserting_one(&pool).await;
     tx.rollback().await.unwrap();
 
     assert_eq!(rows(&db).await, Vec::<i32>::new());
@@ -102,15 +104,8 @@ async fn a_rolled_back_transaction_writes_nothing_and_frees_its_connection() {
 
 #[tokio::test]
 async fn a_failing_last_statement_rolls_the_whole_transaction_back() {
-    let db = TestDb::new().await;
-    let pool = pool_of_one(&db).await;
-
-    let (tx, _) = PipelinedTx::begin(
-        pool.primary().await.unwrap(),
-        &[("INSERT INTO public.t VALUES (1)", &[])],
-    )
-    .await
-    .unwrap();
+    let (db, pool, pid) = setup().await;
+    let (tx, _) = begin_inserting_one(&pool).await;
     let error = tx
         .commit(&[("INSERT INTO public.t VALUES (1)", &[])])
         .await
@@ -120,46 +115,77 @@ async fn a_failing_last_statement_rolls_the_whole_transaction_back() {
         "the statement's own error, not the COMMIT's: {error:?}"
     );
 
+    // The same backend serves next, outside any transaction: the rows are really gone, not
+    // waiting in a transaction that nobody ended.
+    assert_eq!(next_connection(&pool).await, (pid, true));
     assert_eq!(
         rows(&db).await,
         Vec::<i32>::new(),
         "the first insert went too"
     );
-    assert!(next_connection(&pool).await.1, "no transaction left open");
 }
 
 #[tokio::test]
-async fn a_transaction_dropped_open_takes_its_connection_out_of_the_pool() {
-    let db = TestDb::new().await;
-    let pool = pool_of_one(&db).await;
-    let (pid, _) = next_connection(&pool).await;
+async fn a_commit_with_nothing_to_send_along_is_refused() {
+    let (db, pool, pid) = setup().await;
+    let (tx, _) = begin_inserting_one(&pool).await;
+    assert!(matches!(tx.commit(&[]).await, Err(DbError::Invariant(_))));
+    assert_eq!(next_connection(&pool).await, (pid, true));
+    assert_eq!(rows(&db).await, Vec::<i32>::new());
+}
 
-    let (tx, _) = PipelinedTx::begin(
-        pool.primary().await.unwrap(),
-        &[("INSERT INTO public.t VALUES (1)", &[])],
-    )
-    .await
-    .unwrap();
+#[tokio::test]
+async fn a_transaction_dropped_open_is_rolled_back_before_its_connection_serves_again() {
+    let (db, pool, pid) = setup().await;
+    let (tx, _) = begin_inserting_one(&pool).await;
     // As when a call is cancelled mid-transaction, or an error leaves with `?`.
     drop(tx);
 
-    let (next_pid, clean) = next_connection(&pool).await;
-    assert_ne!(next_pid, pid, "a new connection");
-    assert!(clean);
-    // The closed connection's transaction is rolled back as its backend exits.
-    eventually("the old backend is gone", || async {
-        let gone = db
-            .primary()
-            .await
-            .query_one(
-                "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)",
-                &[&pid],
-            )
-            .await
-            .ok()?
-            .get::<_, bool>(0);
-        gone.then_some(())
-    })
-    .await;
+    assert_eq!(next_connection(&pool).await, (pid, true));
     assert_eq!(rows(&db).await, Vec::<i32>::new());
+}
+
+/// A call cancelled at its deadline while its statement waits for a lock: the connection
+/// stays out of the pool, still counted, until the statement ends and the rollback is done.
+/// The pool never has more backends than its size.
+#[tokio::test]
+async fn a_transaction_cancelled_in_a_lock_wait_keeps_its_slot_until_rolled_back() {
+    let (db, pool, pid) = setup().await;
+    pool.primary()
+        .await
+        .unwrap()
+        .batch_execute("INSERT INTO public.t VALUES (7)")
+        .await
+        .unwrap();
+    let mut holder = db.primary().await;
+    let holding = holder.transaction().await.unwrap();
+    holding
+        .execute("SELECT n FROM public.t WHERE n = 7 FOR UPDATE", &[])
+        .await
+        .unwrap();
+
+    let waiting = tokio::time::timeout(
+        Duration::from_millis(300),
+        PipelinedTx::begin(
+            pool.primary().await.unwrap(),
+            &[
+                ("INSERT INTO public.t VALUES (8)", &[]),
+                ("SELECT n FROM public.t WHERE n = 7 FOR UPDATE", &[]),
+            ],
+        ),
+    )
+    .await;
+    assert!(waiting.is_err(), "the lock wait outlived the deadline");
+
+    // The one slot is still taken: no second backend while the first waits.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), pool.primary())
+            .await
+            .is_err(),
+        "the pool handed out a connection while its only one was still in a transaction"
+    );
+    holding.rollback().await.unwrap();
+
+    assert_eq!(next_connection(&pool).await, (pid, true));
+    assert_eq!(rows(&db).await, [7], "the cancelled insert was rolled back");
 }

@@ -44,11 +44,16 @@ pub async fn pipeline(
 /// `COMMIT` alone.
 ///
 /// A `COMMIT` sent behind a statement that failed ends the transaction as a rollback
-/// (Postgres answers it `ROLLBACK`), so after [`PipelinedTx::commit`] the connection is out
-/// of the transaction whatever happened. A transaction that is dropped open (an error
-/// returned with `?`, a cancelled call) takes its connection out of the pool, and closing it
-/// rolls back: a connection in a transaction must never serve another caller. Paths that
-/// end a transaction early on purpose call [`PipelinedTx::rollback`].
+/// (Postgres answers it `ROLLBACK`). Paths that end a transaction early on purpose call
+/// [`PipelinedTx::rollback`].
+///
+/// A transaction dropped open (an error returned with `?`, a call cancelled at its deadline)
+/// must never serve another caller from inside the transaction. A task rolls it back and only
+/// then frees the pool slot: behind a statement still running (a lock wait), the ROLLBACK
+/// waits for it, and the connection keeps counting against the pool meanwhile, so a burst of
+/// cancellations cannot open more backends than the pool allows. A connection that does not
+/// answer the ROLLBACK within [`ROLLBACK_PATIENCE`] is closed instead. A call cancelled after
+/// its `commit` sent the COMMIT may still have committed: callers on such paths are idempotent.
 pub struct PipelinedTx {
     /// `None` once the transaction has ended and the connection went back to the pool.
     client: Option<crate::db::Client>,
@@ -79,8 +84,15 @@ impl PipelinedTx {
             .unwrap_or_else(|| unreachable!("a PipelinedTx is used after it ended"))
     }
 
-    /// Runs `last` and commits, in one round trip; returns `last`'s rows.
+    /// Runs `last` and commits, in one round trip; returns `last`'s rows. `last` must not be
+    /// empty: a COMMIT alone would answer `ROLLBACK` without an error if an earlier statement
+    /// had failed unnoticed.
     pub async fn commit(mut self, last: &[Statement<'_>]) -> Result<Vec<Vec<Row>>, DbError> {
+        if last.is_empty() {
+            return Err(DbError::Invariant(
+                "PipelinedTx::commit needs a statement to send with the COMMIT".to_owned(),
+            ));
+        }
         let mut statements = Vec::with_capacity(last.len() + 1);
         statements.extend_from_slice(last);
         statements.push(("COMMIT", &[][..]));
@@ -89,8 +101,8 @@ impl PipelinedTx {
             // Committed: the connection can serve again.
             self.client = None;
         }
-        // On failure the drop discards the connection: the COMMIT may not have been sent (a
-        // statement that failed to prepare), and a rare failure is not worth finding out.
+        // On failure the drop rolls back (the COMMIT may not have been sent: a statement that
+        // failed to prepare) before the connection serves again.
         let mut rows = result?;
         rows.pop();
         Ok(rows)
@@ -104,11 +116,26 @@ impl PipelinedTx {
     }
 }
 
+/// How long a dropped transaction's ROLLBACK may take before its connection is closed.
+pub const ROLLBACK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl Drop for PipelinedTx {
     fn drop(&mut self) {
-        if let Some(client) = self.client.take() {
-            // Still in the transaction: out of the pool, and closed when dropped.
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to roll back on: out of the pool, and closed when dropped.
             drop(deadpool_postgres::Object::take(client));
-        }
+            return;
+        };
+        runtime.spawn(async move {
+            let rolled_back =
+                tokio::time::timeout(ROLLBACK_PATIENCE, client.batch_execute("ROLLBACK")).await;
+            if !matches!(rolled_back, Ok(Ok(()))) {
+                drop(deadpool_postgres::Object::take(client));
+            }
+            // Otherwise `client` goes back to the pool here, out of the transaction.
+        });
     }
 }
