@@ -76,13 +76,25 @@ fn expected_after_confirmation() -> Vec<i32> {
 #[tokio::test]
 async fn events_flow_over_the_postgres_bus() {
     let db = TestDb::new().await;
-    let server = Waybill::serve(&db, &[]);
-    // Registered before the server listened: the bus drops events of topics nobody has
-    // subscribed to yet, so an order placed at once would otherwise notify nobody.
+    // The bus drops events of topics nobody has subscribed to yet, so the subscriptions exist
+    // before any service runs: `waybill migrate` registers them...
     assert_eq!(
         db.count("bus.subscriptions").await,
         4,
-        "the notifications subscription's four topics"
+        "the notifications subscription's four topics, registered by waybill migrate"
+    );
+    // ...and a consumer registers its own again before its process listens (for a database
+    // migrated without them).
+    db.primary()
+        .await
+        .batch_execute("DELETE FROM bus.subscriptions")
+        .await
+        .unwrap();
+    let server = Waybill::serve(&db, &[]);
+    assert_eq!(
+        db.count("bus.subscriptions").await,
+        4,
+        "registered before the server listened"
     );
     let order = place_one(server.channel().await, "c-pg").await;
     assert_eq!(order.status(), pb::OrderStatus::Confirmed);

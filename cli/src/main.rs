@@ -99,6 +99,22 @@ fn main() -> std::process::ExitCode {
                 waybill_runtime::migrate::run(&primary, &schemas).await?;
                 let names: Vec<_> = schemas.iter().map(|s| s.name).collect();
                 eprintln!("migrated schemas: {}", names.join(", "));
+                // Subscriptions exist before any service publishes: the Postgres bus drops
+                // events of topics nobody subscribes to, and in a deployment with a process
+                // per service the publishers may start before the consumers.
+                if args
+                    .services
+                    .contains(&registry::ServiceName::Notifications)
+                {
+                    let db = waybill_runtime::Db::connect(&args.database, &primary)?;
+                    waybill_events::Bus::postgres(db)
+                        .register(&waybill_notifications::subscription()?)
+                        .await?;
+                    eprintln!(
+                        "registered subscriptions: {}",
+                        waybill_notifications::SUBSCRIPTION
+                    );
+                }
                 Ok(())
             }
             Command::Dev(command) => dev::run(command).await,

@@ -13,7 +13,7 @@ use waybill_runtime::{Db, DbError, purge::delete_in_batches};
 
 use crate::{
     Event,
-    bus::{Bus, BusError, BusInner},
+    bus::{Bus, BusInner},
     outbox::check_schema,
     shutdown::Shutdown,
 };
@@ -227,21 +227,29 @@ impl Consumer {
         })
     }
 
-    /// Registers the subscription with the bus. Both buses drop an event whose topic has no
-    /// subscription when it is published (a subscription gets what is published after it first
-    /// registered), so a process registers its consumers before it serves or relays anything:
-    /// otherwise the first events after a fresh install could go to nobody. [`Consumer::run`]
-    /// registers again (idempotent) and retries while the bus is down; this fails instead.
-    pub async fn register(&self) -> Result<(), BusError> {
-        match &self.bus.inner {
-            BusInner::Postgres(pg) => pg.register(&self.subscription).await?,
-            BusInner::Nats(nats) => {
-                nats.register(&self.subscription).await?;
+    /// Registers the subscription with the bus ([`Bus::register`]) before the process serves
+    /// or relays anything, trying a few times over about two seconds. If the bus is still
+    /// unreachable, it says so and returns: [`Consumer::run`] registers again and retries for
+    /// as long as it takes, and a process that will not start helps nobody.
+    pub async fn register(&self) {
+        let mut delay = std::time::Duration::from_millis(100);
+        for attempt in 1..=5 {
+            match self.bus.register(&self.subscription).await {
+                Ok(()) => {
+                    tracing::info!(subscription = %self.subscription.name(), topics = ?self.subscription.topics(),
+                        "subscription registered before serving");
+                    return;
+                }
+                Err(error) if attempt == 5 => {
+                    tracing::warn!(subscription = %self.subscription.name(), %error,
+                        "cannot register the subscription before serving; the consumer keeps trying");
+                }
+                Err(_) => {
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
             }
         }
-        tracing::info!(subscription = %self.subscription.name(), topics = ?self.subscription.topics(),
-            "subscription registered before serving");
-        Ok(())
     }
 
     /// Registers the subscription with the bus and handles its events until `shutdown`

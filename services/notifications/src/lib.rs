@@ -38,8 +38,13 @@ pub const TOPICS: [&str; 4] = [
     "delivery.status_changed",
 ];
 
+/// The subscription the notifications consumer reads (`waybill migrate` registers it too).
+pub fn subscription() -> Result<Subscription, BusError> {
+    Subscription::new(SUBSCRIPTION, TOPICS).map_err(|error| BusError::Config(error.to_string()))
+}
+
 /// The gRPC server and the event consumer to run beside it. The consumer's subscription is
-/// registered before this returns, so no event published after it is missed.
+/// registered before this returns (see [`waybill_events::Consumer::register`]).
 pub async fn server(
     db: Db,
     bus: Bus,
@@ -51,17 +56,15 @@ pub async fn server(
     ),
     BusError,
 > {
-    let subscription = Subscription::new(SUBSCRIPTION, TOPICS)
-        .map_err(|error| BusError::Config(error.to_string()))?;
     let sink = std::sync::Arc::new(sink::Sink::from_config(config).map_err(BusError::Config)?);
     let consumer = Consumer::new(
         db.clone(),
         bus,
         "notifications",
-        subscription,
+        subscription()?,
         handler::Notifier { sink: sink.clone() },
     )?;
-    consumer.register().await?;
+    consumer.register().await;
     Ok((
         NotificationsServiceServer::new(NotificationsApi::new(db, sink)),
         consumer.run(std::future::pending::<()>()),

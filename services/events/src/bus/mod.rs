@@ -8,6 +8,8 @@ use std::{sync::Arc, time::Duration};
 
 use waybill_runtime::{Db, DbError};
 
+use crate::consumer::Subscription;
+
 /// How long consumers remember handled events by default: longer than the NATS stream keeps
 /// a message (7 days), the longest either bus can deliver one again.
 pub const DEFAULT_INBOX_RETENTION: Duration = Duration::from_secs(8 * 24 * 3600);
@@ -83,6 +85,22 @@ impl Bus {
             inner: BusInner::Postgres(Arc::new(postgres::PgBus { db })),
             inbox_retention: DEFAULT_INBOX_RETENTION,
         }
+    }
+
+    /// Registers `subscription`: from now on the bus keeps the events of its topics for it.
+    /// Both buses drop an event whose topic has no subscription when it is published, so a
+    /// subscription must exist before the first event it wants: `waybill migrate` registers
+    /// the platform's on the Postgres bus, and each consumer registers again (idempotent)
+    /// before its process serves. Postgres: `bus.subscriptions` rows; NATS: the durable
+    /// consumer.
+    pub async fn register(&self, subscription: &Subscription) -> Result<(), BusError> {
+        match &self.inner {
+            BusInner::Postgres(pg) => pg.register(subscription).await?,
+            BusInner::Nats(nats) => {
+                nats.register(subscription).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Connects to NATS at `url` (within a few seconds, or fails) and creates or updates the
