@@ -9,3 +9,6 @@
 ALTER TABLE delivery.couriers SET (fillfactor = 50);
 CREATE INDEX couriers_in_zone ON delivery.couriers (zone);
 DROP INDEX delivery.couriers_by_zone;
+-- The fillfactor applies to pages written from now on: rewrite the existing ones so that an
+-- upgraded installation's couriers get their room too (a small table; brief exclusive lock).
+CLUSTER delivery.couriers USING couriers_pkey;
