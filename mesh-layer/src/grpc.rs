@@ -53,13 +53,11 @@ pub fn format_timeout(timeout: Duration) -> HeaderValue {
     const MAX: u64 = 99_999_999;
     // u64 arithmetic with constant divisors (multiplications): this runs on every call.
     let Ok(nanos) = u64::try_from(timeout.as_nanos()) else {
-        // Past 584 years: whole seconds are precise enough.
-        let secs = timeout.as_secs();
-        return if secs.div_ceil(60) <= MAX {
-            digits(secs.div_ceil(60), b'M')
-        } else {
-            digits(secs.div_ceil(3600).min(MAX), b'H')
-        };
+        // Past 584 years, which is more than 99,999,999 minutes: hours, rounded up.
+        let secs = timeout
+            .as_secs()
+            .saturating_add(u64::from(timeout.subsec_nanos() > 0));
+        return digits(secs.div_ceil(3600).min(MAX), b'H');
     };
     let nanos = nanos.max(1);
     let (amount, unit) = if nanos <= MAX {
@@ -148,6 +146,9 @@ mod tests {
             assert!(parse_timeout(&value).unwrap_or_default() >= duration);
         }
         assert_eq!(format_timeout(Duration::MAX), "99999999H");
+        // Just past u64 nanoseconds, a nanosecond past whole hours: rounded up.
+        let odd = Duration::new(5_124_096 * 3600, 1);
+        assert_eq!(format_timeout(odd), "5124097H");
         assert_eq!(format_timeout(Duration::from_secs(100 * 60)), "6000000m");
     }
 

@@ -126,6 +126,24 @@ fn in_trailers(code: Code, pushback: Option<&'static str>) -> Response<Body> {
     Response::new(Body::new(body))
 }
 
+/// UNAVAILABLE in trailers-only form, with `grpc-retry-pushback-ms: ms`.
+fn unavailable_with_pushback(ms: &'static str) -> Response<Body> {
+    let mut response = status(Code::Unavailable);
+    response
+        .headers_mut()
+        .insert(grpc::RETRY_PUSHBACK, HeaderValue::from_static(ms));
+    response
+}
+
+/// A call of `/s.S/Get` whose caller has `timeout` (a `grpc-timeout` value) left.
+fn call_with_timeout(timeout: &'static str) -> Request<Body> {
+    let mut request = call("/s.S/Get", "");
+    request
+        .headers_mut()
+        .insert(grpc::GRPC_TIMEOUT, HeaderValue::from_static(timeout));
+    request
+}
+
 async fn trailer_code(response: Response<Body>) -> Code {
     let collected = response.into_body().collect().await.unwrap();
     grpc::status_code(collected.trailers().unwrap()).unwrap()
@@ -190,10 +208,7 @@ async fn non_idempotent_methods_retry_only_with_an_idempotency_key() {
 
 #[tokio::test(start_paused = true)]
 async fn server_pushback_delays_or_forbids_the_retry() {
-    let mut never = status(Code::Unavailable);
-    never
-        .headers_mut()
-        .insert(grpc::RETRY_PUSHBACK, HeaderValue::from_static("-1"));
+    let never = unavailable_with_pushback("-1");
     let server = Scripted::answering(vec![never]);
     let mut client = RetryLayer::new(policy(""), methods()).layer(server.clone().service());
     let response = send(&mut client, call("/s.S/Get", "")).await;
@@ -211,17 +226,11 @@ async fn server_pushback_delays_or_forbids_the_retry() {
 /// The server of a retry learns the time the caller has left, not the time it had at first.
 #[tokio::test(start_paused = true)]
 async fn each_retry_carries_the_time_left_in_grpc_timeout() {
-    let mut pushback = status(Code::Unavailable);
-    pushback
-        .headers_mut()
-        .insert(grpc::RETRY_PUSHBACK, HeaderValue::from_static("300"));
+    let pushback = unavailable_with_pushback("300");
     let server = Scripted::answering(vec![pushback]);
     let mut client = RetryLayer::new(policy(""), methods()).layer(server.clone().service());
 
-    let mut request = call("/s.S/Get", "");
-    request
-        .headers_mut()
-        .insert(grpc::GRPC_TIMEOUT, HeaderValue::from_static("1S"));
+    let request = call_with_timeout("1S");
     assert_eq!(code(&send(&mut client, request).await), Code::Ok);
 
     let timeouts: Vec<_> = server.attempts().iter().map(|a| a.timeout).collect();
@@ -237,17 +246,11 @@ async fn each_retry_carries_the_time_left_in_grpc_timeout() {
 
 #[tokio::test(start_paused = true)]
 async fn no_retry_when_the_deadline_leaves_no_room() {
-    let mut pushback = status(Code::Unavailable);
-    pushback
-        .headers_mut()
-        .insert(grpc::RETRY_PUSHBACK, HeaderValue::from_static("100"));
+    let pushback = unavailable_with_pushback("100");
     let server = Scripted::answering(vec![pushback]);
     let mut client = RetryLayer::new(policy(""), methods()).layer(server.clone().service());
 
-    let mut request = call("/s.S/Get", "");
-    request
-        .headers_mut()
-        .insert(grpc::GRPC_TIMEOUT, HeaderValue::from_static("50m"));
+    let request = call_with_timeout("50m");
     let response = send(&mut client, request).await;
 
     assert_eq!(code(&response), Code::Unavailable);

@@ -195,6 +195,17 @@ fn validate(document: Document) -> Result<Policy, PolicyError> {
         });
         for (n, name) in entry.name.into_iter().enumerate() {
             let field = format!("{at}.name[{n}]");
+            // A path is `/service/method`: a slash inside either could never match a call.
+            if [&name.service, &name.method]
+                .into_iter()
+                .flatten()
+                .any(|part| part.contains('/'))
+            {
+                return Err(PolicyError::new(
+                    field,
+                    "a service or method name has no '/'",
+                ));
+            }
             let duplicate = match (name.service, name.method) {
                 (None, None) => default.replace(policy.clone()).is_some(),
                 (Some(service), None) => by_service.insert(service, policy.clone()).is_some(),
@@ -586,6 +597,10 @@ mod tests {
             ),
             (
                 r#"{"methodConfig": [{"name": [{"method": "M"}]}]}"#,
+                "methodConfig[0].name[0]",
+            ),
+            (
+                r#"{"methodConfig": [{"name": [{"service": "a.S", "method": "b/c"}]}]}"#,
                 "methodConfig[0].name[0]",
             ),
             (
