@@ -106,11 +106,15 @@ impl pb::inventory_service_server::InventoryService for InventoryApi {
         let item = match self.cache.get(&sku) {
             Some(item) => item,
             None => {
-                let item = self
-                    .store
-                    .get_item(&sku)
-                    .await?
-                    .ok_or_else(|| Status::not_found(format!("item {sku} not found")))?;
+                // A cached item comes from the primary (see `cache.rs`); without a cache, a
+                // replica answers.
+                let item = if self.cache.is_enabled() {
+                    self.store.get_item_from_primary(&sku).await?
+                } else {
+                    self.store.get_item(&sku).await?
+                };
+                let item =
+                    item.ok_or_else(|| Status::not_found(format!("item {sku} not found")))?;
                 self.cache.insert(&item);
                 item
             }

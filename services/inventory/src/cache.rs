@@ -8,6 +8,10 @@
 //! invalidate on each: for those the TTL bounds how stale a cached item may be. Reserve itself
 //! never reads the cache — the row locks decide — so a stale `available` can mislead a reader
 //! for at most the TTL, never oversell.
+//!
+//! A miss is filled from the primary, not a replica: the miss may be the invalidation's own
+//! doing, and a replica that has not replayed the change yet would put the old item back for
+//! a whole TTL.
 
 use std::time::Duration;
 
@@ -39,6 +43,11 @@ impl ItemCache {
                     .build()
             }),
         }
+    }
+
+    /// Whether this cache keeps anything (a TTL above zero).
+    pub fn is_enabled(&self) -> bool {
+        self.items.is_some()
     }
 
     pub fn get(&self, sku: &str) -> Option<Item> {

@@ -138,6 +138,11 @@ impl InventoryStore {
         self.get_item_from(false, sku).await
     }
 
+    /// One item, read on the primary: for filling a cache (see `cache.rs`).
+    pub async fn get_item_from_primary(&self, sku: &str) -> Result<Option<Item>, DbError> {
+        self.get_item_from(true, sku).await
+    }
+
     async fn get_item_from(&self, primary: bool, sku: &str) -> Result<Option<Item>, DbError> {
         let client = if primary {
             self.db.primary().await?
