@@ -87,8 +87,9 @@
 //!   outbox, insert `bus.messages`, one `bus.deliveries` row per subscription of the topic,
 //!   NOTIFY each subscription), so nothing is lost or duplicated between outbox and bus. It
 //!   therefore lives in the services' database. Events of a topic nobody subscribes to are
-//!   dropped, and a subscription gets only events published after it first registered (its
-//!   consumer's first start). Consumers claim due deliveries with `FOR UPDATE SKIP LOCKED`
+//!   dropped, and a subscription gets only events published after it first registered
+//!   ([`Bus::register`]: `waybill migrate` registers the platform's, and each consumer again
+//!   before its process serves). Consumers claim due deliveries with `FOR UPDATE SKIP LOCKED`
 //!   under a lease (the ack wait): a claim counts an attempt and hides the delivery until the
 //!   lease ends, so no transaction stays open while a handler runs, and a consumer that dies
 //!   gives its deliveries back when the lease ends. A handled delivery is deleted in the
