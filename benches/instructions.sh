@@ -10,6 +10,8 @@
 # TRACING=1 traces every mesh call (full sampling) and exports the spans over OTLP/gRPC to a
 # receiver process that counts and drops them; the mesh side's count then includes making,
 # batching and exporting its spans (the flush at exit included; the bare side makes none).
+# LAYERS=1 counts instead the client stack built up one layer at a time (`--client upto:L`),
+# all boxed alike, and prints what each layer adds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 low=${1:-200}
@@ -78,6 +80,19 @@ if [ -n "${TRACING:-}" ]; then
   exec 8>"$work/otlp-fifo"
   for _ in $(seq 600); do grep -q listening "$work/otlp-addr" 2>/dev/null && break; sleep 0.1; done
   export OTEL_EXPORTER_OTLP_ENDPOINT=$(sed -n 's/^listening on /http:\/\//p' "$work/otlp-addr")
+fi
+
+if [ -n "${LAYERS:-}" ]; then
+  previous=""
+  echo "| client stack up to | instructions/call | added by this layer |"
+  echo "|---|---|---|"
+  for layer in boxed keepalive balancer retry deadline trace; do
+    client_run "upto:$layer"
+    count=$(per_call "$work/client-upto:$layer-$low.out" "$work/client-upto:$layer-$high.out")
+    echo "| $layer | $count | ${previous:+$((count - previous))} |"
+    previous=$count
+  done
+  exit 0
 fi
 
 server_run bare; server_run full; client_run bare; client_run mesh

@@ -233,11 +233,74 @@ impl Drop for ServerProcess {
     }
 }
 
-/// One way to call the echo: a bare tonic client or the mesh client stack.
+/// One way to call the echo: a bare tonic client, the mesh client stack, or part of it.
 #[derive(Clone)]
 enum Client {
     Bare(EchoServiceClient<Channel>),
     Mesh(EchoServiceClient<mesh_layer::client::MeshClient<mesh_layer::balance::Balancer<Channel>>>),
+    /// The client stack up to a layer (`--client upto:LAYER`), boxed so that one type
+    /// holds every depth; for counting each layer's cost (`LAYERS=1 benches/instructions.sh`).
+    Partial(EchoServiceClient<PartialStack>),
+}
+
+type PartialStack = tower::util::BoxCloneService<
+    tonic::codegen::http::Request<tonic::body::Body>,
+    tonic::codegen::http::Response<tonic::body::Body>,
+    tonic::transport::Error,
+>;
+
+/// The layers of the client stack, innermost first, as `--client upto:LAYER` names them.
+const CLIENT_LAYERS: [&str; 6] = [
+    "boxed",
+    "keepalive",
+    "balancer",
+    "retry",
+    "deadline",
+    "trace",
+];
+
+/// The bench's client policy: every call gets a deadline, so the deadline layers on both sides
+/// work, and UNAVAILABLE is retried.
+fn client_policy() -> Result<Policy, Box<dyn std::error::Error>> {
+    Ok(Policy::from_json(
+        r#"{"methodConfig": [{"name": [{}], "timeout": "5s",
+            "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "1s",
+                            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}"#,
+    )?)
+}
+
+/// The client stack built up to `layer` (see [`CLIENT_LAYERS`]): `boxed` is a bare channel
+/// in the same box as the others, so each step's difference is that layer's cost.
+async fn partial_stack(
+    layer: &str,
+    endpoint: &str,
+) -> Result<PartialStack, Box<dyn std::error::Error>> {
+    use mesh_layer::{balance::Balancer, deadline::DeadlineLayer, retry::RetryLayer};
+    use tower::{Layer, ServiceExt};
+    let policy = client_policy()?;
+    let balancer = || Balancer::connect(endpoint, policy.breaker().clone());
+    let retry = || {
+        Ok::<_, Box<dyn std::error::Error>>(
+            RetryLayer::new(policy.clone(), methods()).layer(balancer()?),
+        )
+    };
+    Ok(match layer {
+        "boxed" => PartialStack::new(
+            Channel::from_shared(endpoint.to_owned())?
+                .tcp_nodelay(true)
+                .connect()
+                .await?,
+        ),
+        "keepalive" => PartialStack::new(mesh_layer::client::connect(endpoint)?),
+        "balancer" => PartialStack::new(balancer()?),
+        "retry" => PartialStack::new(retry()?),
+        "deadline" => PartialStack::new(DeadlineLayer::new(policy.clone()).layer(retry()?)),
+        "trace" => PartialStack::new(
+            mesh_layer::client::balanced(endpoint, &policy, &methods())?
+                .map_response(|response| response.map(tonic::body::Body::new)),
+        ),
+        other => return Err(format!("unknown layer {other}; one of {CLIENT_LAYERS:?}").into()),
+    })
 }
 
 impl Client {
@@ -249,19 +312,16 @@ impl Client {
                     .connect()
                     .await?,
             )),
-            _ => {
-                // Every call gets a deadline, so the deadline layers on both sides work.
-                let policy = Policy::from_json(
-                    r#"{"methodConfig": [{"name": [{}], "timeout": "5s",
-                        "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "1s",
-                                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}"#,
-                )?;
-                Client::Mesh(EchoServiceClient::new(mesh_layer::client::balanced(
+            _ => match kind.strip_prefix("upto:") {
+                Some(layer) => Client::Partial(EchoServiceClient::new(
+                    partial_stack(layer, endpoint).await?,
+                )),
+                None => Client::Mesh(EchoServiceClient::new(mesh_layer::client::balanced(
                     endpoint,
-                    &policy,
+                    &client_policy()?,
                     &methods(),
-                )?))
-            }
+                )?)),
+            },
         })
     }
 
@@ -274,6 +334,7 @@ impl Client {
         match self {
             Client::Bare(client) => client.echo(request).await.is_ok(),
             Client::Mesh(client) => client.echo(request).await.is_ok(),
+            Client::Partial(client) => client.echo(request).await.is_ok(),
         }
     }
 }
