@@ -108,6 +108,7 @@ impl pb::inventory_service_server::InventoryService for InventoryApi {
             None => {
                 // A cached item comes from the primary (see `cache.rs`); without a cache, a
                 // replica answers.
+                let ticket = self.cache.ticket();
                 let item = if self.cache.is_enabled() {
                     self.store.get_item_from_primary(&sku).await?
                 } else {
@@ -115,7 +116,7 @@ impl pb::inventory_service_server::InventoryService for InventoryApi {
                 };
                 let item =
                     item.ok_or_else(|| Status::not_found(format!("item {sku} not found")))?;
-                self.cache.insert(&item);
+                self.cache.insert(&item, ticket);
                 item
             }
         };
