@@ -578,10 +578,19 @@ async fn an_abandoned_placement_keeps_its_slot_until_its_saga_ends() {
         (confirmed == 1).then_some(())
     })
     .await;
-    let after = clients.place("c-after", "SKU-1", 1).await;
-    assert_eq!(
-        status(&after),
-        pb::OrderStatus::Confirmed,
-        "the slot is free"
-    );
+    // The saga's task lets go of the slot just after its confirmation commits.
+    let after = eventually("the slot is free again", || {
+        let mut orders = clients.orders.clone();
+        async move {
+            orders
+                .place_order(place_request("c-after", "SKU-1", 1))
+                .await
+                .ok()
+        }
+    })
+    .await
+    .into_inner()
+    .order
+    .unwrap();
+    assert_eq!(status(&after), pb::OrderStatus::Confirmed);
 }

@@ -102,18 +102,20 @@ fn main() -> std::process::ExitCode {
                 // Subscriptions exist before any service publishes: the Postgres bus drops
                 // events of topics nobody subscribes to, and in a deployment with a process
                 // per service the publishers may start before the consumers.
-                if args
+                let subscriptions = args
                     .services
-                    .contains(&registry::ServiceName::Notifications)
-                {
-                    let db = waybill_runtime::Db::connect(&args.database, &primary)?;
-                    waybill_events::Bus::postgres(db)
-                        .register(&waybill_notifications::subscription()?)
-                        .await?;
-                    eprintln!(
-                        "registered subscriptions: {}",
-                        waybill_notifications::SUBSCRIPTION
-                    );
+                    .iter()
+                    .filter_map(|service| service.subscription().transpose())
+                    .collect::<Result<Vec<_>, _>>()?;
+                if !subscriptions.is_empty() {
+                    let bus = waybill_events::Bus::postgres(waybill_runtime::Db::connect(
+                        &args.database,
+                        &primary,
+                    )?);
+                    for subscription in &subscriptions {
+                        bus.register(subscription).await?;
+                        eprintln!("registered subscription: {}", subscription.name());
+                    }
                 }
                 Ok(())
             }

@@ -78,6 +78,21 @@ impl ServiceName {
         }
     }
 
+    /// The event subscription the service consumes, if any (registered by `waybill migrate`
+    /// as well as by the consumer, since the bus drops events nobody subscribes to yet).
+    pub fn subscription(
+        self,
+    ) -> Result<Option<waybill_events::Subscription>, waybill_events::BusError> {
+        match self {
+            ServiceName::Notifications => waybill_notifications::subscription().map(Some),
+            ServiceName::Orders
+            | ServiceName::Inventory
+            | ServiceName::Delivery
+            | ServiceName::Commands
+            | ServiceName::Echo => Ok(None),
+        }
+    }
+
     /// The schema whose outbox the service writes events to, if it emits any.
     fn outbox(self) -> Option<&'static str> {
         match self {

@@ -157,6 +157,19 @@ fn gated_handler() -> (
     (release, tower::util::BoxCloneService::new(handler))
 }
 
+/// A call of `path` through `service` is shed: RESOURCE_EXHAUSTED, marked `load-shed`, with
+/// no time passing (the clock is paused, so any wait would show).
+async fn assert_shed_at_once<S>(service: &S, path: &str)
+where
+    S: tower::Service<Request<Body>, Response = http::Response<Body>, Error = Infallible> + Clone,
+{
+    let started = Instant::now();
+    let refused = service.clone().oneshot(request(path, None)).await.unwrap();
+    assert_eq!(code(&refused), Code::ResourceExhausted);
+    assert_eq!(marker(&refused), Some("load-shed"));
+    assert_eq!(started.elapsed(), Duration::ZERO, "refused without waiting");
+}
+
 #[tokio::test(start_paused = true)]
 async fn overload_is_refused_at_once_but_health_checks_pass() {
     let (release, handler) = gated_handler();
@@ -186,15 +199,7 @@ async fn overload_is_refused_at_once_but_health_checks_pass() {
         "health checks hold no slot"
     );
 
-    let started = Instant::now();
-    let refused = service
-        .clone()
-        .oneshot(request("/s.S/M", None))
-        .await
-        .unwrap();
-    assert_eq!(code(&refused), Code::ResourceExhausted);
-    assert_eq!(marker(&refused), Some("load-shed"));
-    assert_eq!(started.elapsed(), Duration::ZERO, "refused without waiting");
+    assert_shed_at_once(&service, "/s.S/M").await;
 
     // Another gRPC service on the same server has a limit of its own: the full one does not
     // starve it (a caller waiting on a callee in the same process must not shed the callee).
@@ -222,15 +227,7 @@ async fn a_capped_method_is_refused_at_once_past_its_cap_even_with_adaptive_limi
         .collect();
     tokio::task::yield_now().await;
 
-    let started = Instant::now();
-    let refused = service
-        .clone()
-        .oneshot(request("/s.S/Capped", None))
-        .await
-        .unwrap();
-    assert_eq!(code(&refused), Code::ResourceExhausted);
-    assert_eq!(marker(&refused), Some("load-shed"));
-    assert_eq!(started.elapsed(), Duration::ZERO, "refused without waiting");
+    assert_shed_at_once(&service, "/s.S/Capped").await;
 
     // Other methods, of the same service included, are not held to it.
     let other = tokio::spawn(service.clone().oneshot(request("/s.S/Other", None)));

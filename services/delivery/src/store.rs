@@ -8,6 +8,8 @@
 //! spread over its couriers instead of queueing on the least loaded one; the order id is the
 //! deliveries' key, so one order never gets two deliveries.
 
+use std::sync::LazyLock;
+
 use deadpool_postgres::Transaction;
 use tokio_postgres::{Row, types::ToSql};
 use uuid::Uuid;
@@ -22,6 +24,33 @@ use crate::{
 
 const DELIVERY_COLUMNS: &str = "d.order_id, d.customer_id, d.courier_id, d.zone, d.status, \
      d.lat, d.lng, d.reason, d.version, d.created_at, d.updated_at";
+
+/// AssignCourier's last statement ($1 order, $2 customer, $3 courier, $4 zone, $5 the
+/// watchers' channel, then the outbox row), sent with the COMMIT: the delivery, its first
+/// history row (telling the watchers, as `record` does for every later change) and
+/// CourierAssigned. The key decides between concurrent assignments of one order: the loser
+/// waits for the winner's commit and inserts nothing (so neither does the rest of the
+/// statement), and gives back the courier it took, so that what it commits changes nothing.
+static ASSIGN: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH assigned AS (
+             INSERT INTO delivery.deliveries AS d
+                 (order_id, customer_id, courier_id, zone, status, version)
+             VALUES ($1, $2, $3, $4, 'ASSIGNED', 1)
+             ON CONFLICT (order_id) DO NOTHING
+             RETURNING {DELIVERY_COLUMNS}
+         ), tracked AS (
+             INSERT INTO delivery.tracking_events (order_id, version, status, lat, lng, at)
+             SELECT order_id, version, status, lat, lng, updated_at FROM assigned
+             RETURNING pg_notify($5, order_id::text)
+         ), given_back AS (
+             UPDATE delivery.couriers SET active = active - 1, updated_at = now()
+             WHERE id = $3 AND NOT EXISTS (SELECT 1 FROM assigned)
+         ), {}
+         SELECT * FROM assigned",
+        outbox::OutboxRow::cte(outbox::SCHEMA, "assigned", 6)
+    )
+});
 
 /// The outcome of an assignment.
 pub enum Assigned {
@@ -113,11 +142,12 @@ impl DeliveryStore {
         let client = self.db.primary().await?;
         // BEGIN, the existing delivery and a courier pick in one round trip. A courier taken
         // for an order that already has its delivery is given back by the rollback.
-        let select = select_delivery_sql(false);
-        let pick = take_courier_sql(" SKIP LOCKED");
         let (tx, answers) = PipelinedTx::begin(
             client,
-            &[(&select, &[&order_id]), (&pick, &[&zone, &order_id])],
+            &[
+                (select_delivery_sql(false), &[&order_id]),
+                (take_courier_sql(true), &[&zone, &order_id]),
+            ],
         )
         .await?;
         let existing = answers
@@ -137,7 +167,7 @@ impl DeliveryStore {
         // Every free courier is being assigned right now: wait for one.
         let taken = match taken {
             Some(courier_id) => Some(courier_id),
-            None => take_courier(tx.client(), order_id, zone, "").await?,
+            None => take_courier(tx.client(), order_id, zone, false).await?,
         };
         let Some(courier_id) = taken else {
             // No courier free, or a concurrent assignment of this order committed since the
@@ -159,29 +189,6 @@ impl DeliveryStore {
             },
         );
         let appended = outbox::OutboxRow::new(outbox::SCHEMA, &event)?;
-        // The delivery, its first history row (telling the watchers, as `record` does for
-        // every later change) and CourierAssigned in one statement, sent with the COMMIT. The
-        // key decides between concurrent assignments of one order: the loser waits for the
-        // winner's commit and inserts nothing (so neither does the rest of the statement),
-        // and gives back the courier it took, so that what it commits changes nothing.
-        let statement = format!(
-            "WITH assigned AS (
-                 INSERT INTO delivery.deliveries AS d
-                     (order_id, customer_id, courier_id, zone, status, version)
-                 VALUES ($1, $2, $3, $4, 'ASSIGNED', 1)
-                 ON CONFLICT (order_id) DO NOTHING
-                 RETURNING {DELIVERY_COLUMNS}
-             ), tracked AS (
-                 INSERT INTO delivery.tracking_events (order_id, version, status, lat, lng, at)
-                 SELECT order_id, version, status, lat, lng, updated_at FROM assigned
-                 RETURNING pg_notify($5, order_id::text)
-             ), given_back AS (
-                 UPDATE delivery.couriers SET active = active - 1, updated_at = now()
-                 WHERE id = $3 AND NOT EXISTS (SELECT 1 FROM assigned)
-             ), {}
-             SELECT * FROM assigned",
-            appended.cte("assigned", 6)
-        );
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![
             &order_id,
             &customer_id,
@@ -190,7 +197,8 @@ impl DeliveryStore {
             &tracking::CHANNEL,
         ];
         params.extend(appended.params());
-        let answers = tx.commit(&[(&statement, &params)]).await?;
+        // The delivery, its history and its event, sent with the COMMIT (see [`ASSIGN`]).
+        let answers = tx.commit(&[(&ASSIGN, &params)]).await?;
         match answers.first().and_then(|rows| rows.first()) {
             Some(row) => Ok(Assigned::Created(delivery_from_row(row)?)),
             None => match select_delivery(&self.db.primary().await?, order_id, false).await? {
@@ -431,13 +439,11 @@ async fn take_courier(
     client: &impl deadpool_postgres::GenericClient,
     order_id: Uuid,
     zone: &str,
-    skip_locked: &str,
+    skip_locked: bool,
 ) -> Result<Option<String>, DbError> {
     client
         .query_opt(
-            &client
-                .prepare_cached(&take_courier_sql(skip_locked))
-                .await?,
+            &client.prepare_cached(take_courier_sql(skip_locked)).await?,
             &[&zone, &order_id],
         )
         .await?
@@ -446,8 +452,15 @@ async fn take_courier(
         .map_err(DbError::from)
 }
 
-/// [`take_courier`]'s statement: zone `$1`, order `$2`.
-fn take_courier_sql(skip_locked: &str) -> String {
+/// [`take_courier`]'s statement (zone `$1`, order `$2`): skipping the couriers other
+/// transactions hold, or waiting for them.
+fn take_courier_sql(skip_locked: bool) -> &'static str {
+    static SKIPPING: LazyLock<String> = LazyLock::new(|| pick_statement(" SKIP LOCKED"));
+    static WAITING: LazyLock<String> = LazyLock::new(|| pick_statement(""));
+    if skip_locked { &SKIPPING } else { &WAITING }
+}
+
+fn pick_statement(skip_locked: &str) -> String {
     // Pick and load in one statement; none for an order that has its delivery already (a
     // repeated assignment), so a repeat changes no courier row, not even one it rolls back.
     format!(
@@ -572,7 +585,7 @@ async fn select_delivery(
     client
         .query_opt(
             &client
-                .prepare_cached(&select_delivery_sql(for_update))
+                .prepare_cached(select_delivery_sql(for_update))
                 .await?,
             &[&order_id],
         )
@@ -582,9 +595,12 @@ async fn select_delivery(
 }
 
 /// The delivery of order `$1`, its row locked when `for_update`.
-fn select_delivery_sql(for_update: bool) -> String {
-    let lock = if for_update { " FOR UPDATE" } else { "" };
-    format!("SELECT {DELIVERY_COLUMNS} FROM delivery.deliveries d WHERE d.order_id = $1{lock}")
+fn select_delivery_sql(for_update: bool) -> &'static str {
+    static PLAIN: LazyLock<String> = LazyLock::new(|| {
+        format!("SELECT {DELIVERY_COLUMNS} FROM delivery.deliveries d WHERE d.order_id = $1")
+    });
+    static LOCKING: LazyLock<String> = LazyLock::new(|| format!("{} FOR UPDATE", *PLAIN));
+    if for_update { &LOCKING } else { &PLAIN }
 }
 
 fn delivery_from_row(row: &Row) -> Result<Delivery, DbError> {

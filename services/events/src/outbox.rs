@@ -66,7 +66,10 @@ pub async fn append(
     event: &Event,
 ) -> Result<(), DbError> {
     let row = OutboxRow::new(schema, event)?;
-    let statement = format!("WITH {} SELECT 1", row.cte("(SELECT 1) AS always", 1));
+    let statement = format!(
+        "WITH {} SELECT 1",
+        OutboxRow::cte(schema, "(SELECT 1) AS always", 1)
+    );
     // Through the connection's statement cache: one round trip, no parse, on every append
     // after a connection's first.
     client
@@ -85,7 +88,6 @@ pub async fn append(
 /// // parameters: $1 and $2 for the update, then row.params() from $3
 /// ```
 pub struct OutboxRow {
-    schema: String,
     id: uuid::Uuid,
     topic: String,
     key: String,
@@ -100,7 +102,6 @@ impl OutboxRow {
     pub fn new(schema: &str, event: &Event) -> Result<Self, DbError> {
         check_schema(schema)?;
         Ok(Self {
-            schema: schema.to_owned(),
             id: event.id,
             topic: event.topic.clone(),
             key: event.key.clone(),
@@ -111,11 +112,12 @@ impl OutboxRow {
         })
     }
 
-    /// A data-modifying CTE named `appended` (to put in a `WITH` list) that inserts the event
-    /// if `gate` — a `FROM` item, typically an earlier CTE of the statement — has any row,
-    /// and notifies the relay (delivered at commit). Its parameters are `$first` to
-    /// `$first + 6`, bound to [`Self::params`].
-    pub fn cte(&self, gate: &str, first: usize) -> String {
+    /// A data-modifying CTE named `appended` (to put in a `WITH` list) that inserts an event
+    /// into `schema`'s outbox if `gate` — a `FROM` item, typically an earlier CTE of the
+    /// statement — has any row, and notifies the relay (delivered at commit). Its parameters
+    /// are `$first` to `$first + 6`, bound to [`Self::params`] of the row made for the same
+    /// schema. The text depends on nothing else: build the statement once.
+    pub fn cte(schema: &str, gate: &str, first: usize) -> String {
         let p = |n: usize| format!("${}", first + n);
         format!(
             "appended AS (
@@ -125,7 +127,7 @@ impl OutboxRow {
                  WHERE EXISTS (SELECT 1 FROM {gate})
                  RETURNING pg_notify({channel}::text, '')
              )",
-            schema = self.schema,
+            schema = schema,
             id = p(0),
             topic = p(1),
             key = p(2),

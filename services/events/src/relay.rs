@@ -36,6 +36,8 @@ const GATHER: Duration = Duration::from_millis(5);
 pub struct Relay {
     db: Db,
     schema: &'static str,
+    /// The advisory lock that lets one relay at a time move this schema's outbox.
+    lock_key: String,
     bus: Bus,
     batch_size: u32,
     sweep_interval: Duration,
@@ -76,6 +78,7 @@ impl Relay {
         Ok(Self {
             db,
             schema,
+            lock_key: format!("waybill.relay.{schema}"),
             bus,
             batch_size: Self::DEFAULT_BATCH_SIZE,
             sweep_interval: Self::DEFAULT_SWEEP_INTERVAL,
@@ -105,13 +108,12 @@ impl Relay {
             let mut delay = FAILURE_FIRST;
             let mut next_sample = tokio::time::Instant::now();
             tracing::info!(bus = ?self.bus.kind(), "relay started");
-            let mut last_move;
             while !shutdown.is_done() {
                 if tokio::time::Instant::now() >= next_sample {
                     self.sample().await;
                     next_sample = tokio::time::Instant::now() + SAMPLE_INTERVAL;
                 }
-                last_move = tokio::time::Instant::now();
+                let last_move = tokio::time::Instant::now();
                 let wait = match self.move_batch().await {
                     Ok(Moved::Rows(rows)) if rows >= u64::from(self.batch_size) => continue,
                     Ok(_) => {
@@ -147,14 +149,14 @@ impl Relay {
     /// Locks the schema's relay slot and moves up to a batch: for the Postgres bus one
     /// statement, for NATS one transaction around the publish.
     async fn move_batch(&self) -> Result<Moved, BusError> {
-        let lock_key = format!("waybill.relay.{}", self.schema);
+        let lock_key = &self.lock_key;
         let limit = i64::from(self.batch_size);
         let moved = match &self.bus.inner {
             BusInner::Postgres(_) => {
                 let client = self.db.primary().await?;
-                postgres::move_outbox(&client, self.schema, limit, &lock_key).await?
+                postgres::move_outbox(&client, self.schema, limit, lock_key).await?
             }
-            BusInner::Nats(nats) => self.publish_to_nats(nats, limit, &lock_key).await?,
+            BusInner::Nats(nats) => self.publish_to_nats(nats, limit, lock_key).await?,
         };
         Ok(match moved {
             Some(rows) => {

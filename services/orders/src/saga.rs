@@ -161,7 +161,9 @@ impl Orchestrator {
                 ticker.tick().await;
                 let stopped = renewal.stopped.lock().await;
                 if *stopped {
-                    continue;
+                    // The run is about to end; nothing more to renew.
+                    drop(stopped);
+                    return std::future::pending().await;
                 }
                 if let Err(error) = self.store.renew_lease(order_id, lease).await {
                     tracing::warn!(%order_id, %error, "could not renew the saga's lease");
@@ -194,9 +196,7 @@ impl Orchestrator {
                 Phase::Done => return Ok(order),
                 Phase::Forward => match self.forward_with_quick_retries(&order).await {
                     Ok(courier_id) => {
-                        if let Some(confirmed) =
-                            self.store.confirm(order.id, &order, &courier_id).await?
-                        {
+                        if let Some(confirmed) = self.store.confirm(&order, &courier_id).await? {
                             tracing::info!(%order_id, %courier_id, "order confirmed");
                             waybill_runtime::metrics::saga_outcome("confirmed");
                             return Ok(confirmed);

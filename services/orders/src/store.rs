@@ -1,7 +1,7 @@
 //! The orders schema's SQL. Every write is one statement or one transaction, so a failed call
 //! leaves nothing half-written.
 
-use std::time::Duration;
+use std::{sync::LazyLock, time::Duration};
 
 use tokio_postgres::Row;
 use uuid::Uuid;
@@ -16,6 +16,30 @@ const ORDER_COLUMNS: &str = "o.id, o.customer_id, o.delivery_address, o.status, 
      o.created_at, o.updated_at, o.zone, o.courier_id, \
      ARRAY(SELECT sku FROM orders.order_items i WHERE i.order_id = o.id ORDER BY line_no) AS skus, \
      ARRAY(SELECT quantity FROM orders.order_items i WHERE i.order_id = o.id ORDER BY line_no) AS quantities";
+
+/// [`OrderStore::confirm`]'s statement ($1 order, $2 courier, then the outbox row). One
+/// statement, so one round trip and no explicit transaction. The saga row is locked before
+/// the order row, as `cancel` does, so the two never deadlock; a saga no longer going forward
+/// (a cancel won) locks nothing and changes nothing.
+static CONFIRM: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH saga AS (
+             SELECT order_id FROM orders.sagas
+             WHERE order_id = $1 AND phase = 'FORWARD'
+             FOR UPDATE
+         ), confirmed AS (
+             UPDATE orders.orders
+             SET status = 'CONFIRMED', courier_id = $2, updated_at = now()
+             WHERE id IN (SELECT order_id FROM saga) AND status = 'PENDING'
+             RETURNING *
+         ), ended AS (
+             UPDATE orders.sagas SET phase = 'DONE', step = '', last_error = '', updated_at = now()
+             WHERE order_id IN (SELECT id FROM confirmed)
+         ), {}
+         SELECT {ORDER_COLUMNS} FROM confirmed o",
+        outbox::OutboxRow::cte(outbox::SCHEMA, "confirmed", 3)
+    )
+});
 
 /// The outcome of a cancel request.
 pub enum Cancelled {
@@ -417,43 +441,19 @@ impl OrderStore {
     #[tracing::instrument(name = "orders.confirm", level = "debug", skip_all, fields(
         otel.kind = "client", db.system = "postgresql", db.operation.name = "confirm",
         db.namespace, waybill.db.role))]
-    pub async fn confirm(
-        &self,
-        id: Uuid,
-        order: &Order,
-        courier_id: &str,
-    ) -> Result<Option<Order>, DbError> {
+    pub async fn confirm(&self, order: &Order, courier_id: &str) -> Result<Option<Order>, DbError> {
         // The event is built before the statement: it needs nothing the update computes.
         let event = outbox::order_confirmed(&Order {
             courier_id: courier_id.to_owned(),
             ..order.clone()
         });
         let row = outbox::OutboxRow::new(outbox::SCHEMA, &event)?;
-        // One statement, so one round trip and no explicit transaction. The saga row is
-        // locked before the order row, as `cancel` does, so the two never deadlock; a saga
-        // no longer going forward (a cancel won) locks nothing and changes nothing.
-        let statement = format!(
-            "WITH saga AS (
-                 SELECT order_id FROM orders.sagas
-                 WHERE order_id = $1 AND phase = 'FORWARD'
-                 FOR UPDATE
-             ), confirmed AS (
-                 UPDATE orders.orders
-                 SET status = 'CONFIRMED', courier_id = $2, updated_at = now()
-                 WHERE id IN (SELECT order_id FROM saga) AND status = 'PENDING'
-                 RETURNING *
-             ), ended AS (
-                 UPDATE orders.sagas SET phase = 'DONE', step = '', last_error = '', updated_at = now()
-                 WHERE order_id IN (SELECT id FROM confirmed)
-             ), {}
-             SELECT {ORDER_COLUMNS} FROM confirmed o",
-            row.cte("confirmed", 3)
-        );
         let client = self.db.primary().await?;
-        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&id, &courier_id];
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            vec![&order.id, &courier_id];
         params.extend(row.params());
         client
-            .query_opt(&client.prepare_cached(&statement).await?, &params)
+            .query_opt(&client.prepare_cached(&CONFIRM).await?, &params)
             .await?
             .map(|row| order_from_row(&row))
             .transpose()
