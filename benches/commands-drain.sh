@@ -10,8 +10,9 @@
 # then a worker process with `--command-queue nats` drains it.
 #
 # Release build, against the `waybill dev up` cluster (durable commits, a streaming replica).
-# Usage: [QUEUE=nats] [DRAIN_LOG=file] benches/commands-drain.sh [USERS] [serve flags…]
-#   (default: 10000 users; DRAIN_LOG keeps the draining process's log)
+# Usage: [QUEUE=nats] [DRAIN_LOG=file] [BIN=PATH] benches/commands-drain.sh [USERS] [serve flags…]
+#   (default: 10000 users; DRAIN_LOG keeps the draining process's log; BIN runs that waybill
+#   binary instead of building this checkout's, to compare two builds in one session)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 users=${1:-10000}
@@ -21,8 +22,10 @@ total=30000
 
 scripts/prereqs postgres >/dev/null
 [ "$queue" = nats ] && scripts/prereqs nats >/dev/null
-cargo build --locked --release -p waybill 2>/dev/null
-waybill=target/release/waybill
+if [ -z "${BIN:-}" ]; then
+  cargo build --locked --release -p waybill 2>/dev/null
+fi
+waybill=${BIN:-target/release/waybill}
 "$waybill" dev up >/dev/null
 status=$("$waybill" dev status)
 primary=$(echo "$status" | awk '/^primary/ {print $3}')

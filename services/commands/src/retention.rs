@@ -46,7 +46,7 @@ pub async fn sample_queue_forever(db: Db) {
                         COALESCE(EXTRACT(EPOCH FROM now() - min(c.created_at))::float8, 0)
                  FROM commands.settings, generate_series(0, shard_count - 1) AS s(shard)
                  LEFT JOIN commands.commands c
-                   ON c.shard = s.shard AND c.status IN ('ACCEPTED', 'RUNNING', 'RETRYING')
+                   ON c.shard = s.shard AND c.phase = 'open'
                  GROUP BY s.shard",
                 &[],
             )

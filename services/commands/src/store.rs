@@ -23,13 +23,14 @@ const COLUMNS: &str = "c.id, c.shard, c.user_id, c.payload, c.status, c.attempts
 /// A command `c` that may be claimed now: due (or its lease ran out), and its user's oldest
 /// open command with none of that user's running. This is what keeps one user's commands
 /// in submission order whichever way they were dispatched.
-const CLAIMABLE: &str = "c.status IN ('ACCEPTED', 'RUNNING', 'RETRYING')
+/// `phase = 'open'` (not the statuses it stands for) is what the partial indexes are on.
+const CLAIMABLE: &str = "c.phase = 'open'
     AND ((c.status <> 'RUNNING' AND c.run_after <= now())
          OR (c.status = 'RUNNING' AND c.lease_until < now()))
     AND NOT EXISTS (
         SELECT 1 FROM commands.commands p
         WHERE p.user_id = c.user_id AND p.id <> c.id
-          AND p.status IN ('ACCEPTED', 'RUNNING', 'RETRYING')
+          AND p.phase = 'open'
           AND (p.seq < c.seq OR (p.status = 'RUNNING' AND p.lease_until >= now())))";
 
 /// A submission that could not be stored.
@@ -198,7 +199,7 @@ impl CommandStore {
             .query(
                 &format!(
                     "SELECT {COLUMNS} FROM commands.commands c
-                     WHERE c.status = 'DEAD' AND ($1::uuid IS NULL OR c.id > $1)
+                     WHERE c.phase = 'dead' AND ($1::uuid IS NULL OR c.id > $1)
                      ORDER BY c.id LIMIT $2"
                 ),
                 &[&after, &limit],
@@ -230,7 +231,8 @@ impl CommandStore {
             .query_one(
                 &format!(
                     "WITH changed AS (
-                         UPDATE commands.commands c SET status = 'CANCELLED', updated_at = now()
+                         UPDATE commands.commands c
+                         SET status = 'CANCELLED', updated_at = now(), closed_at = now()
                          WHERE c.shard = $1 AND c.id = $2 RETURNING {COLUMNS}),
                      audit AS (INSERT INTO commands.audit (command_id, status, attempt)
                                SELECT id, 'CANCELLED', attempts FROM changed),
@@ -331,7 +333,8 @@ impl CommandStore {
                 &format!(
                     "WITH changed AS (
                          UPDATE commands.commands c
-                         SET status = 'ACCEPTED', attempts = 0, run_after = now(), updated_at = now()
+                         SET status = 'ACCEPTED', attempts = 0, run_after = now(),
+                             updated_at = now(), closed_at = NULL
                          WHERE c.shard = $1 AND c.id = $2 RETURNING {COLUMNS}),
                      audit AS (INSERT INTO commands.audit (command_id, status, attempt, error)
                                SELECT id, 'ACCEPTED', 0, 'requeued' FROM changed)
@@ -516,7 +519,8 @@ impl CommandStore {
                      SET status = d.status, result = d.result,
                          last_error = CASE WHEN d.error <> '' THEN d.error ELSE c.last_error END,
                          run_after = now() + make_interval(secs => d.delay),
-                         lease_until = NULL, updated_at = now()
+                         lease_until = NULL, updated_at = now(),
+                         closed_at = CASE WHEN d.status = 'RETRYING' THEN NULL ELSE now() END
                      FROM mine d
                      WHERE c.ctid = d.row_at
                      RETURNING c.id, c.status, c.attempts, c.undo_of, d.error),
@@ -556,7 +560,8 @@ impl CommandStore {
             let undone = tx
                 .query(
                     "WITH undone AS (
-                         UPDATE commands.commands o SET status = 'UNDONE', updated_at = now()
+                         UPDATE commands.commands o
+                         SET status = 'UNDONE', updated_at = now(), closed_at = now()
                          WHERE o.id = ANY($1) AND o.status = 'SUCCEEDED'
                          RETURNING o.id, o.attempts),
                      audit AS (INSERT INTO commands.audit (command_id, status, attempt, worker)
@@ -576,7 +581,7 @@ impl CommandStore {
         Ok(changed)
     }
 
-    /// Deletes up to `batch` finished (SUCCEEDED, CANCELLED, UNDONE) commands last changed
+    /// Deletes up to `batch` commands that finished (SUCCEEDED, CANCELLED, UNDONE)
     /// more than `age` ago, with their audit rows; the number deleted. Rows being changed are
     /// skipped, not waited for, so retention never blocks ingestion or workers.
     pub async fn purge(&self, age: Duration, batch: i64) -> Result<u64, DbError> {
@@ -585,8 +590,7 @@ impl CommandStore {
             .query_one(
                 "WITH old AS (
                      SELECT shard, id FROM commands.commands
-                     WHERE status IN ('SUCCEEDED', 'CANCELLED', 'UNDONE')
-                       AND updated_at < now() - make_interval(secs => $1)
+                     WHERE phase = 'closed' AND closed_at < now() - make_interval(secs => $1)
                      LIMIT $2 FOR UPDATE SKIP LOCKED),
                  gone AS (DELETE FROM commands.commands c USING old
                           WHERE c.id = old.id RETURNING c.id),
