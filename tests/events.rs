@@ -144,6 +144,37 @@ async fn events_flow_over_nats_jetstream() {
     assert_eq!(db.count("bus.messages").await, 0);
 }
 
+/// In a deployment the notifications consumer may start after orders and delivery have
+/// published (one Deployment per service), and JetStream keeps a message only for consumers
+/// that exist when it is published. A process that relays an outbox therefore registers the
+/// platform's subscriptions first: events published before any notifications process ever ran
+/// are delivered once it starts.
+#[tokio::test]
+async fn nats_events_published_before_their_consumer_first_ran_are_delivered() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let bus = ["--event-bus", "nats", "--nats-url", &nats.url];
+    let publishers = Waybill::serve(
+        &db,
+        &[&["--services", "orders,inventory,delivery"][..], &bus[..]].concat(),
+    );
+    let order = place_one(publishers.channel().await, "c-late").await;
+    assert_eq!(order.status(), pb::OrderStatus::Confirmed);
+    eventually("the outboxes are published", || async {
+        (db.count("orders.outbox").await == 0 && db.count("delivery.outbox").await == 0)
+            .then_some(())
+    })
+    .await;
+    let consumer = Waybill::serve(
+        &db,
+        &[&["--services", "notifications"][..], &bus[..]].concat(),
+    );
+    assert_eq!(
+        notification_kinds(consumer.channel().await, "c-late", 2).await,
+        expected_after_confirmation()
+    );
+}
+
 fn waybill_events(db: &TestDb, args: &[&str]) -> String {
     let output = Command::new(waybill_bin())
         .arg("events")

@@ -78,8 +78,9 @@ impl ServiceName {
         }
     }
 
-    /// The event subscription the service consumes, if any (registered by `waybill migrate`
-    /// as well as by the consumer, since the bus drops events nobody subscribes to yet).
+    /// The event subscription the service consumes, if any (registered by `waybill migrate`,
+    /// by every process that relays an outbox and by the consumer itself, since the bus drops
+    /// events nobody subscribes to yet).
     pub fn subscription(
         self,
     ) -> Result<Option<waybill_events::Subscription>, waybill_events::BusError> {
@@ -94,7 +95,7 @@ impl ServiceName {
     }
 
     /// The schema whose outbox the service writes events to, if it emits any.
-    fn outbox(self) -> Option<&'static str> {
+    pub(crate) fn outbox(self) -> Option<&'static str> {
         match self {
             ServiceName::Orders => Some("orders"),
             ServiceName::Delivery => Some("delivery"),

@@ -81,6 +81,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         outbox_relay: args.outbox_relay,
         nats_url: args.bus.nats_url.as_deref(),
     };
+    if args.outbox_relay && args.services.iter().any(|name| name.outbox().is_some()) {
+        register_subscriptions(&bus).await?;
+    }
     for name in &args.services {
         name.register(&mut services, &deps).await?;
     }
@@ -103,5 +106,27 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         server::shutdown_signal(),
     )
     .await?;
+    Ok(())
+}
+
+/// Registers every subscription of the platform on `bus`, before this process's relays publish
+/// anything. Both buses drop an event that no subscription has asked for, and in a deployment
+/// the consumers may start after the publishers (each service is its own Deployment). On the
+/// Postgres bus `waybill migrate` has registered them already; on NATS only a process that can
+/// reach the server can, and the migrate hook runs before the bundled nats-server exists. A
+/// failure is logged, not fatal: the consumer registers its own subscription again.
+async fn register_subscriptions(bus: &waybill_events::Bus) -> anyhow::Result<()> {
+    for name in ServiceName::all() {
+        let Some(subscription) = name.subscription()? else {
+            continue;
+        };
+        if let Err(error) = bus.register(&subscription).await {
+            tracing::warn!(
+                %error,
+                subscription = subscription.name(),
+                "could not register a subscription before relaying; its consumer will"
+            );
+        }
+    }
     Ok(())
 }

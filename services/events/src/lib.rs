@@ -88,7 +88,8 @@
 //!   NOTIFY each subscription), so nothing is lost or duplicated between outbox and bus. It
 //!   therefore lives in the services' database. Events of a topic nobody subscribes to are
 //!   dropped, and a subscription gets only events published after it first registered
-//!   ([`Bus::register`]: `waybill migrate` registers the platform's, and each consumer again
+//!   ([`Bus::register`]: `waybill migrate` registers the platform's, every process that relays
+//!   an outbox registers them again before publishing, on either bus, and each consumer its own
 //!   before its process serves). Consumers claim due deliveries with `FOR UPDATE SKIP LOCKED`
 //!   under a lease (the ack wait): a claim counts an attempt and hides the delivery until the
 //!   lease ends, so no transaction stays open while a handler runs, and a consumer that dies
