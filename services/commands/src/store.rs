@@ -74,6 +74,16 @@ pub enum Outcome {
     },
 }
 
+/// What recording a batch of outcomes changed.
+#[derive(Debug, Default)]
+pub struct Recorded {
+    /// The commands whose outcome was applied (and originals an undo marked UNDONE).
+    pub changed: Vec<Uuid>,
+    /// With `successors` asked for: for each user whose command left the queue, the user's
+    /// next open command, which may be claimable now.
+    pub successors: Vec<Uuid>,
+}
+
 /// One attempt's end, to record.
 #[derive(Debug, Clone)]
 pub struct Completion {
@@ -470,9 +480,14 @@ impl CommandStore {
 
     /// Records how attempts ended, in one transaction. An attempt whose claim was taken over
     /// (the lease ran out and another worker claimed the command again) is not recorded: the
-    /// newer attempt owns the command. A succeeded undo marks its original UNDONE. Returns
-    /// the ids changed.
-    pub async fn complete(&self, worker: &str, done: &[Completion]) -> Result<Vec<Uuid>, DbError> {
+    /// newer attempt owns the command. A succeeded undo marks its original UNDONE. With
+    /// `successors`, also finds each finished command's successor (see [`Recorded`]).
+    pub async fn complete(
+        &self,
+        worker: &str,
+        done: &[Completion],
+        successors: bool,
+    ) -> Result<Recorded, DbError> {
         let mut shards = Vec::with_capacity(done.len());
         let mut ids = Vec::with_capacity(done.len());
         let mut attempts = Vec::with_capacity(done.len());
@@ -523,7 +538,7 @@ impl CommandStore {
                          closed_at = CASE WHEN d.status = 'RETRYING' THEN NULL ELSE now() END
                      FROM mine d
                      WHERE c.ctid = d.row_at
-                     RETURNING c.id, c.status, c.attempts, c.undo_of, d.error),
+                     RETURNING c.id, c.status, c.attempts, c.undo_of, c.user_id, d.error),
                  audit AS (
                      INSERT INTO commands.audit (command_id, status, attempt, worker, error)
                      SELECT id, 'FAILED', attempts, $8, error FROM updated
@@ -532,7 +547,7 @@ impl CommandStore {
                      SELECT id, status, attempts, $8,
                             CASE WHEN status = 'SUCCEEDED' THEN '' ELSE error END
                      FROM updated)
-                 SELECT id, status, undo_of FROM updated",
+                 SELECT id, status, undo_of, user_id FROM updated",
             )
             .await?;
         let rows = tx
@@ -545,12 +560,17 @@ impl CommandStore {
             .await?;
         let mut changed = Vec::with_capacity(rows.len());
         let mut originals = Vec::new();
+        // Users whose command left the queue (a RETRYING one still holds its user's turn).
+        let mut freed_users = Vec::new();
         for row in &rows {
             changed.push(row.try_get::<_, Uuid>(0)?);
             let status: &str = row.try_get(1)?;
             let undo_of: Option<Uuid> = row.try_get(2)?;
             if let (true, Some(original)) = (status == Status::Succeeded.as_str(), undo_of) {
                 originals.push(original);
+            }
+            if successors && status != Status::Retrying.as_str() {
+                freed_users.push(row.try_get::<_, String>(3)?);
             }
         }
         if !originals.is_empty() {
@@ -574,11 +594,32 @@ impl CommandStore {
                 changed.push(row.try_get(0)?);
             }
         }
+        let mut next = Vec::new();
+        freed_users.sort_unstable();
+        freed_users.dedup();
+        if !freed_users.is_empty() {
+            // A statement of its own: it sees the update above (a CTE of the same statement
+            // would see the finished commands still open).
+            let statement = tx
+                .prepare_cached(
+                    "SELECT s.id FROM unnest($1::text[]) AS u(user_id),
+                     LATERAL (SELECT c.id FROM commands.commands c
+                              WHERE c.user_id = u.user_id AND c.phase = 'open'
+                              ORDER BY c.seq LIMIT 1) s",
+                )
+                .await?;
+            for row in tx.query(&statement, &[&freed_users]).await? {
+                next.push(row.try_get(0)?);
+            }
+        }
         // The finished commands' successors may be ready now: wake the workers too.
         notify(&tx, "r").await?;
         notify_changed(&tx, &changed).await?;
         tx.commit().await?;
-        Ok(changed)
+        Ok(Recorded {
+            changed,
+            successors: next,
+        })
     }
 
     /// Deletes up to `batch` commands that finished (SUCCEEDED, CANCELLED, UNDONE)

@@ -12,8 +12,10 @@
 //! command's idempotency key, its effect still happens once.
 //!
 //! With the JetStream queue (see `jetstream`), one task takes the dispatches of all this
-//! process's shards from their consumers and claims their ids in batches; the scan loop stays, slowed to a fallback that only takes
-//! commands no message brought for [`FALLBACK_QUIET`].
+//! process's shards from their consumers and claims their ids in batches, and claims at once
+//! the commands this process's completions freed (a user's next command); the scan loop
+//! stays, slowed to a fallback that only takes commands no message brought for
+//! [`FALLBACK_QUIET`].
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -35,6 +37,11 @@ use crate::{
 /// With the JetStream queue: how long a command must sit unclaimed before the scan takes it
 /// (its dispatch was lost). Long enough that the scan never races a message in flight.
 pub const FALLBACK_QUIET: Duration = Duration::from_secs(5);
+/// With the JetStream queue: most commands one fallback scan claims. The scan holds the slots
+/// it claims for while it runs (it walks the open commands), and in this mode it only picks
+/// up lost dispatches: taking every free slot would starve the dispatches and the freed
+/// successors that this mode exists for.
+const FALLBACK_BATCH: usize = 32;
 /// Most dispatches claimed in one statement.
 const DISPATCH_BATCH: usize = 256;
 /// How soon a dispatch whose command cannot run yet (an earlier command of its user is open
@@ -94,12 +101,21 @@ pub async fn work_forever(
     let slots = Arc::new(Semaphore::new(settings.concurrency.max(1)));
     let (outcomes, outcome_queue) = mpsc::unbounded_channel();
     let settler = queue.as_ref().map(|_| jetstream::Settler::start());
+    // With JetStream, the recorder hands the dispatcher the commands its completions freed.
+    let (successors, successor_queue) = match &queue {
+        Some(_) => {
+            let (sender, receiver) = mpsc::unbounded_channel();
+            (Some(sender), Some(receiver))
+        }
+        None => (None, None),
+    };
     let recorder = tokio::spawn(record(
         store.clone(),
         settings.clone(),
         outcome_queue,
         wake.clone(),
         settler.clone(),
+        successors,
     ));
     // Aborting the tasks with the loop keeps a stopped worker from writing later.
     let mut recorder = AbortOnDrop(recorder);
@@ -109,8 +125,8 @@ pub async fn work_forever(
         settings: settings.clone(),
         outcomes,
     };
-    let quiet_for = match (&queue, settler) {
-        (Some(queue), Some(settler)) => {
+    let quiet_for = match (&queue, settler, successor_queue) {
+        (Some(queue), Some(settler), Some(successors)) => {
             dispatcher = Some(AbortOnDrop(tokio::spawn(dispatch_forever(
                 settings.shards.clone(),
                 queue.clone(),
@@ -118,6 +134,7 @@ pub async fn work_forever(
                 store.clone(),
                 runner.clone(),
                 slots.clone(),
+                successors,
             ))));
             FALLBACK_QUIET
         }
@@ -133,7 +150,14 @@ pub async fn work_forever(
                 return;
             };
             let mut permits = vec![first];
-            while let Ok(permit) = slots.clone().try_acquire_owned() {
+            let most = if queue.is_some() {
+                FALLBACK_BATCH
+            } else {
+                usize::MAX
+            };
+            while permits.len() < most
+                && let Ok(permit) = slots.clone().try_acquire_owned()
+            {
                 permits.push(permit);
             }
             let free = permits.len();
@@ -213,7 +237,8 @@ fn start(runner: &Runner, claim: Claim, message: Option<Message>, permit: OwnedS
 /// a failure. The shards' streams are merged so that one claim statement covers whatever has
 /// arrived on any of them (a task per shard made claims of a few ids each: half the rate). A
 /// message is taken only with a free slot, so what this process cannot run now stays in the
-/// stream for other processes.
+/// stream for other processes. `successors` brings the commands this process's completions
+/// freed (see [`claim_successors`]).
 async fn dispatch_forever(
     shards: Vec<i32>,
     queue: JetStream,
@@ -221,6 +246,7 @@ async fn dispatch_forever(
     store: CommandStore,
     runner: Runner,
     slots: Arc<Semaphore>,
+    mut successors: mpsc::UnboundedReceiver<Vec<Uuid>>,
 ) {
     let settings = runner.settings.clone();
     let mut failures = Duration::from_millis(100);
@@ -241,7 +267,14 @@ async fn dispatch_forever(
             loop {
                 // The message first, then a slot: a slot held while waiting for messages
                 // would starve the fallback scan (with one slot, for good).
-                let first = match messages.next().await {
+                let next = tokio::select! {
+                    next = messages.next() => next,
+                    Some(ids) = successors.recv() => {
+                        claim_successors(&store, &runner, &slots, &ids).await;
+                        continue;
+                    }
+                };
+                let first = match next {
                     Some((_, Ok(message))) => message,
                     Some((shard, Err(error))) => {
                         tracing::warn!(%error, shard, "command dispatches failed");
@@ -272,6 +305,45 @@ async fn dispatch_forever(
         drop(messages);
         tokio::time::sleep(failures).await;
         failures = (failures * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Claims, as far as slots are free, the commands that just became their users' oldest open
+/// one because an earlier command finished. Their dispatches were delivered while that
+/// earlier command ran and were sent back with a backoff (up to [`BLOCKED_RETRY_MAX`]), so
+/// without this a user's queued commands would each wait out a redelivery. The message of a
+/// command claimed here comes back later and is acked then (its command finished, or is
+/// running). What finds no slot, or cannot be claimed, is left to its message.
+async fn claim_successors(
+    store: &CommandStore,
+    runner: &Runner,
+    slots: &Arc<Semaphore>,
+    ids: &[Uuid],
+) {
+    let mut permits = Vec::with_capacity(ids.len());
+    while permits.len() < ids.len() {
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            break;
+        };
+        permits.push(permit);
+    }
+    if permits.is_empty() {
+        return;
+    }
+    let settings = &runner.settings;
+    match store
+        .claim_ids(&ids[..permits.len()], &settings.name, settings.lease)
+        .await
+    {
+        Ok(claims) => {
+            waybill_runtime::metrics::commands_claimed("successor", claims.len());
+            for (claim, permit) in claims.into_iter().zip(permits) {
+                start(runner, claim, None, permit);
+            }
+        }
+        Err(error) => {
+            tracing::debug!(%error, "claiming freed commands failed; their dispatches bring them");
+        }
     }
 }
 
@@ -422,6 +494,7 @@ async fn record(
     mut queue: mpsc::UnboundedReceiver<Finished>,
     wake: Arc<Notify>,
     settler: Option<jetstream::Settler>,
+    successors: Option<mpsc::UnboundedSender<Vec<Uuid>>>,
 ) {
     let mut finished = Vec::with_capacity(RECORD_BATCH);
     while queue.recv_many(&mut finished, RECORD_BATCH).await > 0 {
@@ -434,9 +507,18 @@ async fn record(
         // The completions the log took; one whose claim was taken over is not among them.
         let mut applied = std::collections::HashSet::new();
         loop {
-            match store.complete(&settings.name, &batch).await {
-                Ok(changed) => {
-                    applied.extend(changed);
+            match store
+                .complete(&settings.name, &batch, successors.is_some())
+                .await
+            {
+                Ok(recorded) => {
+                    applied.extend(recorded.changed);
+                    if let Some(successors) = &successors
+                        && !recorded.successors.is_empty()
+                    {
+                        // Gone only when the dispatcher is (draining): their messages remain.
+                        let _ = successors.send(recorded.successors);
+                    }
                     break;
                 }
                 Err(error) if tokio::time::Instant::now() < given_up_at => {

@@ -98,7 +98,7 @@ pub fn describe() {
     );
     describe_counter!(
         "waybill_command_claims_total",
-        "Commands claimed, by how the worker found them: scan of the log or JetStream dispatch."
+        "Commands claimed, by how the worker found them: scan of the log, JetStream dispatch, or successor of a command that finished."
     );
 }
 
