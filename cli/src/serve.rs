@@ -81,7 +81,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         outbox_relay: args.outbox_relay,
         nats_url: args.bus.nats_url.as_deref(),
     };
-    if args.outbox_relay && args.services.iter().any(|name| name.outbox().is_some()) {
+    if bus.kind() == waybill_events::BusKind::Nats
+        && args.outbox_relay
+        && args.services.iter().any(|name| name.outbox().is_some())
+    {
         register_subscriptions(&bus).await?;
     }
     for name in &args.services {
@@ -109,12 +112,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Registers every subscription of the platform on `bus`, before this process's relays publish
-/// anything. Both buses drop an event that no subscription has asked for, and in a deployment
-/// the consumers may start after the publishers (each service is its own Deployment). On the
-/// Postgres bus `waybill migrate` has registered them already; on NATS only a process that can
-/// reach the server can, and the migrate hook runs before the bundled nats-server exists. A
-/// failure is logged, not fatal: the consumer registers its own subscription again.
+/// Registers every subscription of the platform on the NATS bus, before this process's relays
+/// publish anything. JetStream keeps a message only for the consumers that exist when it is
+/// published, and in a deployment the consumers may start after the publishers (each service
+/// is its own Deployment). The Postgres bus needs none of this: `waybill migrate` registered
+/// them there; on NATS only a process that can reach the server can, and the migrate hook runs
+/// before the bundled nats-server exists. A failure is logged, not fatal: the consumer
+/// registers its own subscription again. (The stream then keeps events for a subscription
+/// whose service is never deployed, up to its 7-day limit.)
 async fn register_subscriptions(bus: &waybill_events::Bus) -> anyhow::Result<()> {
     for name in ServiceName::all() {
         let Some(subscription) = name.subscription()? else {

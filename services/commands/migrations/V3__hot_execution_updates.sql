@@ -8,6 +8,13 @@
 -- claim (ACCEPTED → RUNNING) and a retry (RUNNING → RETRYING → RUNNING) change neither, so
 -- they are HOT when the page has room: the fillfactor keeps half of each page free for the
 -- new versions of the rows a claim takes together (a batch claims neighbouring rows).
+--
+-- Upgrading: adding a stored generated column rewrites the table (at fillfactor 50, twice its
+-- former size) under an exclusive lock, and the indexes are rebuilt, all in this migration's
+-- transaction: commands wait for it. Processes of the previous version that still run during
+-- a rolling upgrade finish commands without setting closed_at (retention falls back on
+-- updated_at for those) and filter on status, which no index serves any more, until they are
+-- replaced.
 ALTER TABLE commands.commands SET (fillfactor = 50);
 
 ALTER TABLE commands.commands
@@ -33,3 +40,6 @@ CREATE INDEX commands_ready ON commands.commands (seq) WHERE phase = 'open';
 CREATE INDEX commands_dead ON commands.commands (id) WHERE phase = 'dead';
 -- Retention: finished commands by when they finished.
 CREATE INDEX commands_finished ON commands.commands (closed_at) WHERE phase = 'closed';
+
+-- The planner has no statistics on the new column until autovacuum gets to it.
+ANALYZE commands.commands;

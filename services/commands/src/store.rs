@@ -631,7 +631,11 @@ impl CommandStore {
             .query_one(
                 "WITH old AS (
                      SELECT shard, id FROM commands.commands
-                     WHERE phase = 'closed' AND closed_at < now() - make_interval(secs => $1)
+                     WHERE phase = 'closed'
+                       AND (closed_at < now() - make_interval(secs => $1)
+                            -- Finished by a process older than commands V3, which did not
+                            -- set closed_at (during a rolling upgrade).
+                            OR (closed_at IS NULL AND updated_at < now() - make_interval(secs => $1)))
                      LIMIT $2 FOR UPDATE SKIP LOCKED),
                  gone AS (DELETE FROM commands.commands c USING old
                           WHERE c.id = old.id RETURNING c.id),

@@ -17,7 +17,14 @@
 //! stays, slowed to a fallback that only takes commands no message brought for
 //! [`FALLBACK_QUIET`].
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use async_nats::jetstream::{AckKind, Message};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
@@ -37,11 +44,15 @@ use crate::{
 /// With the JetStream queue: how long a command must sit unclaimed before the scan takes it
 /// (its dispatch was lost). Long enough that the scan never races a message in flight.
 pub const FALLBACK_QUIET: Duration = Duration::from_secs(5);
-/// With the JetStream queue: most commands one fallback scan claims. The scan holds the slots
-/// it claims for while it runs (it walks the open commands), and in this mode it only picks
-/// up lost dispatches: taking every free slot would starve the dispatches and the freed
-/// successors that this mode exists for.
+/// With the JetStream queue, while dispatches flow: most commands one fallback scan claims.
+/// The scan holds the slots it takes for as long as it runs (it walks the open commands), and
+/// then it only picks up lost dispatches: taking every free slot would starve the dispatches
+/// and the freed successors. While NATS is unreachable the scan is the only way in, and takes
+/// every free slot again.
 const FALLBACK_BATCH: usize = 32;
+/// Batches of freed successors waiting for the dispatcher; more are dropped (their messages,
+/// or the scan, bring those commands).
+const SUCCESSOR_BATCHES: usize = 64;
 /// Most dispatches claimed in one statement.
 const DISPATCH_BATCH: usize = 256;
 /// How soon a dispatch whose command cannot run yet (an earlier command of its user is open
@@ -104,11 +115,13 @@ pub async fn work_forever(
     // With JetStream, the recorder hands the dispatcher the commands its completions freed.
     let (successors, successor_queue) = match &queue {
         Some(_) => {
-            let (sender, receiver) = mpsc::unbounded_channel();
+            let (sender, receiver) = mpsc::channel(SUCCESSOR_BATCHES);
             (Some(sender), Some(receiver))
         }
         None => (None, None),
     };
+    // Whether every shard's consumer is open (see FALLBACK_BATCH).
+    let dispatching = Arc::new(AtomicBool::new(false));
     let recorder = tokio::spawn(record(
         store.clone(),
         settings.clone(),
@@ -128,13 +141,13 @@ pub async fn work_forever(
     let quiet_for = match (&queue, settler, successor_queue) {
         (Some(queue), Some(settler), Some(successors)) => {
             dispatcher = Some(AbortOnDrop(tokio::spawn(dispatch_forever(
-                settings.shards.clone(),
                 queue.clone(),
                 settler,
                 store.clone(),
                 runner.clone(),
                 slots.clone(),
                 successors,
+                dispatching.clone(),
             ))));
             FALLBACK_QUIET
         }
@@ -143,14 +156,15 @@ pub async fn work_forever(
     let claiming = async {
         let mut failures = Duration::from_millis(100);
         loop {
-            // Wait for at least one free slot, then take every free one and claim that many.
-            // Taken before the claim: with JetStream, dispatch tasks take slots meanwhile, and a
-            // claimed command without a slot would sit RUNNING until its lease ran out.
+            // Wait for at least one free slot, then take the free ones (every one, unless
+            // JetStream dispatches flow) and claim that many. Taken before the claim: with
+            // JetStream, the dispatcher takes slots meanwhile, and a claimed command without a
+            // slot would sit RUNNING until its lease ran out.
             let Ok(first) = slots.clone().acquire_owned().await else {
                 return;
             };
             let mut permits = vec![first];
-            let most = if queue.is_some() {
+            let most = if dispatching.load(Ordering::Relaxed) {
                 FALLBACK_BATCH
             } else {
                 usize::MAX
@@ -233,26 +247,27 @@ fn start(runner: &Runner, claim: Claim, message: Option<Message>, permit: OwnedS
     });
 }
 
-/// Takes the dispatches of `shards` for the life of the worker, reopening the consumers after
+/// Takes the dispatches of the worker's shards for the life of the worker, reopening the consumers after
 /// a failure. The shards' streams are merged so that one claim statement covers whatever has
 /// arrived on any of them (a task per shard made claims of a few ids each: half the rate). A
 /// message is taken only with a free slot, so what this process cannot run now stays in the
 /// stream for other processes. `successors` brings the commands this process's completions
 /// freed (see [`claim_successors`]).
 async fn dispatch_forever(
-    shards: Vec<i32>,
     queue: JetStream,
     settler: jetstream::Settler,
     store: CommandStore,
     runner: Runner,
     slots: Arc<Semaphore>,
-    mut successors: mpsc::UnboundedReceiver<Vec<Uuid>>,
+    mut successors: mpsc::Receiver<Vec<Uuid>>,
+    dispatching: Arc<AtomicBool>,
 ) {
     let settings = runner.settings.clone();
+    let shards = &settings.shards;
     let mut failures = Duration::from_millis(100);
     loop {
         let mut messages = StreamMap::new();
-        for &shard in &shards {
+        for &shard in shards {
             match queue.pull(shard, settings.lease, DISPATCH_BATCH).await {
                 Ok(stream) => {
                     messages.insert(shard, stream);
@@ -264,6 +279,7 @@ async fn dispatch_forever(
             }
         }
         if messages.len() == shards.len() {
+            dispatching.store(true, Ordering::Relaxed);
             loop {
                 // The message first, then a slot: a slot held while waiting for messages
                 // would starve the fallback scan (with one slot, for good).
@@ -302,8 +318,19 @@ async fn dispatch_forever(
             }
         }
         // Every consumer is opened again: a failure is rare, and one loop stays simple.
+        dispatching.store(false, Ordering::Relaxed);
         drop(messages);
-        tokio::time::sleep(failures).await;
+        // Freed successors need no NATS: they are still claimed while it is away.
+        let pause = tokio::time::sleep(failures);
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                () = &mut pause => break,
+                Some(ids) = successors.recv() => {
+                    claim_successors(&store, &runner, &slots, &ids).await;
+                }
+            }
+        }
         failures = (failures * 2).min(Duration::from_secs(10));
     }
 }
@@ -494,7 +521,7 @@ async fn record(
     mut queue: mpsc::UnboundedReceiver<Finished>,
     wake: Arc<Notify>,
     settler: Option<jetstream::Settler>,
-    successors: Option<mpsc::UnboundedSender<Vec<Uuid>>>,
+    successors: Option<mpsc::Sender<Vec<Uuid>>>,
 ) {
     let mut finished = Vec::with_capacity(RECORD_BATCH);
     while queue.recv_many(&mut finished, RECORD_BATCH).await > 0 {
@@ -516,8 +543,9 @@ async fn record(
                     if let Some(successors) = &successors
                         && !recorded.successors.is_empty()
                     {
-                        // Gone only when the dispatcher is (draining): their messages remain.
-                        let _ = successors.send(recorded.successors);
+                        // Full (the dispatcher is behind) or gone (draining): their messages,
+                        // or the scan, bring these commands instead.
+                        let _ = successors.try_send(recorded.successors);
                     }
                     break;
                 }
