@@ -534,21 +534,9 @@ async fn claims_update_commands_in_place() {
     for (_, ids) in &by_user {
         reaches(&commands, &ids[0], CommandStatus::Succeeded).await;
     }
-    let primary = db.primary().await;
-    // The server's backends report their table statistics when idle, within seconds.
-    let hot = eventually("command updates counted", || async {
-        let row = primary
-            .query_one(
-                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables
-                 WHERE schemaname = 'commands' AND relname = 'commands'",
-                &[],
-            )
-            .await
-            .ok()?;
-        let (updates, hot): (i64, i64) = (row.get(0), row.get(1));
-        (updates >= 2 * USERS as i64).then_some(hot)
-    })
-    .await;
+    let (_, hot) = db
+        .update_counts("commands", "commands", 2 * USERS as i64)
+        .await;
     // A claim that takes most rows of a page at once can run out of room on it; nearly all
     // fit (28,344 of 30,000 claims in benches/commands-drain.sh).
     assert!(

@@ -749,20 +749,6 @@ async fn courier_load_updates_are_in_place() {
     for order_id in orders.iter().step_by(2) {
         cancel(&mut client, order_id).await.unwrap();
     }
-    let primary = db.primary().await;
-    // The server's backends report their table statistics when idle, within seconds.
-    let (updates, hot) = waybill_test_support::eventually("courier updates counted", || async {
-        let row = primary
-            .query_one(
-                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables
-                 WHERE schemaname = 'delivery' AND relname = 'couriers'",
-                &[],
-            )
-            .await
-            .ok()?;
-        let (updates, hot): (i64, i64) = (row.get(0), row.get(1));
-        (updates >= 225).then_some((updates, hot))
-    })
-    .await;
+    let (updates, hot) = db.update_counts("delivery", "couriers", 225).await;
     assert_eq!(hot, updates, "every courier update is HOT");
 }

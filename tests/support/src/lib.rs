@@ -89,6 +89,29 @@ impl TestDb {
         connect(&self.replica_url).await
     }
 
+    /// `schema.table`'s updates and, of those, HOT updates (`pg_stat_user_tables`), once at
+    /// least `updates` are counted: the server's backends report their table statistics when
+    /// idle, within seconds.
+    pub async fn update_counts(&self, schema: &str, table: &str, updates: i64) -> (i64, i64) {
+        let primary = self.primary().await;
+        eventually(
+            &format!("{updates} updates of {schema}.{table} counted"),
+            || async {
+                let row = primary
+                    .query_one(
+                        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables
+                     WHERE schemaname = $1 AND relname = $2",
+                        &[&schema, &table],
+                    )
+                    .await
+                    .ok()?;
+                let counts: (i64, i64) = (row.get(0), row.get(1));
+                (counts.0 >= updates).then_some(counts)
+            },
+        )
+        .await
+    }
+
     /// How many rows `table` (schema-qualified) has on the primary.
     pub async fn count(&self, table: &str) -> i64 {
         self.primary()
