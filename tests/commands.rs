@@ -515,6 +515,64 @@ async fn finished_commands_past_retention_are_purged_and_dead_ones_stay() {
     );
 }
 
+/// A user's command behind another user's deep queue is claimed at once: the claim looks past
+/// the 1,100 commands that wait behind their own user's first. (A claim that only looked at
+/// the oldest 1,024 open commands, tried for speed, let 76 of the deep queue's run first.)
+#[tokio::test]
+async fn a_command_behind_another_users_deep_queue_is_claimed_at_once() {
+    let db = TestDb::new().await;
+    // Stored directly, as benches/commands-drain.sh does: 1,100 commands of one user, then one
+    // of another. The payload is a SendNotification{customer_id: "a", message: "b"}.
+    db.primary()
+        .await
+        .batch_execute(
+            "INSERT INTO commands.settings VALUES (true, 16);
+             INSERT INTO commands.commands
+                 (shard, id, user_id, idempotency_key, kind, payload, status)
+             SELECT 0, gen_random_uuid(), 'deep', 'k' || g, 'SEND_NOTIFICATION',
+                    '\\x22060a0161120162'::bytea, 'ACCEPTED'
+             FROM generate_series(1, 1100) g;
+             INSERT INTO commands.commands
+                 (shard, id, user_id, idempotency_key, kind, payload, status)
+             VALUES (1, gen_random_uuid(), 'behind', 'k', 'SEND_NOTIFICATION',
+                     '\\x22060a0161120162'::bytea, 'ACCEPTED');",
+        )
+        .await
+        .unwrap();
+    let _server = Waybill::serve(
+        &db,
+        &[
+            "--services",
+            "commands",
+            "--command-dry-run",
+            "--command-concurrency",
+            "4",
+        ],
+    );
+    let primary = db.primary().await;
+    // How many of the deep queue's commands had finished when the other user's did.
+    let finished_before = eventually("the command behind the deep queue ran", || async {
+        // No row until the other user's command succeeded.
+        let row = primary
+            .query_opt(
+                "SELECT (SELECT count(*) FROM commands.audit a
+                         JOIN commands.commands c ON c.id = a.command_id
+                         WHERE c.user_id = 'deep' AND a.status = 'SUCCEEDED' AND a.at < b.at)
+                 FROM commands.audit b JOIN commands.commands bc ON bc.id = b.command_id
+                 WHERE bc.user_id = 'behind' AND b.status = 'SUCCEEDED'",
+                &[],
+            )
+            .await
+            .ok()??;
+        Some(row.get::<_, i64>(0))
+    })
+    .await;
+    assert!(
+        finished_before < 1100 - 1024,
+        "{finished_before} of the deep queue's commands ran first"
+    );
+}
+
 /// Claiming a command (ACCEPTED → RUNNING) updates its row in place (HOT): no index names
 /// what a claim changes, and pages keep room for the new versions (commands V3). Before,
 /// each claim added an entry to five indexes. Finishing leaves the open-work indexes, so it
