@@ -197,6 +197,14 @@ async fn assert_ran_in_order_once(db: &TestDb, user: &str, ids: &[String]) {
     assert_eq!(sent, ids.len() as i64, "{user}");
 }
 
+/// A policy under which every SendNotification answers only after `delay` (e.g. "200ms").
+fn notifications_delayed(delay: &str) -> String {
+    format!(
+        r#"{{"methodConfig": [{{"name": [{{"service": "waybill.notifications.v1.NotificationsService", "method": "SendNotification"}}],
+            "faults": {{"delay": {{"duration": "{delay}", "percent": 100}}}}}}]}}"#
+    )
+}
+
 /// A notifications service whose SendNotification answers only after 1.5 s, so a worker
 /// calling it is surely mid-call for a while.
 fn slow_notifications(db: &TestDb) -> Waybill {
@@ -204,10 +212,7 @@ fn slow_notifications(db: &TestDb) -> Waybill {
         db,
         ServeOptions {
             services: Some("notifications"),
-            policy: Some(
-                r#"{"methodConfig": [{"name": [{"service": "waybill.notifications.v1.NotificationsService", "method": "SendNotification"}],
-                    "faults": {"delay": {"duration": "1500ms", "percent": 100}}}]}"#,
-            ),
+            policy: Some(&notifications_delayed("1500ms")),
             ..ServeOptions::default()
         },
     )
@@ -1003,11 +1008,13 @@ async fn list_pages_a_users_commands_newest_first() {
     assert_eq!(status.code(), Code::InvalidArgument);
 }
 
-/// A counter's value in a scrape (0 when absent).
-fn counter(scrape: &str, series: &str) -> u64 {
+/// Commands claimed `via` the scan, a JetStream dispatch or as a successor, in a scrape (0
+/// when absent).
+fn claims(scrape: &str, via: &str) -> u64 {
+    let series = format!(r#"waybill_command_claims_total{{via="{via}"}}"#);
     scrape
         .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .find_map(|line| line.strip_prefix(&series)?.trim().parse().ok())
         .unwrap_or(0)
 }
 
@@ -1023,10 +1030,7 @@ async fn with_the_jetstream_queue_a_users_queued_commands_run_back_to_back() {
         &db,
         ServeOptions {
             // Each notification takes 200 ms: the later commands are queued behind the first.
-            policy: Some(
-                r#"{"methodConfig": [{"name": [{"service": "waybill.notifications.v1.NotificationsService", "method": "SendNotification"}],
-                    "faults": {"delay": {"duration": "200ms", "percent": 100}}}]}"#,
-            ),
+            policy: Some(&notifications_delayed("200ms")),
             args: &["--command-queue", "nats", "--nats-url", &nats.url],
             ..ServeOptions::default()
         },
@@ -1041,7 +1045,7 @@ async fn with_the_jetstream_queue_a_users_queued_commands_run_back_to_back() {
     }
     assert_ran_in_order_once(&db, user, ids).await;
     let scrape = server.scrape().await;
-    let successors = counter(&scrape, r#"waybill_command_claims_total{via="successor"}"#);
+    let successors = claims(&scrape, "successor");
     // All but the first could be; a message that comes back in the instant between a
     // completion and its successor's claim takes one now and then.
     assert!(
@@ -1089,15 +1093,9 @@ async fn with_the_jetstream_queue_users_keep_their_order_and_nats_going_away_los
     // A user's next command is claimed by message, or right after the one before it finished
     // (successor); the scan only takes a command neither brought within its quiet time, which
     // a loaded machine may cause once or twice.
-    let via = |scrape: &str, via: &str| {
-        counter(
-            scrape,
-            &format!(r#"waybill_command_claims_total{{via="{via}"}}"#),
-        )
-    };
-    let (by_dispatch, by_successor) = (via(&scrape, "jetstream"), via(&scrape, "successor"));
+    let (by_dispatch, by_successor) = (claims(&scrape, "jetstream"), claims(&scrape, "successor"));
     let by_message = by_dispatch + by_successor;
-    let by_scan = via(&scrape, "scan");
+    let by_scan = claims(&scrape, "scan");
     let total = (USERS * PER_USER) as u64;
     // One claim per command (attempts were 1 each).
     assert_eq!(by_message + by_scan, total, "{scrape}");
@@ -1129,9 +1127,9 @@ async fn with_the_jetstream_queue_users_keep_their_order_and_nats_going_away_los
     // No message brought them: the scan did, or, for the user's second and third, the
     // completion of the one before (successor claims need no NATS).
     let scrape = server.scrape().await;
-    assert_eq!(via(&scrape, "jetstream"), by_dispatch, "{scrape}");
+    assert_eq!(claims(&scrape, "jetstream"), by_dispatch, "{scrape}");
     assert!(
-        via(&scrape, "scan") + via(&scrape, "successor") >= by_scan + by_successor + 3,
+        claims(&scrape, "scan") + claims(&scrape, "successor") >= by_scan + by_successor + 3,
         "{scrape}"
     );
 }

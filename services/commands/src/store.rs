@@ -75,7 +75,7 @@ pub enum Outcome {
 }
 
 /// What recording a batch of outcomes changed.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Recorded {
     /// The commands whose outcome was applied (and originals an undo marked UNDONE).
     pub changed: Vec<Uuid>,

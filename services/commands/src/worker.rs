@@ -163,17 +163,13 @@ pub async fn work_forever(
             let Ok(first) = slots.clone().acquire_owned().await else {
                 return;
             };
-            let mut permits = vec![first];
             let most = if dispatching.load(Ordering::Relaxed) {
                 FALLBACK_BATCH
             } else {
                 usize::MAX
             };
-            while permits.len() < most
-                && let Ok(permit) = slots.clone().try_acquire_owned()
-            {
-                permits.push(permit);
-            }
+            let mut permits = vec![first];
+            permits.extend(free_slots(&slots, most - 1));
             let free = permits.len();
             let claims = match store
                 .claim(
@@ -247,8 +243,8 @@ fn start(runner: &Runner, claim: Claim, message: Option<Message>, permit: OwnedS
     });
 }
 
-/// Takes the dispatches of the worker's shards for the life of the worker, reopening the consumers after
-/// a failure. The shards' streams are merged so that one claim statement covers whatever has
+/// Takes the dispatches of the worker's shards for the life of the worker, reopening the
+/// consumers after a failure. The shards' streams are merged so that one claim statement covers whatever has
 /// arrived on any of them (a task per shard made claims of a few ids each: half the rate). A
 /// message is taken only with a free slot, so what this process cannot run now stays in the
 /// stream for other processes. `successors` brings the commands this process's completions
@@ -347,13 +343,7 @@ async fn claim_successors(
     slots: &Arc<Semaphore>,
     ids: &[Uuid],
 ) {
-    let mut permits = Vec::with_capacity(ids.len());
-    while permits.len() < ids.len() {
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            break;
-        };
-        permits.push(permit);
-    }
+    let permits = free_slots(slots, ids.len());
     if permits.is_empty() {
         return;
     }
@@ -372,6 +362,13 @@ async fn claim_successors(
             tracing::debug!(%error, "claiming freed commands failed; their dispatches bring them");
         }
     }
+}
+
+/// Up to `most` of the slots free now, without waiting.
+fn free_slots(slots: &Arc<Semaphore>, most: usize) -> Vec<OwnedSemaphorePermit> {
+    std::iter::from_fn(|| slots.clone().try_acquire_owned().ok())
+        .take(most)
+        .collect()
 }
 
 /// Claims what a batch of dispatches names and starts it; the rest are settled: acked if
