@@ -190,9 +190,13 @@ impl pb::command_service_server::CommandService for CommandsApi {
         request: Request<pb::WatchCommandRequest>,
     ) -> Result<Response<Self::WatchCommandStream>, Status> {
         let id = parse_uuid(&request.get_ref().command_id, "command_id")?;
-        // Subscribe first: a change between the first read and the subscription is not lost.
+        // Subscribe first: a change between the reads and the subscription is not lost.
         let mut changes = self.hub.watch(id);
-        let first = self
+        // Each round reads the history, then the command: the command sent with a transition
+        // is at least as new as the transition. (Read the other way round, a change between
+        // the two reads sent a DEAD transition with a RUNNING command.)
+        let mut transitions = self.store.history(id, 0).await?;
+        let mut command = self
             .store
             .get(id)
             .await?
@@ -200,29 +204,21 @@ impl pb::command_service_server::CommandService for CommandsApi {
         let (sender, receiver) = mpsc::channel(16);
         let store = self.store.clone();
         tokio::spawn(async move {
-            let mut command = first;
             let mut seen = 0_i64;
+            let mut last_sent: Option<Transition> = None;
             loop {
-                let transitions = match store.history(id, seen).await {
-                    Ok(transitions) => transitions,
-                    Err(error) => {
-                        let _ = sender.send(Err(Status::from(error))).await;
-                        return;
-                    }
-                };
-                for transition in &transitions {
+                for transition in transitions {
                     seen = transition.seq;
                     let message = pb::WatchCommandResponse {
-                        transition: Some(transition_to_proto(transition)),
+                        transition: Some(transition_to_proto(&transition)),
                         command: Some(command_to_proto(&command)),
                     };
                     if sender.send(Ok(message)).await.is_err() {
                         return;
                     }
+                    last_sent = Some(transition);
                 }
-                // The history read after the command: if it is final now, every transition
-                // up to it has been sent.
-                if command.status.is_final() && transitions_reach(&transitions, &command) {
+                if ends(last_sent.as_ref(), &command) {
                     return;
                 }
                 tokio::select! {
@@ -233,6 +229,13 @@ impl pb::command_service_server::CommandService for CommandsApi {
                         }
                     }
                 }
+                transitions = match store.history(id, seen).await {
+                    Ok(transitions) => transitions,
+                    Err(error) => {
+                        let _ = sender.send(Err(Status::from(error))).await;
+                        return;
+                    }
+                };
                 command = match store.get(id).await {
                     Ok(Some(command)) => command,
                     // Purged by retention while watched.
@@ -310,11 +313,13 @@ impl pb::command_service_server::CommandService for CommandsApi {
     }
 }
 
-/// Whether `transitions` (just read, newest last) end in the command's current status.
-fn transitions_reach(transitions: &[Transition], command: &Command) -> bool {
-    transitions
-        .last()
-        .is_none_or(|last| last.status == command.status)
+/// Whether a watch is done: the command is final and the last transition sent is the one
+/// that made it so (same status and attempt; the command may have been read after a
+/// transition the next round's history will bring).
+fn ends(last_sent: Option<&Transition>, command: &Command) -> bool {
+    command.status.is_final()
+        && last_sent
+            .is_some_and(|last| last.status == command.status && last.attempt == command.attempts)
 }
 
 fn refused(result: Result<Command, Refused>, id: Uuid) -> Result<Command, Status> {
