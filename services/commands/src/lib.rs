@@ -84,7 +84,8 @@ pub struct CommandsConfig {
     /// their audit rows. DEAD commands are kept until requeued.
     #[arg(long, env = "WAYBILL_COMMAND_RETENTION", default_value = "168h", value_parser = parse_duration)]
     pub command_retention: Duration,
-    /// How often retention runs.
+    /// How often retention runs, with the sweep that releases commands left marked blocked
+    /// (`waybill_command_stranded_total`; none are expected).
     #[arg(long, env = "WAYBILL_COMMAND_RETENTION_SWEEP", default_value = "1m", value_parser = parse_duration)]
     pub command_retention_sweep: Duration,
     /// How long GetCommand may answer from this process's cache if a change notification

@@ -1,5 +1,6 @@
 //! Background upkeep of the log: retention (old finished commands deleted in small batches)
-//! and the queue gauges (depth and oldest age per shard).
+//! with the sweep for commands left blocked, and the queue gauges (depth and oldest age per
+//! shard).
 
 use std::time::Duration;
 
@@ -12,7 +13,9 @@ use crate::store::CommandStore;
 const PURGE_BATCH: i64 = 1_000;
 const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Deletes finished commands older than `age` every `every`, a batch at a time.
+/// Every `every`: deletes finished commands older than `age`, a batch at a time, and
+/// releases blocked commands that are their user's head (see
+/// [`CommandStore::release_stranded`]), counted in `waybill_command_stranded_total`.
 pub async fn purge_forever(store: CommandStore, age: Duration, every: Duration) {
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -26,6 +29,20 @@ pub async fn purge_forever(store: CommandStore, age: Duration, every: Duration) 
         }
         if deleted > 0 {
             tracing::info!(deleted, "purged finished commands past retention");
+        }
+        match store.release_stranded().await {
+            Ok(0) => {}
+            Ok(released) => {
+                waybill_runtime::metrics::commands_stranded(released);
+                tracing::warn!(
+                    released,
+                    "released blocked commands that were their user's next; they should have \
+                     been released when the command before them left the queue"
+                );
+            }
+            Err(error) => {
+                tracing::warn!(%error, "looking for stranded commands failed; trying again next sweep")
+            }
         }
     }
 }

@@ -33,6 +33,21 @@ const CLAIMABLE: &str = "c.phase = 'open'
           AND p.phase = 'open'
           AND (p.seq < c.seq OR (p.status = 'RUNNING' AND p.lease_until >= now())))";
 
+/// Most commands one claim round marks blocked: enough that a deep queue is marked in a few
+/// rounds, few enough that the round's transaction stays short.
+pub const MARK_BATCH: i64 = 4_096;
+/// How many times [`release_heads`] looks again for a user whose head left the queue while
+/// it waited for the head's lock.
+const RELEASE_ROUNDS: usize = 3;
+
+/// What one claim round did.
+#[derive(Debug, Default)]
+pub struct ClaimRound {
+    pub claims: Vec<Claim>,
+    /// Commands found waiting behind an older one of their user and marked blocked.
+    pub marked: u64,
+}
+
 /// A submission that could not be stored.
 #[derive(Debug)]
 pub enum Rejected {
@@ -79,8 +94,8 @@ pub enum Outcome {
 pub struct Recorded {
     /// The commands whose outcome was applied (and originals an undo marked UNDONE).
     pub changed: Vec<Uuid>,
-    /// With `successors` asked for: for each user whose command left the queue, the user's
-    /// next open command, which may be claimable now.
+    /// For each user whose command left the queue, the user's next open command, which may
+    /// be claimable now (released: no longer marked blocked).
     pub successors: Vec<Uuid>,
 }
 
@@ -255,6 +270,26 @@ impl CommandStore {
             )
             .await?;
         let cancelled = command(&row)?;
+        // Its user's next command may be the head now. Only when nothing older is open (as a
+        // statement after the cancel sees it): the transaction that takes an older one out
+        // of the queue releases the next head itself, and locking that older command here
+        // could deadlock with it (it waits for this command's lock).
+        let was_head: bool = tx
+            .query_one(
+                "SELECT NOT EXISTS (SELECT 1 FROM commands.commands p, commands.commands c
+                                    WHERE c.id = $1 AND p.user_id = c.user_id
+                                      AND p.phase = 'open' AND p.seq < c.seq)",
+                &[&id],
+            )
+            .await?
+            .try_get(0)?;
+        if was_head
+            && !release_heads(&tx, std::slice::from_ref(&cancelled.user_id))
+                .await?
+                .is_empty()
+        {
+            notify(&tx, "r").await?;
+        }
         notify_changed(&tx, &[id]).await?;
         tx.commit().await?;
         Ok(Ok(cancelled))
@@ -344,7 +379,7 @@ impl CommandStore {
                     "WITH changed AS (
                          UPDATE commands.commands c
                          SET status = 'ACCEPTED', attempts = 0, run_after = now(),
-                             updated_at = now(), closed_at = NULL
+                             updated_at = now(), closed_at = NULL, blocked = false
                          WHERE c.shard = $1 AND c.id = $2 RETURNING {COLUMNS}),
                      audit AS (INSERT INTO commands.audit (command_id, status, attempt, error)
                                SELECT id, 'ACCEPTED', 0, 'requeued' FROM changed)
@@ -365,6 +400,10 @@ impl CommandStore {
     /// ran out is claimed again (its worker is presumed dead; the audit says so). Only
     /// commands unchanged for `quiet_for` are taken: with the JetStream queue, the scan is
     /// the fallback for dispatches that were lost, and must not race the messages.
+    ///
+    /// The walk skips commands marked blocked. A round that found fewer than `limit` may
+    /// have walked past queued commands of busy users: it marks up to [`MARK_BATCH`] of
+    /// them, so the next rounds do not probe them again (see [`Self::mark_blocked`]).
     pub async fn claim(
         &self,
         shards: &[i32],
@@ -372,18 +411,29 @@ impl CommandStore {
         lease: Duration,
         limit: i64,
         quiet_for: Duration,
-    ) -> Result<Vec<Claim>, DbError> {
+    ) -> Result<ClaimRound, DbError> {
         let pick = format!(
-            "c.shard = ANY($3) AND c.updated_at <= now() - make_interval(secs => $5)
+            "c.shard = ANY($3) AND NOT c.blocked
+             AND c.updated_at <= now() - make_interval(secs => $5)
              AND {CLAIMABLE} ORDER BY c.seq LIMIT $4"
         );
-        self.claim_picked(
+        let mut client = self.db.primary().await?;
+        let tx = client.transaction().await?;
+        let claims = claim_picked(
+            &tx,
             &pick,
             worker,
             lease,
             &[&shards, &limit, &quiet_for.as_secs_f64()],
         )
-        .await
+        .await?;
+        let marked = if i64::try_from(claims.len()).unwrap_or(i64::MAX) < limit {
+            mark_blocked(&tx, shards).await?
+        } else {
+            0
+        };
+        tx.commit().await?;
+        Ok(ClaimRound { claims, marked })
     }
 
     /// Claims those of `ids` that are claimable now (as [`claim`](Self::claim) decides), for
@@ -395,7 +445,11 @@ impl CommandStore {
         lease: Duration,
     ) -> Result<Vec<Claim>, DbError> {
         let pick = format!("c.id = ANY($3) AND {CLAIMABLE}");
-        self.claim_picked(&pick, worker, lease, &[&ids]).await
+        let mut client = self.db.primary().await?;
+        let tx = client.transaction().await?;
+        let claims = claim_picked(&tx, &pick, worker, lease, &[&ids]).await?;
+        tx.commit().await?;
+        Ok(claims)
     }
 
     /// The status and due time of each of `ids` that exists.
@@ -423,71 +477,12 @@ impl CommandStore {
             .collect()
     }
 
-    /// Claims the rows `pick` selects (`$1` is the worker, `$2` the lease, `$3`… `pick`'s).
-    async fn claim_picked(
-        &self,
-        pick: &str,
-        worker: &str,
-        lease: Duration,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<Vec<Claim>, DbError> {
-        let mut client = self.db.primary().await?;
-        let tx = client.transaction().await?;
-        let statement = tx
-            .prepare_cached(&format!(
-                "WITH ready AS (
-                     SELECT c.ctid AS row_at, c.status AS was, c.worker AS previous_worker
-                     FROM commands.commands c
-                     WHERE {pick}
-                     FOR UPDATE OF c SKIP LOCKED),
-                 claimed AS (
-                     UPDATE commands.commands c
-                     SET status = 'RUNNING', attempts = c.attempts + 1, worker = $1,
-                         lease_until = now() + make_interval(secs => $2), updated_at = now()
-                     -- By ctid: the rows are ours (locked above). As a join on id it was
-                     -- planned as a hash of the whole table.
-                     FROM ready WHERE c.ctid = ready.row_at
-                     RETURNING {COLUMNS}, ready.was, ready.previous_worker, c.seq),
-                 audit AS (
-                     INSERT INTO commands.audit (command_id, status, attempt, worker, error)
-                     SELECT id, 'FAILED', attempts - 1, previous_worker,
-                            'lease expired: worker ' || previous_worker || ' did not finish'
-                     FROM claimed WHERE was = 'RUNNING'
-                     UNION ALL
-                     SELECT id, 'RUNNING', attempts, $1, '' FROM claimed)
-                 SELECT * FROM claimed ORDER BY seq"
-            ))
-            .await?;
-        let lease = lease.as_secs_f64();
-        let mut all: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&worker, &lease];
-        all.extend_from_slice(params);
-        let rows = tx.query(&statement, &all).await?;
-        let claims = rows
-            .iter()
-            .map(|row| {
-                let command = command(row)?;
-                Ok(Claim {
-                    attempt: command.attempts,
-                    command,
-                })
-            })
-            .collect::<Result<Vec<_>, DbError>>()?;
-        let ids: Vec<Uuid> = claims.iter().map(|claim| claim.command.id).collect();
-        notify_changed(&tx, &ids).await?;
-        tx.commit().await?;
-        Ok(claims)
-    }
-
     /// Records how attempts ended, in one transaction. An attempt whose claim was taken over
     /// (the lease ran out and another worker claimed the command again) is not recorded: the
     /// newer attempt owns the command. A succeeded undo marks its original UNDONE. With
-    /// `successors`, also finds each finished command's successor (see [`Recorded`]).
-    pub async fn complete(
-        &self,
-        worker: &str,
-        done: &[Completion],
-        successors: bool,
-    ) -> Result<Recorded, DbError> {
+    /// Each user whose command left the queue has its next open command released (see
+    /// [`Recorded`]).
+    pub async fn complete(&self, worker: &str, done: &[Completion]) -> Result<Recorded, DbError> {
         let mut shards = Vec::with_capacity(done.len());
         let mut ids = Vec::with_capacity(done.len());
         let mut attempts = Vec::with_capacity(done.len());
@@ -569,7 +564,7 @@ impl CommandStore {
             if let (true, Some(original)) = (status == Status::Succeeded.as_str(), undo_of) {
                 originals.push(original);
             }
-            if successors && status != Status::Retrying.as_str() {
+            if status != Status::Retrying.as_str() {
                 freed_users.push(row.try_get::<_, String>(3)?);
             }
         }
@@ -594,24 +589,15 @@ impl CommandStore {
                 changed.push(row.try_get(0)?);
             }
         }
-        let mut next = Vec::new();
         freed_users.sort_unstable();
         freed_users.dedup();
-        if !freed_users.is_empty() {
-            // A statement of its own: it sees the update above (a CTE of the same statement
-            // would see the finished commands still open).
-            let statement = tx
-                .prepare_cached(
-                    "SELECT s.id FROM unnest($1::text[]) AS u(user_id),
-                     LATERAL (SELECT c.id FROM commands.commands c
-                              WHERE c.user_id = u.user_id AND c.phase = 'open'
-                              ORDER BY c.seq LIMIT 1) s",
-                )
-                .await?;
-            for row in tx.query(&statement, &[&freed_users]).await? {
-                next.push(row.try_get(0)?);
-            }
-        }
+        // A statement of its own: it sees the update above (a CTE of the same statement
+        // would see the finished commands still open).
+        let next = if freed_users.is_empty() {
+            Vec::new()
+        } else {
+            release_heads(&tx, &freed_users).await?
+        };
         // The finished commands' successors may be ready now: wake the workers too.
         notify(&tx, "r").await?;
         notify_changed(&tx, &changed).await?;
@@ -620,6 +606,32 @@ impl CommandStore {
             changed,
             successors: next,
         })
+    }
+
+    /// Releases blocked commands that are their user's oldest open command; the number
+    /// released. None should be found: each is a command that waited for this sweep instead
+    /// of being released when its user's previous command left the queue (a process of a
+    /// version before commands V4 finished that one, or a bug).
+    pub async fn release_stranded(&self) -> Result<u64, DbError> {
+        let client = self.db.primary().await?;
+        let released = client
+            .execute(
+                "WITH stranded AS (
+                     SELECT c.ctid AS row_at FROM commands.commands c
+                     WHERE c.phase = 'open' AND c.blocked
+                       AND NOT EXISTS (SELECT 1 FROM commands.commands p
+                                       WHERE p.user_id = c.user_id AND p.phase = 'open'
+                                         AND p.seq < c.seq)
+                     FOR UPDATE SKIP LOCKED)
+                 UPDATE commands.commands c SET blocked = false
+                 FROM stranded WHERE c.ctid = stranded.row_at",
+                &[],
+            )
+            .await?;
+        if released > 0 {
+            notify(&client, "r").await?;
+        }
+        Ok(released)
     }
 
     /// Deletes up to `batch` commands that finished (SUCCEEDED, CANCELLED, UNDONE)
@@ -646,6 +658,161 @@ impl CommandStore {
             .await?;
         Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
     }
+}
+
+/// Claims the rows `pick` selects (`$1` is the worker, `$2` the lease, `$3`… `pick`'s).
+async fn claim_picked(
+    tx: &impl GenericClient,
+    pick: &str,
+    worker: &str,
+    lease: Duration,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<Claim>, DbError> {
+    let statement = tx
+        .prepare_cached(&format!(
+            "WITH ready AS (
+                 SELECT c.ctid AS row_at, c.status AS was, c.worker AS previous_worker
+                 FROM commands.commands c
+                 WHERE {pick}
+                 FOR UPDATE OF c SKIP LOCKED),
+             claimed AS (
+                 UPDATE commands.commands c
+                 SET status = 'RUNNING', attempts = c.attempts + 1, worker = $1,
+                     lease_until = now() + make_interval(secs => $2), updated_at = now(),
+                     blocked = false
+                 -- By ctid: the rows are ours (locked above). As a join on id it was
+                 -- planned as a hash of the whole table.
+                 FROM ready WHERE c.ctid = ready.row_at
+                 RETURNING {COLUMNS}, ready.was, ready.previous_worker, c.seq),
+             audit AS (
+                 INSERT INTO commands.audit (command_id, status, attempt, worker, error)
+                 SELECT id, 'FAILED', attempts - 1, previous_worker,
+                        'lease expired: worker ' || previous_worker || ' did not finish'
+                 FROM claimed WHERE was = 'RUNNING'
+                 UNION ALL
+                 SELECT id, 'RUNNING', attempts, $1, '' FROM claimed)
+             SELECT * FROM claimed ORDER BY seq"
+        ))
+        .await?;
+    let lease = lease.as_secs_f64();
+    let mut all: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&worker, &lease];
+    all.extend_from_slice(params);
+    let rows = tx.query(&statement, &all).await?;
+    let claims = rows
+        .iter()
+        .map(|row| {
+            let command = command(row)?;
+            Ok(Claim {
+                attempt: command.attempts,
+                command,
+            })
+        })
+        .collect::<Result<Vec<_>, DbError>>()?;
+    let ids: Vec<Uuid> = claims.iter().map(|claim| claim.command.id).collect();
+    notify_changed(tx, &ids).await?;
+    Ok(claims)
+}
+
+/// Marks blocked up to [`MARK_BATCH`] open commands of `shards` that wait behind an older
+/// open command of their user; the number marked.
+///
+/// In two statements, so that a mark cannot hide a command that was just released: the first
+/// locks the candidates, the second marks those still behind an older command as it sees them
+/// then. A transaction releasing one of them (taking its user's last older command out of the
+/// queue, [`release_heads`]) either holds it already, and the first statement skips it, or
+/// waits for this one to commit and releases it afterwards; one that committed before the
+/// second statement is seen by it.
+async fn mark_blocked(tx: &impl GenericClient, shards: &[i32]) -> Result<u64, DbError> {
+    let lock = tx
+        .prepare_cached(
+            "SELECT c.id FROM commands.commands c
+             WHERE c.shard = ANY($1) AND c.phase = 'open' AND NOT c.blocked
+               AND c.status <> 'RUNNING'
+               AND EXISTS (SELECT 1 FROM commands.commands p
+                           WHERE p.user_id = c.user_id AND p.phase = 'open' AND p.seq < c.seq)
+             ORDER BY c.seq LIMIT $2
+             FOR UPDATE OF c SKIP LOCKED",
+        )
+        .await?;
+    let candidates: Vec<Uuid> = tx
+        .query(&lock, &[&shards, &MARK_BATCH])
+        .await?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()?;
+    if candidates.is_empty() {
+        return Ok(0);
+    }
+    // Not `updated_at`: a mark is no change of the command's (watchers, the JetStream
+    // fallback's quiet period).
+    let mark = tx
+        .prepare_cached(
+            "UPDATE commands.commands c SET blocked = true
+             WHERE c.id = ANY($1) AND c.phase = 'open' AND NOT c.blocked
+               AND c.status <> 'RUNNING'
+               AND EXISTS (SELECT 1 FROM commands.commands p
+                           WHERE p.user_id = c.user_id AND p.phase = 'open' AND p.seq < c.seq)",
+        )
+        .await?;
+    Ok(tx.execute(&mark, &[&candidates]).await?)
+}
+
+/// For each of `users` (sorted, so that concurrent callers lock in one order), whose command
+/// just left the queue in this transaction: locks the user's oldest open command and clears
+/// its blocked mark; the commands locked (the users' heads now). The lock is what a
+/// concurrent [`mark_blocked`] waits for or skips.
+async fn release_heads(tx: &impl GenericClient, users: &[String]) -> Result<Vec<Uuid>, DbError> {
+    // `first` is the head as this statement's snapshot sees it; `locked` is the same row
+    // after waiting for its lock. Where a concurrent transaction took it out of the queue
+    // meanwhile, `locked` is empty and the next round looks again with a newer snapshot.
+    let statement = tx
+        .prepare_cached(
+            "SELECT u.user_id, f.id, l.blocked
+             FROM unnest($1::text[]) WITH ORDINALITY AS u(user_id, n)
+             CROSS JOIN LATERAL (SELECT c.id FROM commands.commands c
+                                 WHERE c.user_id = u.user_id AND c.phase = 'open'
+                                 ORDER BY c.seq LIMIT 1) f
+             LEFT JOIN LATERAL (SELECT c.blocked FROM commands.commands c
+                                WHERE c.id = f.id AND c.phase = 'open'
+                                FOR NO KEY UPDATE) l ON true
+             ORDER BY u.n",
+        )
+        .await?;
+    let mut heads = Vec::with_capacity(users.len());
+    let mut blocked = Vec::new();
+    let mut pending: Vec<String> = users.to_vec();
+    for _ in 0..RELEASE_ROUNDS {
+        if pending.is_empty() {
+            break;
+        }
+        let rows = tx.query(&statement, &[&pending]).await?;
+        pending.clear();
+        for row in &rows {
+            let id: Uuid = row.try_get(1)?;
+            match row.try_get::<_, Option<bool>>(2)? {
+                Some(true) => {
+                    blocked.push(id);
+                    heads.push(id);
+                }
+                Some(false) => heads.push(id),
+                None => pending.push(row.try_get(0)?),
+            }
+        }
+    }
+    if !pending.is_empty() {
+        tracing::warn!(
+            users = pending.len(),
+            "the heads of some users' queues kept changing; the sweep releases them"
+        );
+    }
+    if !blocked.is_empty() {
+        tx.execute(
+            "UPDATE commands.commands SET blocked = false WHERE id = ANY($1)",
+            &[&blocked],
+        )
+        .await?;
+    }
+    Ok(heads)
 }
 
 /// Inserts a batch (and wakes the workers, at commit); results in input order.

@@ -171,7 +171,7 @@ pub async fn work_forever(
             let mut permits = vec![first];
             permits.extend(free_slots(&slots, most - 1));
             let free = permits.len();
-            let claims = match store
+            let round = match store
                 .claim(
                     &settings.shards,
                     &settings.name,
@@ -181,9 +181,9 @@ pub async fn work_forever(
                 )
                 .await
             {
-                Ok(claims) => {
+                Ok(round) => {
                     failures = Duration::from_millis(100);
-                    claims
+                    round
                 }
                 Err(error) => {
                     drop(permits);
@@ -193,10 +193,11 @@ pub async fn work_forever(
                     continue;
                 }
             };
-            let claimed = claims.len();
+            let claimed = round.claims.len();
             waybill_runtime::metrics::commands_claimed("scan", claimed);
+            waybill_runtime::metrics::commands_marked(round.marked);
             // The claim's LIMIT is the number of permits: each claim has one.
-            for (claim, permit) in claims.into_iter().zip(permits.drain(..)) {
+            for (claim, permit) in round.claims.into_iter().zip(permits.drain(..)) {
                 start(&runner, claim, None, permit);
             }
             // Unused slots go back.
@@ -531,10 +532,7 @@ async fn record(
         // The completions the log took; one whose claim was taken over is not among them.
         let mut applied = std::collections::HashSet::new();
         loop {
-            match store
-                .complete(&settings.name, &batch, successors.is_some())
-                .await
-            {
+            match store.complete(&settings.name, &batch).await {
                 Ok(recorded) => {
                     applied.extend(recorded.changed);
                     if let Some(successors) = &successors

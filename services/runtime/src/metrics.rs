@@ -97,6 +97,14 @@ pub fn describe() {
         "Finished commands deleted by retention."
     );
     describe_counter!(
+        "waybill_command_marked_total",
+        "Queued commands a claim scan found waiting behind an older command of their user and marked blocked (left out of later scans until released)."
+    );
+    describe_counter!(
+        "waybill_command_stranded_total",
+        "Blocked commands the periodic sweep released because they were already their user's next command; each waited up to one retention sweep (expected 0)."
+    );
+    describe_counter!(
         "waybill_command_claims_total",
         "Commands claimed, by how the worker found them: scan of the log, JetStream dispatch, or successor of a command that finished."
     );
@@ -111,8 +119,8 @@ pub fn command_attempt(kind: &'static str, outcome: &'static str, ran: Duration)
     histogram!("waybill_command_run_duration_seconds", "kind" => kind).record(ran.as_secs_f64());
 }
 
-/// `waybill_command_claims_total{via}`: commands claimed by the scan of the log (`scan`) or
-/// from JetStream dispatches (`jetstream`).
+/// `waybill_command_claims_total{via}`: commands claimed by the scan of the log (`scan`),
+/// from JetStream dispatches (`jetstream`) or as a finished command's successor (`successor`).
 pub fn commands_claimed(via: &'static str, count: usize) {
     counter!("waybill_command_claims_total", "via" => via).increment(count as u64);
 }
@@ -129,6 +137,16 @@ pub fn command_queue_sampled(shard: i32, depth: u64, oldest_age: Duration) {
     gauge!("waybill_command_queue_depth", "shard" => shard.clone()).set(depth as f64);
     gauge!("waybill_command_queue_oldest_age_seconds", "shard" => shard)
         .set(oldest_age.as_secs_f64());
+}
+
+/// `waybill_command_stranded_total`: blocked commands the sweep released (should stay 0).
+pub fn commands_stranded(count: u64) {
+    counter!("waybill_command_stranded_total").increment(count);
+}
+
+/// `waybill_command_marked_total`: queued commands a claim round marked blocked.
+pub fn commands_marked(count: u64) {
+    counter!("waybill_command_marked_total").increment(count);
 }
 
 /// `waybill_command_purged_total`.
