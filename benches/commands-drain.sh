@@ -100,5 +100,12 @@ left=$(open_count)
 window=$(psql "$url" -Atc "SELECT extract(epoch FROM max(at) FILTER (WHERE status = 'SUCCEEDED')
                                              - min(at) FILTER (WHERE status = 'RUNNING'))
                            FROM commands.audit")
+# Row updates of the log during the drain (a claim and a completion each, at least; marking a
+# command blocked and releasing it are two more, non-HOT). Statistics arrive within a second.
+sleep 1.5
+updates=$(psql "$url" -Atc "SELECT n_tup_upd || ' row updates, ' || n_tup_hot_upd || ' HOT'
+                            FROM pg_stat_user_tables
+                            WHERE schemaname = 'commands' AND relname = 'commands'")
+echo "$updates"
 awk -v s="$start" -v e="$end" -v total="$total" -v left="$left" -v w="$window" \
   'BEGIN { printf "executed %d of %d in %.1f s: %.0f commands/s (process start included); %.0f commands/s from the first claim to the last completion (%.2f s)\n", total - left, total, e - s, (total - left) / (e - s), (total - left) / w, w }'

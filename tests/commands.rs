@@ -601,7 +601,7 @@ async fn a_command_behind_another_users_deep_queue_is_claimed_at_once() {
 }
 
 /// One user's deep queue (400 commands) runs in submission order, and the claim scan stops
-/// walking it: the first round marks the commands behind the head blocked, and each
+/// walking it: an early round marks the commands behind the head blocked, and each
 /// completion releases only the next one. Walking the whole queue every round, as before
 /// commands V4, read 143,072 entries of the scan index in one run; marked, 3,420. Nothing is
 /// left for the sweep.
@@ -625,6 +625,9 @@ async fn a_deep_queue_is_marked_blocked_once_and_released_in_order() {
             "4",
             "--command-retention-sweep",
             "1s",
+            // Mark from the second short round on, however fast the walk (400 entries).
+            "--command-mark-after",
+            "0s",
         ],
     );
     let primary = db.primary().await;
@@ -706,6 +709,8 @@ async fn cancelling_a_users_head_releases_the_next_command() {
             // A command left blocked would run within the test, at the sweep, and be counted.
             "--command-retention-sweep",
             "2s",
+            "--command-mark-after",
+            "0s",
         ],
     );
     let mut commands = client(&server.channel().await);

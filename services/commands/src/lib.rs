@@ -77,6 +77,12 @@ pub struct CommandsConfig {
     /// retries scheduled by other processes).
     #[arg(long, env = "WAYBILL_COMMAND_POLL", default_value = "1s", value_parser = parse_duration)]
     pub command_poll: Duration,
+    /// A claim scan that finds fewer commands than it has slots for and takes at least this
+    /// long, twice in a row, marks the queued commands it walked past (behind an older
+    /// command of their user) so that later scans skip them. Deep per-user queues need it;
+    /// marking costs two row updates per command, so it waits for walks that stay long.
+    #[arg(long, env = "WAYBILL_COMMAND_MARK_AFTER", default_value = "20ms", value_parser = parse_duration)]
+    pub command_mark_after: Duration,
     /// The deadline of each call a handler makes.
     #[arg(long, env = "WAYBILL_COMMAND_CALL_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub command_call_timeout: Duration,
@@ -259,6 +265,7 @@ pub async fn server(
         retry_base: config.command_retry_base,
         retry_max: config.command_retry_max,
         poll: config.command_poll,
+        mark_after: config.command_mark_after,
     };
     let run_workers = config.command_workers;
     let wake = hub.wake();

@@ -41,11 +41,13 @@ pub const MARK_BATCH: i64 = 4_096;
 const RELEASE_ROUNDS: usize = 3;
 
 /// What one claim round did.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ClaimRound {
     pub claims: Vec<Claim>,
     /// Commands found waiting behind an older one of their user and marked blocked.
     pub marked: u64,
+    /// How long the claim statement took: mostly the walk, when it claimed few.
+    pub walked: Duration,
 }
 
 /// A submission that could not be stored.
@@ -401,9 +403,11 @@ impl CommandStore {
     /// commands unchanged for `quiet_for` are taken: with the JetStream queue, the scan is
     /// the fallback for dispatches that were lost, and must not race the messages.
     ///
-    /// The walk skips commands marked blocked. A round that found fewer than `limit` may
-    /// have walked past queued commands of busy users: it marks up to [`MARK_BATCH`] of
-    /// them, so the next rounds do not probe them again (see [`Self::mark_blocked`]).
+    /// The walk skips commands marked blocked. A round that found fewer than `limit` walked
+    /// past every queued command of busy users; with `mark`, it marks up to [`MARK_BATCH`] of
+    /// them so that later rounds do not probe them again (see [`mark_blocked`]). Marking
+    /// and later releasing a command are two updates that cannot be HOT, worth it only when
+    /// walks are long again and again: the caller decides from [`ClaimRound::walked`].
     pub async fn claim(
         &self,
         shards: &[i32],
@@ -411,6 +415,7 @@ impl CommandStore {
         lease: Duration,
         limit: i64,
         quiet_for: Duration,
+        mark: bool,
     ) -> Result<ClaimRound, DbError> {
         let pick = format!(
             "c.shard = ANY($3) AND NOT c.blocked
@@ -419,6 +424,7 @@ impl CommandStore {
         );
         let mut client = self.db.primary().await?;
         let tx = client.transaction().await?;
+        let walk = std::time::Instant::now();
         let claims = claim_picked(
             &tx,
             &pick,
@@ -427,13 +433,19 @@ impl CommandStore {
             &[&shards, &limit, &quiet_for.as_secs_f64()],
         )
         .await?;
-        let marked = if i64::try_from(claims.len()).unwrap_or(i64::MAX) < limit {
+        let walked = walk.elapsed();
+        let short = i64::try_from(claims.len()).unwrap_or(i64::MAX) < limit;
+        let marked = if mark && short {
             mark_blocked(&tx, shards).await?
         } else {
             0
         };
         tx.commit().await?;
-        Ok(ClaimRound { claims, marked })
+        Ok(ClaimRound {
+            claims,
+            marked,
+            walked,
+        })
     }
 
     /// Claims those of `ids` that are claimable now (as [`claim`](Self::claim) decides), for

@@ -91,6 +91,10 @@ pub struct WorkerSettings {
     pub retry_max: Duration,
     /// The fallback poll (see the module comment).
     pub poll: Duration,
+    /// A claim round that claims fewer than it could and takes at least this long (a long
+    /// walk past queued commands of busy users) makes the next such round mark what it
+    /// walks past blocked (see [`CommandStore::claim`]).
+    pub mark_after: Duration,
 }
 
 /// Most outcomes recorded in one statement.
@@ -155,6 +159,9 @@ pub async fn work_forever(
     };
     let claiming = async {
         let mut failures = Duration::from_millis(100);
+        // Whether the last round claimed fewer than it could, slowly. One such round can be
+        // a passing burst; two in a row mean the walk stays long, and marking pays.
+        let mut walked_long = false;
         loop {
             // Wait for at least one free slot, then take the free ones (every one, unless
             // JetStream dispatches flow) and claim that many. Taken before the claim: with
@@ -178,6 +185,7 @@ pub async fn work_forever(
                     settings.lease,
                     i64::try_from(free).unwrap_or(i64::MAX),
                     quiet_for,
+                    walked_long,
                 )
                 .await
             {
@@ -194,6 +202,7 @@ pub async fn work_forever(
                 }
             };
             let claimed = round.claims.len();
+            walked_long = claimed < free && round.walked >= settings.mark_after;
             waybill_runtime::metrics::commands_claimed("scan", claimed);
             waybill_runtime::metrics::commands_marked(round.marked);
             // The claim's LIMIT is the number of permits: each claim has one.
