@@ -39,8 +39,6 @@ const NOT_PROVOKED: &[&str] = &[
     "mesh_fault_injected_total",
     "waybill_consumer_dead_letters_total",
     "waybill_command_purged_total",
-    // Expected to stay 0; tests/commands.rs strands a command on purpose to see it count.
-    "waybill_command_stranded_total",
 ];
 
 // === a scrape, parsed ===

@@ -19,6 +19,8 @@ const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 pub async fn purge_forever(store: CommandStore, age: Duration, every: Duration) {
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Exported from the start at 0, so that its alert's increase() sees the first one.
+    waybill_runtime::metrics::commands_stranded(0);
     loop {
         ticker.tick().await;
         let (deleted, error) =
