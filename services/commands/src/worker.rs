@@ -152,6 +152,7 @@ pub async fn work_forever(
                 slots.clone(),
                 successors,
                 dispatching.clone(),
+                drain.clone(),
             ))));
             FALLBACK_QUIET
         }
@@ -167,8 +168,16 @@ pub async fn work_forever(
             // JetStream dispatches flow) and claim that many. Taken before the claim: with
             // JetStream, the dispatcher takes slots meanwhile, and a claimed command without a
             // slot would sit RUNNING until its lease ran out.
-            let Ok(first) = slots.clone().acquire_owned().await else {
-                return;
+            // Draining is looked at only while waiting, never during a claim: a claim
+            // abandoned after its commit would leave its commands RUNNING, unstarted, until
+            // their leases ran out.
+            let first = tokio::select! {
+                biased;
+                () = drain.started() => return,
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
             };
             let most = if dispatching.load(Ordering::Relaxed) {
                 FALLBACK_BATCH
@@ -196,7 +205,10 @@ pub async fn work_forever(
                 Err(error) => {
                     drop(permits);
                     tracing::warn!(%error, retry_in = ?failures, "claiming commands failed");
-                    tokio::time::sleep(failures).await;
+                    tokio::select! {
+                        () = drain.started() => return,
+                        () = tokio::time::sleep(failures) => {}
+                    }
                     failures = (failures * 2).min(Duration::from_secs(5));
                     continue;
                 }
@@ -214,22 +226,29 @@ pub async fn work_forever(
             if claimed >= free {
                 continue;
             }
-            if queue.is_some() {
-                // Messages bring the work; notifications would only wake the scan for nothing.
-                tokio::time::sleep(settings.poll).await;
-            } else {
-                // Nothing more is due now: sleep until told, or the fallback poll.
-                let _ = tokio::time::timeout(settings.poll, wake.notified()).await;
+            let rest = async {
+                if queue.is_some() {
+                    // Messages bring the work; notifications would only wake the scan for
+                    // nothing.
+                    tokio::time::sleep(settings.poll).await;
+                } else {
+                    // Nothing more is due now: sleep until told, or the fallback poll.
+                    let _ = tokio::time::timeout(settings.poll, wake.notified()).await;
+                }
+            };
+            tokio::select! {
+                () = drain.started() => return,
+                () = rest => {}
             }
         }
     };
-    tokio::select! {
-        () = claiming => {}
-        () = drain.started() => {}
-    }
+    claiming.await;
     // Draining: no new claims or dispatches; the attempts in flight end and are recorded, so
-    // a restart does not wait out their leases to run them again.
-    drop(dispatcher);
+    // a restart does not wait out their leases to run them again. The dispatcher stops at its
+    // next wait, as the claim loop did (a dispatch it is claiming is started first).
+    if let Some(mut dispatcher) = dispatcher {
+        let _ = (&mut dispatcher.0).await;
+    }
     let total = u32::try_from(settings.concurrency.max(1)).unwrap_or(u32::MAX);
     let in_flight = settings.concurrency.max(1) - slots.available_permits();
     tracing::info!(in_flight, "command workers draining: no new claims");
@@ -267,6 +286,7 @@ async fn dispatch_forever(
     slots: Arc<Semaphore>,
     mut successors: mpsc::Receiver<Vec<Uuid>>,
     dispatching: Arc<AtomicBool>,
+    mut drain: Drain,
 ) {
     let settings = runner.settings.clone();
     let shards = &settings.shards;
@@ -290,6 +310,8 @@ async fn dispatch_forever(
                 // The message first, then a slot: a slot held while waiting for messages
                 // would starve the fallback scan (with one slot, for good).
                 let next = tokio::select! {
+                    biased;
+                    () = drain.started() => return,
                     next = messages.next() => next,
                     Some(ids) = successors.recv() => {
                         claim_successors(&store, &runner, &slots, &ids).await;
@@ -304,8 +326,17 @@ async fn dispatch_forever(
                     }
                     None => break,
                 };
-                let Ok(first_permit) = slots.clone().acquire_owned().await else {
-                    return;
+                let first_permit = tokio::select! {
+                    biased;
+                    () = drain.started() => {
+                        // Someone else's to run: back to the stream at once.
+                        settler.settle(first, AckKind::Nak(None));
+                        return;
+                    }
+                    permit = slots.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => return,
+                    },
                 };
                 failures = Duration::from_millis(100);
                 let mut batch = vec![(first, first_permit)];
@@ -331,6 +362,8 @@ async fn dispatch_forever(
         tokio::pin!(pause);
         loop {
             tokio::select! {
+                biased;
+                () = drain.started() => return,
                 () = &mut pause => break,
                 Some(ids) = successors.recv() => {
                     claim_successors(&store, &runner, &slots, &ids).await;
