@@ -144,14 +144,17 @@ pub async fn work_forever(
     };
     let quiet_for = match (&queue, settler, successor_queue) {
         (Some(queue), Some(settler), Some(successors)) => {
-            dispatcher = Some(AbortOnDrop(tokio::spawn(dispatch_forever(
-                queue.clone(),
+            let dispatches = Dispatches {
+                queue: queue.clone(),
                 settler,
+                successors,
+                dispatching: dispatching.clone(),
+            };
+            dispatcher = Some(AbortOnDrop(tokio::spawn(dispatch_forever(
+                dispatches,
                 store.clone(),
                 runner.clone(),
                 slots.clone(),
-                successors,
-                dispatching.clone(),
                 drain.clone(),
             ))));
             FALLBACK_QUIET
@@ -272,6 +275,16 @@ fn start(runner: &Runner, claim: Claim, message: Option<Message>, permit: OwnedS
     });
 }
 
+/// Where the JetStream dispatcher's work comes from and goes.
+struct Dispatches {
+    queue: JetStream,
+    settler: jetstream::Settler,
+    /// The commands this process's completions freed (see [`claim_successors`]).
+    successors: mpsc::Receiver<Vec<Uuid>>,
+    /// Set while every shard's consumer is open (see [`FALLBACK_BATCH`]).
+    dispatching: Arc<AtomicBool>,
+}
+
 /// Takes the dispatches of the worker's shards for the life of the worker, reopening the
 /// consumers after a failure. The shards' streams are merged so that one claim statement covers whatever has
 /// arrived on any of them (a task per shard made claims of a few ids each: half the rate). A
@@ -279,15 +292,18 @@ fn start(runner: &Runner, claim: Claim, message: Option<Message>, permit: OwnedS
 /// stream for other processes. `successors` brings the commands this process's completions
 /// freed (see [`claim_successors`]).
 async fn dispatch_forever(
-    queue: JetStream,
-    settler: jetstream::Settler,
+    dispatches: Dispatches,
     store: CommandStore,
     runner: Runner,
     slots: Arc<Semaphore>,
-    mut successors: mpsc::Receiver<Vec<Uuid>>,
-    dispatching: Arc<AtomicBool>,
     mut drain: Drain,
 ) {
+    let Dispatches {
+        queue,
+        settler,
+        mut successors,
+        dispatching,
+    } = dispatches;
     let settings = runner.settings.clone();
     let shards = &settings.shards;
     let mut failures = Duration::from_millis(100);
