@@ -11,10 +11,12 @@
 -- reads nothing of the user's queue; a command marked by mistake can only be delayed: a sweep
 -- releases any blocked command that is its user's oldest open one (and counts it).
 --
--- Upgrading: adding a column with a constant default does not rewrite the table; rebuilding
--- the scan index reads the open commands under a lock that holds writes back meanwhile.
--- Processes of the previous version still claim by the old rule during a rolling upgrade and
--- never mark or release; the sweep releases what they leave blocked.
+-- Upgrading: adding a column with a constant default does not rewrite the table, but it and
+-- the index swap take an exclusive lock until this migration commits (reads of the table wait
+-- too) while the new index reads the open commands. Processes of the previous version still
+-- claim by the old rule during a rolling upgrade, and slower: their walk cannot use the new
+-- index and scans `commands_open` and sorts. They never mark or release; the sweep releases
+-- what they leave blocked.
 ALTER TABLE commands.commands ADD COLUMN blocked boolean NOT NULL DEFAULT false;
 
 DROP INDEX commands.commands_ready;

@@ -77,10 +77,10 @@ pub struct CommandsConfig {
     /// retries scheduled by other processes).
     #[arg(long, env = "WAYBILL_COMMAND_POLL", default_value = "1s", value_parser = parse_duration)]
     pub command_poll: Duration,
-    /// A claim scan that finds fewer commands than it has slots for and takes at least this
-    /// long, twice in a row, marks the queued commands it walked past (behind an older
-    /// command of their user) so that later scans skip them. Deep per-user queues need it;
-    /// marking costs two row updates per command, so it waits for walks that stay long.
+    /// After a claim scan that finds fewer commands than it has slots for and takes at least
+    /// this long, the next scan that also finds fewer marks queued commands (behind an older
+    /// command of their user) blocked, so that later scans skip them. Deep per-user queues
+    /// need it; marking costs two row updates per command, so it waits for a long walk.
     #[arg(long, env = "WAYBILL_COMMAND_MARK_AFTER", default_value = "20ms", value_parser = parse_duration)]
     pub command_mark_after: Duration,
     /// The deadline of each call a handler makes.

@@ -97,7 +97,8 @@ pub struct Recorded {
     /// The commands whose outcome was applied (and originals an undo marked UNDONE).
     pub changed: Vec<Uuid>,
     /// For each user whose command left the queue, the user's next open command, which may
-    /// be claimable now (released: no longer marked blocked).
+    /// be claimable now (released: no longer marked blocked). A user whose head kept
+    /// changing while this was looked up is left out (see `release_heads`).
     pub successors: Vec<Uuid>,
 }
 
@@ -404,10 +405,12 @@ impl CommandStore {
     /// the fallback for dispatches that were lost, and must not race the messages.
     ///
     /// The walk skips commands marked blocked. A round that found fewer than `limit` walked
-    /// past every queued command of busy users; with `mark`, it marks up to [`MARK_BATCH`] of
-    /// them so that later rounds do not probe them again (see [`mark_blocked`]). Marking
-    /// and later releasing a command are two updates that cannot be HOT, worth it only when
-    /// walks are long again and again: the caller decides from [`ClaimRound::walked`].
+    /// past every queued command of busy users; with `mark`, it then marks blocked up to
+    /// [`MARK_BATCH`] open commands of `shards` that wait behind an older one of their user,
+    /// oldest first, so that later rounds do not probe them again (see [`mark_blocked`]).
+    /// Marking and later releasing a command are two updates that cannot be HOT, worth it
+    /// only when walks are long again and again: the caller decides from
+    /// [`ClaimRound::walked`].
     pub async fn claim(
         &self,
         shards: &[i32],
@@ -491,9 +494,8 @@ impl CommandStore {
 
     /// Records how attempts ended, in one transaction. An attempt whose claim was taken over
     /// (the lease ran out and another worker claimed the command again) is not recorded: the
-    /// newer attempt owns the command. A succeeded undo marks its original UNDONE. With
-    /// Each user whose command left the queue has its next open command released (see
-    /// [`Recorded`]).
+    /// newer attempt owns the command. A succeeded undo marks its original UNDONE. Each user
+    /// whose command left the queue has its next open command released (see [`Recorded`]).
     pub async fn complete(&self, worker: &str, done: &[Completion]) -> Result<Recorded, DbError> {
         let mut shards = Vec::with_capacity(done.len());
         let mut ids = Vec::with_capacity(done.len());
@@ -771,21 +773,27 @@ async fn mark_blocked(tx: &impl GenericClient, shards: &[i32]) -> Result<u64, Db
 
 /// For each of `users` (sorted, so that concurrent callers lock in one order), whose command
 /// just left the queue in this transaction: locks the user's oldest open command and clears
-/// its blocked mark; the commands locked (the users' heads now). The lock is what a
-/// concurrent [`mark_blocked`] waits for or skips.
+/// its blocked mark; the users' heads now. The lock is what a concurrent [`mark_blocked`]
+/// waits for or skips. A RUNNING head is not locked: it is never marked (claims clear the
+/// mark, marking skips RUNNING commands), it releases the next head itself when it leaves
+/// the queue, and its own completion may hold it while waiting for a lock this transaction
+/// holds (after a DEAD command was requeued behind it, or a lease taken over), a deadlock.
+/// A user whose head keeps leaving the queue under it is given up after [`RELEASE_ROUNDS`]
+/// (logged; the retention sweep releases whatever that leaves blocked).
 async fn release_heads(tx: &impl GenericClient, users: &[String]) -> Result<Vec<Uuid>, DbError> {
-    // `first` is the head as this statement's snapshot sees it; `locked` is the same row
-    // after waiting for its lock. Where a concurrent transaction took it out of the queue
-    // meanwhile, `locked` is empty and the next round looks again with a newer snapshot.
+    // `f` is the head as this statement's snapshot sees it; `l` is the same row after
+    // waiting for its lock. Where a concurrent transaction took it out of the queue
+    // meanwhile, `l` is empty and the next round looks again with a newer snapshot.
     let statement = tx
         .prepare_cached(
-            "SELECT u.user_id, f.id, l.blocked
+            "SELECT u.user_id, f.id, f.status = 'RUNNING' AS running, l.blocked
              FROM unnest($1::text[]) WITH ORDINALITY AS u(user_id, n)
-             CROSS JOIN LATERAL (SELECT c.id FROM commands.commands c
+             CROSS JOIN LATERAL (SELECT c.id, c.status FROM commands.commands c
                                  WHERE c.user_id = u.user_id AND c.phase = 'open'
                                  ORDER BY c.seq LIMIT 1) f
              LEFT JOIN LATERAL (SELECT c.blocked FROM commands.commands c
-                                WHERE c.id = f.id AND c.phase = 'open'
+                                WHERE c.id = f.id AND f.status <> 'RUNNING'
+                                  AND c.phase = 'open'
                                 FOR NO KEY UPDATE) l ON true
              ORDER BY u.n",
         )
@@ -801,7 +809,11 @@ async fn release_heads(tx: &impl GenericClient, users: &[String]) -> Result<Vec<
         pending.clear();
         for row in &rows {
             let id: Uuid = row.try_get(1)?;
-            match row.try_get::<_, Option<bool>>(2)? {
+            if row.try_get::<_, bool>(2)? {
+                heads.push(id);
+                continue;
+            }
+            match row.try_get::<_, Option<bool>>(3)? {
                 Some(true) => {
                     blocked.push(id);
                     heads.push(id);

@@ -92,8 +92,8 @@ pub struct WorkerSettings {
     /// The fallback poll (see the module comment).
     pub poll: Duration,
     /// A claim round that claims fewer than it could and takes at least this long (a long
-    /// walk past queued commands of busy users) makes the next such round mark what it
-    /// walks past blocked (see [`CommandStore::claim`]).
+    /// walk past queued commands of busy users) has the next round, if it too claims fewer
+    /// than it could, mark queued commands blocked (see [`CommandStore::claim`]).
     pub mark_after: Duration,
 }
 
