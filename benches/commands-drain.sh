@@ -35,9 +35,11 @@ url="${primary%/*}/$db"
 serve=""
 nats=""
 natsdir=""
+# `|| true` after each wait: a process stopped by a signal makes `wait` fail, and under
+# `set -e` that ended the cleanup there (the script exited 1, the NATS folder stayed).
 cleanup() {
-  [ -n "$serve" ] && { kill -TERM "$serve" 2>/dev/null; wait "$serve" 2>/dev/null; }
-  [ -n "$nats" ] && { kill "$nats" 2>/dev/null; wait "$nats" 2>/dev/null; }
+  [ -n "$serve" ] && { kill -TERM "$serve" 2>/dev/null; wait "$serve" 2>/dev/null || true; }
+  [ -n "$nats" ] && { kill "$nats" 2>/dev/null; wait "$nats" 2>/dev/null || true; }
   [ -n "$natsdir" ] && rm -rf "$natsdir"
   psql "$primary" -qc "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true
 }
