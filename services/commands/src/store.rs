@@ -164,17 +164,7 @@ impl CommandStore {
 
     /// One command by id, read on the primary.
     pub async fn get(&self, id: Uuid) -> Result<Option<Command>, DbError> {
-        let client = self.db.primary().await?;
-        let statement = client
-            .prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM commands.commands c WHERE c.id = $1"
-            ))
-            .await?;
-        client
-            .query_opt(&statement, &[&id])
-            .await?
-            .map(|row| command(&row))
-            .transpose()
+        read(&self.db.primary().await?, id).await
     }
 
     /// A command's status changes after audit row `after` (0: all), oldest first.
@@ -307,7 +297,9 @@ impl CommandStore {
             return Ok(Err(Refused::NotFound));
         };
         if let Some(undo_id) = original.undone_by {
-            let undo = lock(&tx, undo_id).await?.ok_or_else(|| {
+            // Read, not locked: the undo's own completion locks it and then the original
+            // (to mark it UNDONE), so locking it here, behind the original, could deadlock.
+            let undo = read(&tx, undo_id).await?.ok_or_else(|| {
                 DbError::Invariant(format!("command {id} names a missing undo {undo_id}"))
             })?;
             return Ok(Ok(undo));
@@ -963,6 +955,20 @@ async fn insert(
         .into_iter()
         .map(|result| result.ok_or_else(|| DbError::Invariant("a submission got no result".into())))
         .collect()
+}
+
+/// Reads a command by id.
+async fn read(client: &impl GenericClient, id: Uuid) -> Result<Option<Command>, DbError> {
+    let statement = client
+        .prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM commands.commands c WHERE c.id = $1"
+        ))
+        .await?;
+    client
+        .query_opt(&statement, &[&id])
+        .await?
+        .map(|row| command(&row))
+        .transpose()
 }
 
 /// Reads a command by id, locked until the transaction ends.
