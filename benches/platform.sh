@@ -7,6 +7,7 @@
 # cluster (durable: fsync and synchronous_commit on, a streaming replica); load from
 # `waybill loadgen` on the same machine (open loop, latency from each call's scheduled start).
 #
+# DETAIL=1 also prints each table's row operations per order.
 # Usage: benches/platform.sh [SECONDS] [RATE…]   (default: 20 s at 200 500 1000 1200 1500)
 # BIN=PATH runs that waybill binary instead of building this checkout's (to compare with
 # another commit's build in the same session).
@@ -57,6 +58,30 @@ run() { # scenario rate
   "$waybill" loadgen --addr "$addr" --scenario "$1" --rate "$2" --duration "${seconds}s" \
     --connections 4 --timeout 5s --seed 2>/dev/null | sed "s/^/  /"
   stop_server
+  if [ "$1" = place-orders ]; then
+    # What each order cost the database: commits and rows, per order stored (statistics
+    # arrive within a second of the server's exit).
+    sleep 1.5
+    psql "${primary%/*}/bench_${1//-/_}_$2" -At <<'SQL' | sed "s/^/  /"
+SELECT format('per order (%s): %s commits, %s rows inserted, %s updated, %s deleted',
+              o.n, round(d.xact_commit::numeric / o.n, 1), round(d.tup_inserted::numeric / o.n, 1),
+              round(d.tup_updated::numeric / o.n, 1), round(d.tup_deleted::numeric / o.n, 1))
+FROM pg_stat_database d, (SELECT greatest(count(*), 1) AS n FROM orders.orders) o
+WHERE d.datname = current_database();
+SQL
+    if [ -n "${DETAIL:-}" ]; then
+      # Row operations per order, by table: where the writes go.
+      psql "${primary%/*}/bench_${1//-/_}_$2" -At <<'SQL' | sed "s/^/    /"
+WITH o AS (SELECT greatest(count(*), 1)::numeric AS n FROM orders.orders)
+SELECT format('%-28s inserted %s, updated %s (HOT %s), deleted %s', schemaname || '.' || relname,
+              round(n_tup_ins / o.n, 2), round(n_tup_upd / o.n, 2),
+              round(n_tup_hot_upd / o.n, 2), round(n_tup_del / o.n, 2))
+FROM pg_stat_user_tables, o
+WHERE n_tup_ins + n_tup_upd + n_tup_del > 0
+ORDER BY schemaname, relname;
+SQL
+    fi
+  fi
   psql "$primary" -qc "DROP DATABASE IF EXISTS bench_${1//-/_}_$2" >/dev/null 2>&1 || true
 }
 echo "--- echo (bare server path, no database)"
