@@ -531,10 +531,14 @@ async fn finished_commands_past_retention_are_purged_and_dead_ones_stay() {
 /// the oldest 1,024 open commands, tried for speed, let 76 of the deep queue's run first.)
 /// Stores `count` queued SendNotification commands of `user` on `shard` directly, as
 /// benches/commands-drain.sh does (the payload is SendNotification{customer_id: "a",
-/// message: "b"}), in submission order.
+/// message: "b"}), in submission order. The first call fixes the log at 16 shards.
 async fn store_queue(db: &TestDb, user: &str, shard: i32, count: i32) {
-    db.primary()
+    let primary = db.primary().await;
+    primary
+        .batch_execute("INSERT INTO commands.settings VALUES (true, 16) ON CONFLICT DO NOTHING")
         .await
+        .unwrap();
+    primary
         .execute(
             "INSERT INTO commands.commands
                  (shard, id, user_id, idempotency_key, kind, payload, status)
@@ -545,6 +549,23 @@ async fn store_queue(db: &TestDb, user: &str, shard: i32, count: i32) {
         )
         .await
         .unwrap();
+}
+
+/// Waits until every command in the log finished (none open or DEAD).
+async fn finished_all(db: &TestDb) {
+    let primary = db.primary().await;
+    eventually("every command finished", || async {
+        let unfinished: i64 = primary
+            .query_one(
+                "SELECT count(*) FROM commands.commands WHERE phase <> 'closed'",
+                &[],
+            )
+            .await
+            .ok()?
+            .get(0);
+        (unfinished == 0).then_some(())
+    })
+    .await;
 }
 
 /// A counter's value in a scrape (0 when absent). `series` is the name with its labels.
@@ -558,11 +579,6 @@ fn counter(scrape: &str, series: &str) -> u64 {
 #[tokio::test]
 async fn a_command_behind_another_users_deep_queue_is_claimed_at_once() {
     let db = TestDb::new().await;
-    db.primary()
-        .await
-        .batch_execute("INSERT INTO commands.settings VALUES (true, 16)")
-        .await
-        .unwrap();
     // 1,100 commands of one user, then one of another.
     store_queue(&db, "deep", 0, 1100).await;
     store_queue(&db, "behind", 1, 1).await;
@@ -608,11 +624,6 @@ async fn a_command_behind_another_users_deep_queue_is_claimed_at_once() {
 #[tokio::test]
 async fn a_deep_queue_is_marked_blocked_once_and_released_in_order() {
     let db = TestDb::new().await;
-    db.primary()
-        .await
-        .batch_execute("INSERT INTO commands.settings VALUES (true, 16)")
-        .await
-        .unwrap();
     const DEEP: i32 = 400;
     store_queue(&db, "deep", 0, DEEP).await;
     let server = Waybill::serve(
@@ -630,19 +641,8 @@ async fn a_deep_queue_is_marked_blocked_once_and_released_in_order() {
             "0s",
         ],
     );
+    finished_all(&db).await;
     let primary = db.primary().await;
-    eventually("the deep queue ran", || async {
-        let open: i64 = primary
-            .query_one(
-                "SELECT count(*) FROM commands.commands WHERE phase <> 'closed'",
-                &[],
-            )
-            .await
-            .ok()?
-            .get(0);
-        (open == 0).then_some(())
-    })
-    .await;
     // In order: each command started after the one before it succeeded.
     let overlaps: i64 = primary
         .query_one(
@@ -766,11 +766,6 @@ async fn cancelling_a_users_head_releases_the_next_command() {
 #[tokio::test]
 async fn a_next_command_left_blocked_is_released_by_the_sweep() {
     let db = TestDb::new().await;
-    db.primary()
-        .await
-        .batch_execute("INSERT INTO commands.settings VALUES (true, 16)")
-        .await
-        .unwrap();
     store_queue(&db, "stranded", 0, 1).await;
     db.primary()
         .await
@@ -787,16 +782,7 @@ async fn a_next_command_left_blocked_is_released_by_the_sweep() {
             "1s",
         ],
     );
-    let primary = db.primary().await;
-    eventually("the stranded command ran", || async {
-        let status: String = primary
-            .query_one("SELECT status FROM commands.commands", &[])
-            .await
-            .ok()?
-            .get(0);
-        (status == "SUCCEEDED").then_some(())
-    })
-    .await;
+    finished_all(&db).await;
     assert_eq!(
         counter(&server.scrape().await, "waybill_command_stranded_total"),
         1
