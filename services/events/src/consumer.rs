@@ -401,8 +401,9 @@ impl Inbox<'_> {
         waybill_runtime::metrics::consumer_outcome(self.subscription.name(), name);
     }
 
-    /// Handles a batch of the Postgres bus's deliveries (`seq`, event) in one transaction,
-    /// settling in it every delivery handled (or seen before): one commit for the batch.
+    /// Handles a batch of events in one transaction: one commit for the batch. With the
+    /// Postgres bus each comes with its delivery's `seq`, settled in that transaction when
+    /// the event is handled (or was before); the NATS bus passes `None` and acks after.
     ///
     /// Each handler runs under a savepoint, sent pipelined ahead of its first statement, so a
     /// failing handler is rolled back alone: its delivery stays unsettled, its inbox row is
@@ -410,9 +411,9 @@ impl Inbox<'_> {
     /// letter, while the others commit. No handler runs twice for one claim (a webhook sent
     /// by the handler of a neighbouring event is not sent again). `None` when the transaction
     /// itself failed: nothing of the batch committed.
-    pub(crate) async fn handle_batch_settling(
+    pub(crate) async fn handle_batch(
         &self,
-        batch: &[(i64, &Event)],
+        batch: &[(Option<i64>, &Event)],
     ) -> Option<Vec<Outcome>> {
         let spans: Vec<tracing::Span> = batch.iter().map(|(_, event)| self.span(event)).collect();
         let name = self.subscription.name();
@@ -442,7 +443,7 @@ impl Inbox<'_> {
             for ((seq, event), span) in batch.iter().zip(&spans) {
                 if !fresh.contains(&event.id) {
                     outcomes.push(Outcome::Duplicate);
-                    settled.push(*seq);
+                    settled.extend(*seq);
                     continue;
                 }
                 let handle = tracing::debug_span!(parent: span, "events.handle",
@@ -457,7 +458,7 @@ impl Inbox<'_> {
                 match handled {
                     Ok(()) => {
                         outcomes.push(Outcome::Handled);
-                        settled.push(*seq);
+                        settled.extend(*seq);
                     }
                     Err(error) => {
                         tx.batch_execute("ROLLBACK TO SAVEPOINT handler").await?;

@@ -130,7 +130,25 @@ impl NatsBus {
                     next = messages.next() => match next {
                         Some(Ok(message)) => {
                             delay = FAILURE_FIRST;
-                            self.deliver(inbox, message).await;
+                            // With whatever else has arrived: one transaction for them all.
+                            let mut batch = vec![message];
+                            let mut failed = None;
+                            while batch.len() < PULL_BATCH {
+                                // A zero timeout polls once: only messages already here.
+                                match tokio::time::timeout(Duration::ZERO, messages.next()).await {
+                                    Ok(Some(Ok(message))) => batch.push(message),
+                                    Ok(Some(Err(error))) => {
+                                        failed = Some(error);
+                                        break;
+                                    }
+                                    Ok(None) | Err(_) => break,
+                                }
+                            }
+                            self.deliver(inbox, batch).await;
+                            if let Some(error) = failed {
+                                tracing::warn!(%error, retry_in = ?delay, "NATS consumer failed");
+                                break;
+                            }
                         }
                         Some(Err(error)) => {
                             tracing::warn!(%error, retry_in = ?delay, "NATS consumer failed");
@@ -189,8 +207,46 @@ impl NatsBus {
             .map_err(|e| nats_error("pull", e))
     }
 
-    /// Handles one message and acks, naks (retry later) or terminates it (dead letter).
-    async fn deliver(&self, inbox: &Inbox<'_>, message: jetstream::Message) {
+    /// Handles a batch of messages, their events in one transaction (one by one if that
+    /// fails), and acks, naks (retry later) or terminates (dead letter) each.
+    async fn deliver(&self, inbox: &Inbox<'_>, messages: Vec<jetstream::Message>) {
+        let mut due = Vec::with_capacity(messages.len());
+        for message in messages {
+            if let Some(received) = self.admit(inbox, message).await {
+                due.push(received);
+            }
+        }
+        if due.is_empty() {
+            return;
+        }
+        let batch: Vec<(Option<i64>, &Event)> =
+            due.iter().map(|(_, event, _)| (None, event)).collect();
+        let outcomes = match inbox.handle_batch(&batch).await {
+            Some(outcomes) => outcomes,
+            None => {
+                let mut outcomes = Vec::with_capacity(due.len());
+                for (_, event, _) in &due {
+                    outcomes.push(inbox.handle(event).await);
+                }
+                outcomes
+            }
+        };
+        for ((message, event, attempts), outcome) in due.into_iter().zip(outcomes) {
+            match outcome {
+                Outcome::Handled | Outcome::Duplicate => settle(&message, AckKind::Ack).await,
+                Outcome::Failed(error) => self.fail(inbox, &message, &event, attempts, error).await,
+            }
+        }
+    }
+
+    /// A message's event for the subscription to handle, with the delivery's attempt; `None`
+    /// when the message was settled here instead (not an event, not for this subscription,
+    /// or past its attempts).
+    async fn admit(
+        &self,
+        inbox: &Inbox<'_>,
+        message: jetstream::Message,
+    ) -> Option<(jetstream::Message, Event, u32)> {
         let sub = inbox.subscription;
         let attempts = message
             .info()
@@ -202,7 +258,7 @@ impl NatsBus {
                 // No event id to record it under: nothing to dead-letter, nothing to retry.
                 tracing::error!(subject = %message.subject, %error, "dropping a message that is not a waybill event");
                 settle(&message, AckKind::Term).await;
-                return;
+                return None;
             }
         };
         if replay_for
@@ -211,45 +267,53 @@ impl NatsBus {
             || !sub.topics().contains(&event.topic)
         {
             settle(&message, AckKind::Ack).await;
-            return;
+            return None;
         }
-        let failure = if attempts > sub.max_attempts() {
-            HandlerError::Permanent(format!(
+        if attempts > sub.max_attempts() {
+            let error = HandlerError::Permanent(format!(
                 "gave up after {} attempts; the last did not finish within the ack wait",
                 sub.max_attempts()
-            ))
-        } else {
-            match inbox.handle(&event).await {
-                Outcome::Handled | Outcome::Duplicate => {
-                    settle(&message, AckKind::Ack).await;
-                    return;
-                }
-                Outcome::Failed(error) => error,
-            }
-        };
+            ));
+            self.fail(inbox, &message, &event, attempts, error).await;
+            return None;
+        }
+        Some((message, event, attempts))
+    }
+
+    /// After a failed attempt: a retry after its backoff (nak), or the dead letter when the
+    /// failure is permanent or the attempts are used up.
+    async fn fail(
+        &self,
+        inbox: &Inbox<'_>,
+        message: &jetstream::Message,
+        event: &Event,
+        attempts: u32,
+        failure: HandlerError,
+    ) {
+        let sub = inbox.subscription;
         let give_up =
             matches!(failure, HandlerError::Permanent(_)) || attempts >= sub.max_attempts();
         if !give_up {
             let delay = sub.backoff(attempts);
             tracing::info!(event_id = %event.id, attempts, retry_in = ?delay, error = %failure,
                 "handler failed; will retry");
-            settle(&message, AckKind::Nak(Some(delay))).await;
+            settle(message, AckKind::Nak(Some(delay))).await;
             return;
         }
         let attempts = attempts.min(sub.max_attempts());
         let error = failure.to_string();
         let recorded = async {
             let client = inbox.db.primary().await?;
-            dead_letters::record(&**client, sub.name(), &event, attempts, &error).await
+            dead_letters::record(&**client, sub.name(), event, attempts, &error).await
         };
         match recorded.await {
             Ok(()) => {
-                dead_letters::log_dead(sub.name(), &event, attempts, &error);
-                settle(&message, AckKind::Term).await;
+                dead_letters::log_dead(sub.name(), event, attempts, &error);
+                settle(message, AckKind::Term).await;
             }
             Err(db_error) => {
                 tracing::warn!(event_id = %event.id, error = %db_error, "cannot record a dead letter; will retry");
-                settle(&message, AckKind::Nak(Some(sub.backoff(attempts)))).await;
+                settle(message, AckKind::Nak(Some(sub.backoff(attempts)))).await;
             }
         }
     }

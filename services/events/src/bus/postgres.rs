@@ -274,11 +274,11 @@ impl PgBus {
             return Ok(Vec::new());
         }
         if !shutdown.is_done() {
-            let batch: Vec<(i64, &Event)> = due
+            let batch: Vec<(Option<i64>, &Event)> = due
                 .iter()
-                .map(|claimed| (claimed.seq, &claimed.event))
+                .map(|claimed| (Some(claimed.seq), &claimed.event))
                 .collect();
-            if let Some(outcomes) = inbox.handle_batch_settling(&batch).await {
+            if let Some(outcomes) = inbox.handle_batch(&batch).await {
                 return Ok(due.into_iter().zip(outcomes).collect());
             }
         }
