@@ -148,7 +148,7 @@ async fn events_flow_over_nats_jetstream() {
 /// published (one Deployment per service), and JetStream keeps a message only for consumers
 /// that exist when it is published. A process that relays an outbox therefore registers the
 /// platform's subscriptions first: events published before any notifications process ever ran
-/// are delivered once it starts.
+/// are delivered once it starts, several to a transaction.
 #[tokio::test]
 async fn nats_events_published_before_their_consumer_first_ran_are_delivered() {
     let nats = NatsServer::start().await;
@@ -158,8 +158,11 @@ async fn nats_events_published_before_their_consumer_first_ran_are_delivered() {
         &db,
         &[&["--services", "orders,inventory,delivery"][..], &bus[..]].concat(),
     );
-    let order = place_one(publishers.channel().await, "c-late").await;
-    assert_eq!(order.status(), pb::OrderStatus::Confirmed);
+    const ORDERS: usize = 3;
+    for n in 0..ORDERS {
+        let order = place_one(publishers.channel().await, &format!("c-late-{n}")).await;
+        assert_eq!(order.status(), pb::OrderStatus::Confirmed);
+    }
     eventually("the outboxes are published", || async {
         (db.count("orders.outbox").await == 0 && db.count("delivery.outbox").await == 0)
             .then_some(())
@@ -169,9 +172,28 @@ async fn nats_events_published_before_their_consumer_first_ran_are_delivered() {
         &db,
         &[&["--services", "notifications"][..], &bus[..]].concat(),
     );
-    assert_eq!(
-        notification_kinds(consumer.channel().await, "c-late", 2).await,
-        expected_after_confirmation()
+    for n in 0..ORDERS {
+        assert_eq!(
+            notification_kinds(consumer.channel().await, &format!("c-late-{n}"), 2).await,
+            expected_after_confirmation()
+        );
+    }
+    // Waiting in the stream together, they were handled in shared transactions (a batch
+    // per pull), not one commit each.
+    let row = db
+        .primary()
+        .await
+        .query_one(
+            "SELECT count(DISTINCT xmin::text), count(*) FROM notifications.inbox",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (transactions, events): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!(events, 2 * ORDERS as i64);
+    assert!(
+        transactions < events,
+        "{events} events handled in {transactions} transactions"
     );
 }
 
