@@ -421,7 +421,7 @@ impl Inbox<'_> {
             let mut client = self.db.primary().await?;
             let tx = client.transaction().await?;
             let ids: Vec<uuid::Uuid> = batch.iter().map(|(_, event)| event.id).collect();
-            let fresh: std::collections::HashSet<uuid::Uuid> = tx
+            let mut fresh: std::collections::HashSet<uuid::Uuid> = tx
                 .query(
                     &tx.prepare_cached(&format!(
                         "INSERT INTO {}.inbox (subscription, event_id)
@@ -441,7 +441,9 @@ impl Inbox<'_> {
             let mut settled = Vec::with_capacity(batch.len());
             let mut failed = Vec::new();
             for ((seq, event), span) in batch.iter().zip(&spans) {
-                if !fresh.contains(&event.id) {
+                // Taken out when handled: an event twice in one batch (a redelivery next to
+                // its original) is inserted once, and its second copy is a duplicate.
+                if !fresh.remove(&event.id) {
                     outcomes.push(Outcome::Duplicate);
                     settled.extend(*seq);
                     continue;
