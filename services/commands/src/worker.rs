@@ -325,14 +325,17 @@ async fn dispatch_forever(
             loop {
                 // The message first, then a slot: a slot held while waiting for messages
                 // would starve the fallback scan (with one slot, for good).
+                // In this order: the drain first, and freed successors before messages, which
+                // under load are nearly always there and would starve them (their channel
+                // would fill and the recorder drop them).
                 let next = tokio::select! {
                     biased;
                     () = drain.started() => return,
-                    next = messages.next() => next,
                     Some(ids) = successors.recv() => {
                         claim_successors(&store, &runner, &slots, &ids).await;
                         continue;
                     }
+                    next = messages.next() => next,
                 };
                 let first = match next {
                     Some((_, Ok(message))) => message,

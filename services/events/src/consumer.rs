@@ -425,7 +425,9 @@ impl Inbox<'_> {
                 .query(
                     &tx.prepare_cached(&format!(
                         "INSERT INTO {}.inbox (subscription, event_id)
-                         SELECT $1::text, unnest($2::uuid[])
+                         -- In id order: two consumers inserting the same events in different
+                         -- orders would deadlock.
+                         SELECT $1::text, id FROM unnest($2::uuid[]) AS id ORDER BY id
                          ON CONFLICT DO NOTHING
                          RETURNING event_id",
                         self.schema
