@@ -310,7 +310,13 @@ async fn dispatch_forever(
     loop {
         let mut messages = StreamMap::new();
         for &shard in shards {
-            match queue.pull(shard, settings.lease, DISPATCH_BATCH).await {
+            // Nothing is claimed while opening: safe to leave for the drain.
+            let opened = tokio::select! {
+                biased;
+                () = drain.started() => return,
+                opened = queue.pull(shard, settings.lease, DISPATCH_BATCH) => opened,
+            };
+            match opened {
                 Ok(stream) => {
                     messages.insert(shard, stream);
                 }
@@ -330,7 +336,10 @@ async fn dispatch_forever(
                 // would fill and the recorder drop them).
                 let next = tokio::select! {
                     biased;
-                    () = drain.started() => return,
+                    () = drain.started() => {
+                        give_back(&settler, &mut messages).await;
+                        return;
+                    }
                     Some(ids) = successors.recv() => {
                         claim_successors(&store, &runner, &slots, &ids).await;
                         continue;
@@ -350,6 +359,7 @@ async fn dispatch_forever(
                     () = drain.started() => {
                         // Someone else's to run: back to the stream at once.
                         settler.settle(first, AckKind::Nak(None));
+                        give_back(&settler, &mut messages).await;
                         return;
                     }
                     permit = slots.clone().acquire_owned() => match permit {
@@ -390,6 +400,20 @@ async fn dispatch_forever(
             }
         }
         failures = (failures * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Draining: naks the dispatches already pulled into this process, so that other processes
+/// get them now rather than after the ack wait.
+async fn give_back<S, E>(settler: &jetstream::Settler, messages: &mut S)
+where
+    S: tokio_stream::Stream<Item = (i32, Result<Message, E>)> + Unpin,
+{
+    // A zero timeout polls once: only messages already here.
+    while let Ok(Some((_, Ok(message)))) =
+        tokio::time::timeout(Duration::ZERO, messages.next()).await
+    {
+        settler.settle(message, AckKind::Nak(None));
     }
 }
 
