@@ -109,6 +109,17 @@ async fn requeue_command(
 }
 
 /// Waits until the command's status is `status` and returns it (with history).
+/// The DEAD commands' first page (read from a replica).
+async fn list_dead(commands: &CommandServiceClient<Channel>) -> Vec<pb::Command> {
+    commands
+        .clone()
+        .list_dead_commands(pb::ListDeadCommandsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .commands
+}
+
 async fn reaches(
     commands: &CommandServiceClient<Channel>,
     id: &str,
@@ -414,13 +425,7 @@ async fn a_failing_command_retries_then_dies_and_can_be_requeued() {
     );
     // Listed from a replica, which may not have replayed the DEAD yet.
     let listed = eventually("the DEAD command is listed", || async {
-        let listed = commands
-            .clone()
-            .list_dead_commands(pb::ListDeadCommandsRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .commands;
+        let listed = list_dead(&commands).await;
         (!listed.is_empty()).then_some(listed)
     })
     .await;
@@ -459,6 +464,15 @@ async fn a_failing_command_retries_then_dies_and_can_be_requeued() {
     let done = reaches(&commands, &command.command_id, CommandStatus::Succeeded).await;
     assert_eq!(done.attempts, 1);
     assert_eq!(on_hand(&db, "BOLT").await, 15);
+    // No longer listed as DEAD, once the replica has replayed it.
+    eventually(
+        "the requeued command is no longer listed as DEAD",
+        || async {
+            let listed = list_dead(&commands).await;
+            listed.is_empty().then_some(())
+        },
+    )
+    .await;
     // Requeueing what is not DEAD is refused.
     let refused = requeue_command(&commands, &command.command_id)
         .await
@@ -526,9 +540,6 @@ async fn finished_commands_past_retention_are_purged_and_dead_ones_stay() {
     );
 }
 
-/// A user's command behind another user's deep queue is claimed at once: the claim looks past
-/// the 1,100 commands that wait behind their own user's first. (A claim that only looked at
-/// the oldest 1,024 open commands, tried for speed, let 76 of the deep queue's run first.)
 /// Stores `count` queued SendNotification commands of `user` on `shard` directly, as
 /// benches/commands-drain.sh does (the payload is SendNotification{customer_id: "a",
 /// message: "b"}), in submission order. The first call fixes the log at 16 shards.
@@ -576,6 +587,9 @@ fn counter(scrape: &str, series: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// A user's command behind another user's deep queue is claimed at once: the claim looks past
+/// the 1,100 commands that wait behind their own user's first. (A claim that only looked at
+/// the oldest 1,024 open commands, tried for speed, let 76 of the deep queue's run first.)
 #[tokio::test]
 async fn a_command_behind_another_users_deep_queue_is_claimed_at_once() {
     let db = TestDb::new().await;

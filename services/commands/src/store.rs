@@ -33,6 +33,10 @@ const CLAIMABLE: &str = "c.phase = 'open'
           AND p.phase = 'open'
           AND (p.seq < c.seq OR (p.status = 'RUNNING' AND p.lease_until >= now())))";
 
+/// Whether command `c` waits behind an older open command of its user.
+const BEHIND_OLDER: &str = "EXISTS (SELECT 1 FROM commands.commands p
+    WHERE p.user_id = c.user_id AND p.phase = 'open' AND p.seq < c.seq)";
+
 /// Most commands one claim round marks blocked: enough that a deep queue is marked in a few
 /// rounds, few enough that the round's transaction stays short.
 pub const MARK_BATCH: i64 = 4_096;
@@ -269,9 +273,7 @@ impl CommandStore {
         // could deadlock with it (it waits for this command's lock).
         let was_head: bool = tx
             .query_one(
-                "SELECT NOT EXISTS (SELECT 1 FROM commands.commands p, commands.commands c
-                                    WHERE c.id = $1 AND p.user_id = c.user_id
-                                      AND p.phase = 'open' AND p.seq < c.seq)",
+                &format!("SELECT NOT {BEHIND_OLDER} FROM commands.commands c WHERE c.id = $1"),
                 &[&id],
             )
             .await?
@@ -622,15 +624,14 @@ impl CommandStore {
         let client = self.db.primary().await?;
         let released = client
             .execute(
-                "WITH stranded AS (
-                     SELECT c.ctid AS row_at FROM commands.commands c
-                     WHERE c.phase = 'open' AND c.blocked
-                       AND NOT EXISTS (SELECT 1 FROM commands.commands p
-                                       WHERE p.user_id = c.user_id AND p.phase = 'open'
-                                         AND p.seq < c.seq)
-                     FOR UPDATE SKIP LOCKED)
-                 UPDATE commands.commands c SET blocked = false
-                 FROM stranded WHERE c.ctid = stranded.row_at",
+                &format!(
+                    "WITH stranded AS (
+                         SELECT c.ctid AS row_at FROM commands.commands c
+                         WHERE c.phase = 'open' AND c.blocked AND NOT {BEHIND_OLDER}
+                         FOR UPDATE SKIP LOCKED)
+                     UPDATE commands.commands c SET blocked = false
+                     FROM stranded WHERE c.ctid = stranded.row_at"
+                ),
                 &[],
             )
             .await?;
@@ -729,16 +730,17 @@ async fn claim_picked(
 /// waits for this one to commit and releases it afterwards; one that committed before the
 /// second statement is seen by it.
 async fn mark_blocked(tx: &impl GenericClient, shards: &[i32]) -> Result<u64, DbError> {
+    // Both statements ask the same of a command; RUNNING ones are never marked (a claim
+    // clears the mark, and a running head releases the next one itself).
+    let markable =
+        format!("c.phase = 'open' AND NOT c.blocked AND c.status <> 'RUNNING' AND {BEHIND_OLDER}");
     let lock = tx
-        .prepare_cached(
+        .prepare_cached(&format!(
             "SELECT c.id FROM commands.commands c
-             WHERE c.shard = ANY($1) AND c.phase = 'open' AND NOT c.blocked
-               AND c.status <> 'RUNNING'
-               AND EXISTS (SELECT 1 FROM commands.commands p
-                           WHERE p.user_id = c.user_id AND p.phase = 'open' AND p.seq < c.seq)
+             WHERE c.shard = ANY($1) AND {markable}
              ORDER BY c.seq LIMIT $2
-             FOR UPDATE OF c SKIP LOCKED",
-        )
+             FOR UPDATE OF c SKIP LOCKED"
+        ))
         .await?;
     let candidates: Vec<Uuid> = tx
         .query(&lock, &[&shards, &MARK_BATCH])
@@ -752,13 +754,9 @@ async fn mark_blocked(tx: &impl GenericClient, shards: &[i32]) -> Result<u64, Db
     // Not `updated_at`: a mark is no change of the command's (watchers, the JetStream
     // fallback's quiet period).
     let mark = tx
-        .prepare_cached(
-            "UPDATE commands.commands c SET blocked = true
-             WHERE c.id = ANY($1) AND c.phase = 'open' AND NOT c.blocked
-               AND c.status <> 'RUNNING'
-               AND EXISTS (SELECT 1 FROM commands.commands p
-                           WHERE p.user_id = c.user_id AND p.phase = 'open' AND p.seq < c.seq)",
-        )
+        .prepare_cached(&format!(
+            "UPDATE commands.commands c SET blocked = true WHERE c.id = ANY($1) AND {markable}"
+        ))
         .await?;
     Ok(tx.execute(&mark, &[&candidates]).await?)
 }

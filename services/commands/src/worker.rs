@@ -170,10 +170,8 @@ pub async fn work_forever(
             // Wait for at least one free slot, then take the free ones (every one, unless
             // JetStream dispatches flow) and claim that many. Taken before the claim: with
             // JetStream, the dispatcher takes slots meanwhile, and a claimed command without a
-            // slot would sit RUNNING until its lease ran out.
-            // Draining is looked at only while waiting, never during a claim: a claim
-            // abandoned after its commit would leave its commands RUNNING, unstarted, until
-            // their leases ran out.
+            // slot would sit RUNNING until its lease ran out. For the same reason the drain is
+            // looked at only while waiting, never during a claim.
             let first = tokio::select! {
                 biased;
                 () = drain.started() => return,
@@ -330,10 +328,9 @@ async fn dispatch_forever(
             dispatching.store(true, Ordering::Relaxed);
             loop {
                 // The message first, then a slot: a slot held while waiting for messages
-                // would starve the fallback scan (with one slot, for good).
-                // In this order: the drain first, and freed successors before messages, which
-                // under load are nearly always there and would starve them (their channel
-                // would fill and the recorder drop them).
+                // would starve the fallback scan (with one slot, for good). Freed successors
+                // come before messages, which under load are nearly always there and would
+                // starve them (their channel would fill and the recorder drop them).
                 let next = tokio::select! {
                     biased;
                     () = drain.started() => {

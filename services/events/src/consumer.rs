@@ -6,7 +6,7 @@
 //! handler is skipped and the event acked. A failed handler rolls the transaction back (no
 //! inbox row) and the event is retried with exponential backoff, then dead-lettered.
 
-use std::{fmt, future::Future, sync::Arc, time::Duration};
+use std::{collections::HashMap, fmt, future::Future, sync::Arc, time::Duration};
 
 use tracing::Instrument;
 use waybill_runtime::{Db, DbError, purge::delete_in_batches};
@@ -441,13 +441,19 @@ impl Inbox<'_> {
                 .collect::<Result<_, _>>()?;
             let mut outcomes = Vec::with_capacity(batch.len());
             let mut settled = Vec::with_capacity(batch.len());
-            let mut failed = Vec::new();
+            let mut failed: HashMap<uuid::Uuid, HandlerError> = HashMap::new();
             for ((seq, event), span) in batch.iter().zip(&spans) {
                 // Taken out when handled: an event twice in one batch (a redelivery next to
-                // its original) is inserted once, and its second copy is a duplicate.
+                // its original) is inserted once, and its second copy shares the first's
+                // fate: a duplicate if it was handled, a failure (to retry) if it failed.
                 if !fresh.remove(&event.id) {
-                    outcomes.push(Outcome::Duplicate);
-                    settled.extend(*seq);
+                    outcomes.push(match failed.get(&event.id) {
+                        Some(error) => Outcome::Failed(error.clone()),
+                        None => {
+                            settled.extend(*seq);
+                            Outcome::Duplicate
+                        }
+                    });
                     continue;
                 }
                 let handle = tracing::debug_span!(parent: span, "events.handle",
@@ -466,12 +472,13 @@ impl Inbox<'_> {
                     }
                     Err(error) => {
                         tx.batch_execute("ROLLBACK TO SAVEPOINT handler").await?;
-                        failed.push(event.id);
+                        failed.insert(event.id, error.clone());
                         outcomes.push(Outcome::Failed(error));
                     }
                 }
             }
             if !failed.is_empty() {
+                let failed: Vec<uuid::Uuid> = failed.into_keys().collect();
                 tx.execute(
                     &tx.prepare_cached(&format!(
                         "DELETE FROM {}.inbox WHERE subscription = $1 AND event_id = ANY($2)",

@@ -211,31 +211,9 @@ impl NatsBus {
     /// fails), and acks, naks (retry later) or terminates (dead letter) each.
     async fn deliver(&self, inbox: &Inbox<'_>, messages: Vec<jetstream::Message>) {
         let mut due = Vec::with_capacity(messages.len());
-        // A second copy of an event in the batch (a redelivery next to its original) waits
-        // for the batch, then goes alone: a duplicate if the first copy was handled, handled
-        // if it failed.
-        let mut again = Vec::new();
         for message in messages {
-            if let Some(received) = self.admit(inbox, message).await {
-                if due
-                    .iter()
-                    .any(|(_, event, _): &(_, Event, _)| event.id == received.1.id)
-                {
-                    again.push(received);
-                } else {
-                    due.push(received);
-                }
-            }
+            due.extend(self.admit(inbox, message).await);
         }
-        self.handle_all(inbox, due).await;
-        for received in again {
-            self.handle_all(inbox, vec![received]).await;
-        }
-    }
-
-    /// Handles admitted messages' events in one transaction (one by one if that fails) and
-    /// settles each message.
-    async fn handle_all(&self, inbox: &Inbox<'_>, due: Vec<(jetstream::Message, Event, u32)>) {
         if due.is_empty() {
             return;
         }
