@@ -685,30 +685,12 @@ async fn a_deep_queue_is_marked_blocked_once_and_released_in_order() {
         DEEP - 1
     );
     assert_eq!(counter(&scrape, "waybill_command_stranded_total"), 0);
-    // Backends report statistics at most once a second, and idle ones later: read until
-    // two readings a second apart agree.
-    let mut previous = -1;
-    let settled_by = std::time::Instant::now() + Duration::from_secs(30);
-    let read = loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let read: i64 = primary
-            .query_one(
-                "SELECT idx_tup_read FROM pg_stat_user_indexes
-                 WHERE schemaname = 'commands' AND indexrelname = 'commands_ready'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if read > 0 && read == previous {
-            break read;
-        }
-        assert!(
-            std::time::Instant::now() < settled_by,
-            "index statistics did not settle: {read}"
-        );
-        previous = read;
-    };
+    let read = db
+        .settled_statistic(
+            "SELECT idx_tup_read FROM pg_stat_user_indexes
+             WHERE schemaname = 'commands' AND indexrelname = 'commands_ready'",
+        )
+        .await;
     assert!(
         read < i64::from(DEEP) * 40,
         "claims read {read} entries of the scan index for a queue of {DEEP}"

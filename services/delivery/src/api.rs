@@ -91,7 +91,7 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
             .await?
         {
             Assigned::Created(delivery) => {
-                tracing::info!(%order_id, courier_id = ?delivery.courier_id, zone = %delivery.zone, "courier assigned");
+                tracing::debug!(%order_id, courier_id = ?delivery.courier_id, zone = %delivery.zone, "courier assigned");
                 delivery
             }
             Assigned::Existing(delivery) if delivery.status == DeliveryStatus::Cancelled => {

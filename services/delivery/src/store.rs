@@ -128,8 +128,8 @@ impl DeliveryStore {
         })
     }
 
-    /// Assigns the least loaded courier of `zone` with capacity left, unless the order
-    /// already has a delivery, which is returned as is.
+    /// Assigns a courier of `zone` with capacity left (the least loaded of a few, see
+    /// [`take_courier`]), unless the order already has a delivery, which is returned as is.
     #[tracing::instrument(name = "delivery.assign", level = "debug", skip_all, fields(
         otel.kind = "client", db.system = "postgresql", db.operation.name = "assign",
         db.namespace, waybill.db.role))]
@@ -146,7 +146,7 @@ impl DeliveryStore {
             client,
             &[
                 (select_delivery_sql(false), &[&order_id]),
-                (take_courier_sql(true), &[&zone, &order_id]),
+                (take_courier_sql(Pick::Window), &[&zone, &order_id]),
             ],
         )
         .await?;
@@ -164,10 +164,14 @@ impl DeliveryStore {
             tx.rollback().await?;
             return Ok(Assigned::Existing(existing));
         }
-        // Every free courier is being assigned right now: wait for one.
+        // None of the window's candidates was free: look at the whole zone, and when every
+        // free courier is being assigned right now, wait for one.
         let taken = match taken {
             Some(courier_id) => Some(courier_id),
-            None => take_courier(tx.client(), order_id, zone, false).await?,
+            None => match take_courier(tx.client(), order_id, zone, Pick::Zone).await? {
+                Some(courier_id) => Some(courier_id),
+                None => take_courier(tx.client(), order_id, zone, Pick::ZoneWaiting).await?,
+            },
         };
         let Some(courier_id) = taken else {
             // No courier free, or a concurrent assignment of this order committed since the
@@ -430,20 +434,21 @@ impl DeliveryStore {
     }
 }
 
-/// Picks and locks the least loaded courier of `zone` with capacity left. Couriers other
-/// transactions hold are skipped; only when every candidate is held does it wait for them
-/// (their holders may not end up using the last capacity), so a busy zone neither queues on
-/// one courier nor refuses while capacity is left. Postgres re-checks `active < capacity` on
-/// the latest version of the row it locks, so capacity is never exceeded.
+/// Picks and locks a courier of `zone` with capacity left: the least loaded of a few
+/// ([`Pick::Window`]), or of the whole zone. Couriers other transactions hold are skipped;
+/// only when every candidate is held does it wait for them (their holders may not end up
+/// using the last capacity), so a busy zone neither queues on one courier nor refuses while
+/// capacity is left. Postgres re-checks `active < capacity` on the latest version of the row
+/// it locks, so capacity is never exceeded.
 async fn take_courier(
     client: &impl deadpool_postgres::GenericClient,
     order_id: Uuid,
     zone: &str,
-    skip_locked: bool,
+    pick: Pick,
 ) -> Result<Option<String>, DbError> {
     client
         .query_opt(
-            &client.prepare_cached(take_courier_sql(skip_locked)).await?,
+            &client.prepare_cached(take_courier_sql(pick)).await?,
             &[&zone, &order_id],
         )
         .await?
@@ -452,28 +457,81 @@ async fn take_courier(
         .map_err(DbError::from)
 }
 
-/// [`take_courier`]'s statement (zone `$1`, order `$2`): skipping the couriers other
-/// transactions hold, or waiting for them.
-fn take_courier_sql(skip_locked: bool) -> &'static str {
-    static SKIPPING: LazyLock<String> = LazyLock::new(|| pick_statement(" SKIP LOCKED"));
-    static WAITING: LazyLock<String> = LazyLock::new(|| pick_statement(""));
-    if skip_locked { &SKIPPING } else { &WAITING }
+/// Where [`take_courier`] looks.
+#[derive(Clone, Copy)]
+enum Pick {
+    /// The least loaded of [`WINDOW`] couriers with capacity left, found from a random point
+    /// of the zone's `pick_key` order (wrapping around), skipping held ones. Reads a handful
+    /// of index entries whatever the zone's size; choosing the least loaded of a few random
+    /// ones keeps loads close to even (the "power of d choices").
+    Window,
+    /// The least loaded of the whole zone, skipping held ones: a sort of the zone.
+    Zone,
+    /// The same, waiting for held couriers.
+    ZoneWaiting,
 }
 
-fn pick_statement(skip_locked: &str) -> String {
+/// How many candidates [`Pick::Window`] compares.
+const WINDOW: i32 = 8;
+
+/// [`take_courier`]'s statement (zone `$1`, order `$2`).
+fn take_courier_sql(pick: Pick) -> &'static str {
+    static WINDOWED: LazyLock<String> = LazyLock::new(|| {
+        // `start` is materialized so both halves of the wrap-around see one random point; the
+        // second half runs only when the first found fewer than WINDOW. Ties go to the
+        // candidate nearest the random point: by id, the same couriers would lose every tie.
+        pick_statement(
+            &format!(
+                "start AS MATERIALIZED (SELECT random() AS at),
+                 candidates AS MATERIALIZED (
+                     SELECT ARRAY(
+                         SELECT id FROM (
+                             (SELECT id FROM delivery.couriers
+                              WHERE zone = $1 AND pick_key >= (SELECT at FROM start)
+                                AND active < capacity
+                              ORDER BY pick_key LIMIT {WINDOW})
+                             UNION ALL
+                             (SELECT id FROM delivery.couriers
+                              WHERE zone = $1 AND pick_key < (SELECT at FROM start)
+                                AND active < capacity
+                              ORDER BY pick_key LIMIT {WINDOW})
+                         ) AS window_ LIMIT {WINDOW}
+                     ) AS ids
+                 ),"
+            ),
+            "id = ANY((SELECT ids FROM candidates)::text[])",
+            "array_position((SELECT ids FROM candidates), id)",
+            " SKIP LOCKED",
+        )
+    });
+    static SKIPPING: LazyLock<String> =
+        LazyLock::new(|| pick_statement("", "zone = $1", "id", " SKIP LOCKED"));
+    static WAITING: LazyLock<String> = LazyLock::new(|| pick_statement("", "zone = $1", "id", ""));
+    match pick {
+        Pick::Window => &WINDOWED,
+        Pick::Zone => &SKIPPING,
+        Pick::ZoneWaiting => &WAITING,
+    }
+}
+
+/// The pick: the least loaded courier `among` (ties by `tie_break`) with capacity left, after
+/// the common table expressions `with` (each followed by a comma).
+fn pick_statement(with: &str, among: &str, tie_break: &str, skip_locked: &str) -> String {
     // Pick and load in one statement; none for an order that has its delivery already (a
     // repeated assignment), so a repeat changes no courier row, not even one it rolls back.
+    // The scalar `(SELECT id FROM picked)` and `= ANY(array)` keep the planner on key lookups
+    // (a join there hashed a scan of the whole table).
     format!(
-        "WITH picked AS (
+        "WITH {with} picked AS (
              SELECT id FROM delivery.couriers
-             WHERE zone = $1 AND active < capacity
+             WHERE {among} AND active < capacity
                AND NOT EXISTS (SELECT 1 FROM delivery.deliveries WHERE order_id = $2)
-             ORDER BY active, id
+             ORDER BY active, {tie_break}
              LIMIT 1
              FOR UPDATE{skip_locked}
          )
          UPDATE delivery.couriers c SET active = c.active + 1, updated_at = now()
-         FROM picked WHERE c.id = picked.id
+         WHERE c.id = (SELECT id FROM picked)
          RETURNING c.id"
     )
 }

@@ -64,7 +64,7 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
             .store
             .insert(&new_order, self.sagas.settings().lease, &traceparent)
             .await?;
-        tracing::info!(order_id = %order.id, customer_id = %order.customer_id, "order placed");
+        tracing::debug!(order_id = %order.id, customer_id = %order.customer_id, "order placed");
         // The saga has its own task: if this call is abandoned, the saga still finishes. From
         // here on the order exists, so no error may reach the caller: a retryable code would
         // release the idempotency key and a retry would place a second order. A saga that

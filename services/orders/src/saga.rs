@@ -197,7 +197,7 @@ impl Orchestrator {
                 Phase::Forward => match self.forward_with_quick_retries(&order).await {
                     Ok(courier_id) => {
                         if let Some(confirmed) = self.store.confirm(&order, &courier_id).await? {
-                            tracing::info!(%order_id, %courier_id, "order confirmed");
+                            tracing::debug!(%order_id, %courier_id, "order confirmed");
                             waybill_runtime::metrics::saga_outcome("confirmed");
                             return Ok(confirmed);
                         }

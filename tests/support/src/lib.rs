@@ -112,6 +112,31 @@ impl TestDb {
         .await
     }
 
+    /// A statistics counter read by `query` (one `bigint`), once it has settled: backends
+    /// report statistics at most once a second, and idle ones later, so it is read until two
+    /// readings a second apart agree (and are not 0).
+    pub async fn settled_statistic(&self, query: &str) -> i64 {
+        let primary = self.primary().await;
+        let mut previous = -1;
+        let settled_by = Instant::now() + Duration::from_secs(30);
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let read: i64 = primary
+                .query_one(query, &[])
+                .await
+                .unwrap_or_else(|error| panic!("{query}: {error}"))
+                .get(0);
+            if read > 0 && read == previous {
+                return read;
+            }
+            assert!(
+                Instant::now() < settled_by,
+                "statistics did not settle: {query} read {read}"
+            );
+            previous = read;
+        }
+    }
+
     /// How many rows `table` (schema-qualified) has on the primary.
     pub async fn count(&self, table: &str) -> i64 {
         self.primary()
