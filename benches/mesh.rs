@@ -470,7 +470,14 @@ async fn drive(
         .enumerate()
         .filter(|(i, _)| only.is_none_or(|only| only == *i))
         .map(|(_, setup)| setup);
+    // MESH_CLIENT=upto:LAYER runs the mesh rows with the client stack up to LAYER (see
+    // [`CLIENT_LAYERS`]), to see what each layer costs in wall-clock terms.
+    let partial = std::env::var("MESH_CLIENT").ok();
     for (name, kind, server) in chosen {
+        let kind = match (*kind, &partial) {
+            ("mesh", Some(partial)) => partial.as_str(),
+            (kind, _) => kind,
+        };
         let one = Client::connect(kind, &server.endpoint).await?;
         let mut many = Vec::new();
         for _ in 0..CONNECTIONS {

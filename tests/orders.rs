@@ -300,3 +300,60 @@ async fn cancelling_is_idempotent_and_recorded() {
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
 }
+
+/// Orders placed at once share insert statements (group commit), and each gets its own items,
+/// numbered from 1, and its own saga.
+#[tokio::test]
+async fn orders_placed_at_once_share_inserts_and_keep_their_own_items() {
+    // Under the admission cap on PlaceOrders in flight (--saga-max-placing, 32).
+    const ORDERS: usize = 24;
+    let (db, server, client) = start().await;
+    let calls: Vec<_> = (0..ORDERS)
+        .map(|n| {
+            let mut client = client.clone();
+            let mut request = place_request(&format!("batch-{n}"));
+            // A different first line per order, so a mixed-up flattening would show.
+            request.items[0].quantity = 1 + n as i32;
+            tokio::spawn(async move { client.place_order(request).await })
+        })
+        .collect();
+    for call in calls {
+        let order = call.await.unwrap().unwrap().into_inner().order.unwrap();
+        assert_eq!(order.status(), pb::OrderStatus::Confirmed, "{order:?}");
+    }
+    let primary = db.primary().await;
+    let wrong: i64 = primary
+        .query_one(
+            "SELECT count(*) FROM orders.orders o
+             WHERE o.customer_id LIKE 'batch-%'
+               AND (ARRAY(SELECT (line_no, sku, quantity)::text FROM orders.order_items i
+                          WHERE i.order_id = o.id ORDER BY line_no)
+                    IS DISTINCT FROM ARRAY[
+                        format('(1,SKU-1,%s)', 1 + substr(o.customer_id, 7)::int),
+                        '(2,SKU-2,1)']
+                    OR NOT EXISTS (SELECT 1 FROM orders.sagas s WHERE s.order_id = o.id))",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(wrong, 0, "orders whose items or saga are not their own");
+    let scrape = server.scrape().await;
+    let series = |suffix: &str| -> f64 {
+        let name = format!("waybill_group_commit_batch_writes_{suffix}{{kind=\"orders.insert\"}}");
+        scrape
+            .lines()
+            .find_map(|line| line.strip_prefix(&name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in the scrape"))
+    };
+    assert_eq!(
+        series("sum"),
+        ORDERS as f64,
+        "every order went through a batch"
+    );
+    assert!(
+        series("count") < ORDERS as f64,
+        "{} batches for {ORDERS} orders placed at once",
+        series("count")
+    );
+}

@@ -5,7 +5,7 @@ use std::{sync::LazyLock, time::Duration};
 
 use tokio_postgres::Row;
 use uuid::Uuid;
-use waybill_runtime::{Client, ConsistencyToken, Db, DbError};
+use waybill_runtime::{Client, ConsistencyToken, Db, DbError, group_commit::GroupCommit};
 
 use crate::{
     domain::{Item, NewOrder, Order, OrderStatus},
@@ -54,16 +54,45 @@ pub enum Cancelled {
 #[derive(Clone)]
 pub struct OrderStore {
     db: Db,
+    inserts: GroupCommit<PendingInsert, Inserted>,
 }
 
+/// An order waiting for its batch ([`OrderStore::insert`]).
+struct PendingInsert {
+    id: Uuid,
+    order: NewOrder,
+    lease_seconds: f64,
+    traceparent: String,
+}
+
+/// A stored order's `created_at` and `updated_at`.
+type Inserted = Result<(Timestamp, Timestamp), DbError>;
+type Timestamp = chrono::DateTime<chrono::Utc>;
+
+/// Writers storing new orders: two, so one batch gathers while the other commits.
+const INSERT_WRITERS: usize = 2;
+/// Most orders in one insert statement.
+const INSERT_BATCH: usize = 64;
+/// Orders that may wait for a writer; PlaceOrder's admission cap keeps far fewer in flight.
+const INSERT_QUEUE: usize = 4096;
+
 impl OrderStore {
+    /// The store, with its insert writers. Must be called inside a tokio runtime.
     pub fn new(db: Db) -> Self {
-        Self { db }
+        let writer_db = db.clone();
+        let inserts = GroupCommit::start(
+            "orders.insert",
+            INSERT_WRITERS,
+            INSERT_BATCH,
+            INSERT_QUEUE,
+            { move |batch| insert_batch(writer_db.clone(), batch) },
+        );
+        Self { db, inserts }
     }
 
     /// Stores a new PENDING order with its items and its saga (FORWARD, leased to the caller
-    /// for `lease`, started by the call traced as `traceparent`), atomically, in one round
-    /// trip.
+    /// for `lease`, started by the call traced as `traceparent`), atomically. Concurrent
+    /// orders share one statement and one commit ([`GroupCommit`]).
     #[tracing::instrument(name = "orders.insert", level = "debug", skip_all, fields(
         otel.kind = "client", db.system = "postgresql", db.operation.name = "insert",
         db.namespace, waybill.db.role))]
@@ -74,42 +103,16 @@ impl OrderStore {
         traceparent: &str,
     ) -> Result<Order, DbError> {
         let id = Uuid::now_v7();
-        let skus: Vec<&str> = order.items.iter().map(|i| i.sku.as_str()).collect();
-        let quantities: Vec<i32> = order.items.iter().map(|i| i.quantity).collect();
-        let client = self.db.primary().await?;
-        // One statement with data-modifying CTEs: atomic without an explicit transaction.
-        let statement = client
-            .prepare_cached(
-                "WITH placed AS (
-                     INSERT INTO orders.orders (id, customer_id, delivery_address, status, zone)
-                     VALUES ($1, $2, $3, 'PENDING', $6)
-                     RETURNING created_at, updated_at
-                 ), lines AS (
-                     INSERT INTO orders.order_items (order_id, line_no, sku, quantity)
-                     SELECT $1, line_no::smallint, sku, quantity
-                     FROM unnest($4::text[], $5::int4[]) WITH ORDINALITY AS l(sku, quantity, line_no)
-                 ), saga AS (
-                     INSERT INTO orders.sagas (order_id, phase, due_at, traceparent)
-                     SELECT $1, 'FORWARD', now() + make_interval(secs => $7), $8 FROM placed
-                 )
-                 SELECT created_at, updated_at FROM placed",
-            )
-            .await?;
-        let row = client
-            .query_one(
-                &statement,
-                &[
-                    &id,
-                    &order.customer_id,
-                    &order.delivery_address,
-                    &skus,
-                    &quantities,
-                    &order.zone,
-                    &lease.as_secs_f64(),
-                    &traceparent,
-                ],
-            )
-            .await?;
+        let (created_at, updated_at) = self
+            .inserts
+            .submit(PendingInsert {
+                id,
+                order: order.clone(),
+                lease_seconds: lease.as_secs_f64(),
+                traceparent: traceparent.to_owned(),
+            })
+            .await
+            .map_err(|refused| DbError::Unavailable(refused.to_string()))??;
         Ok(Order {
             id,
             customer_id: order.customer_id.clone(),
@@ -117,8 +120,8 @@ impl OrderStore {
             delivery_address: order.delivery_address.clone(),
             status: OrderStatus::Pending,
             cancel_reason: String::new(),
-            created_at: row.try_get(0)?,
-            updated_at: row.try_get(1)?,
+            created_at,
+            updated_at,
             zone: order.zone.clone(),
             courier_id: String::new(),
         })
@@ -578,3 +581,105 @@ fn order_from_row(row: &Row) -> Result<Order, DbError> {
         courier_id: row.try_get("courier_id")?,
     })
 }
+
+/// Stores a batch of new orders in one statement, or, if that fails, each on its own, so one
+/// order's failure is not its neighbours'.
+async fn insert_batch(db: Db, batch: Vec<PendingInsert>) -> Vec<Inserted> {
+    if batch.len() > 1 {
+        match insert_rows(&db, &batch).await {
+            Ok(stored) => return stored,
+            Err(error) => {
+                tracing::debug!(%error, size = batch.len(), "a batch of orders failed; storing them one by one");
+            }
+        }
+    }
+    let mut stored = Vec::with_capacity(batch.len());
+    for order in &batch {
+        stored.push(match insert_rows(&db, std::slice::from_ref(order)).await {
+            Ok(mut one) => one.pop().unwrap_or_else(|| {
+                Err(DbError::Invariant(
+                    "an order insert returned no row".to_owned(),
+                ))
+            }),
+            Err(error) => Err(error),
+        });
+    }
+    stored
+}
+
+/// [`insert_batch`]'s statement: the orders, their items and their sagas, atomically (data-
+/// modifying CTEs, no explicit transaction). Answers in `batch`'s order.
+async fn insert_rows(db: &Db, batch: &[PendingInsert]) -> Result<Vec<Inserted>, DbError> {
+    let ids: Vec<Uuid> = batch.iter().map(|p| p.id).collect();
+    let customers: Vec<&str> = batch.iter().map(|p| p.order.customer_id.as_str()).collect();
+    let addresses: Vec<&str> = batch
+        .iter()
+        .map(|p| p.order.delivery_address.as_str())
+        .collect();
+    let zones: Vec<&str> = batch.iter().map(|p| p.order.zone.as_str()).collect();
+    let leases: Vec<f64> = batch.iter().map(|p| p.lease_seconds).collect();
+    let traceparents: Vec<&str> = batch.iter().map(|p| p.traceparent.as_str()).collect();
+    let lines = batch.iter().flat_map(|p| {
+        // Validation caps an order's lines far below i16::MAX.
+        (1i16..)
+            .zip(&p.order.items)
+            .map(move |(line_no, item)| (p.id, line_no, item))
+    });
+    let (mut line_orders, mut line_nos, mut skus, mut quantities) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (order_id, line_no, item) in lines {
+        line_orders.push(order_id);
+        line_nos.push(line_no);
+        skus.push(item.sku.as_str());
+        quantities.push(item.quantity);
+    }
+    let client = db.primary().await?;
+    let rows = client
+        .query(
+            &client.prepare_cached(INSERT).await?,
+            &[
+                &ids,
+                &customers,
+                &addresses,
+                &zones,
+                &leases,
+                &traceparents,
+                &line_orders,
+                &line_nos,
+                &skus,
+                &quantities,
+            ],
+        )
+        .await?;
+    let mut stamps = std::collections::HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let id: Uuid = row.try_get(0)?;
+        stamps.insert(id, (row.try_get(1)?, row.try_get(2)?));
+    }
+    Ok(ids
+        .iter()
+        .map(|id| {
+            stamps.remove(id).ok_or_else(|| {
+                DbError::Invariant(format!("order {id} was inserted but not returned"))
+            })
+        })
+        .collect())
+}
+
+/// New orders ($1–$6, one element per order), their items ($7–$10, one element per line) and
+/// their sagas, in one statement.
+const INSERT: &str = "WITH input AS (
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::text[])
+             AS i(id, customer_id, delivery_address, zone, lease, traceparent)
+     ), placed AS (
+         INSERT INTO orders.orders (id, customer_id, delivery_address, status, zone)
+         SELECT id, customer_id, delivery_address, 'PENDING', zone FROM input
+         RETURNING id, created_at, updated_at
+     ), lines AS (
+         INSERT INTO orders.order_items (order_id, line_no, sku, quantity)
+         SELECT * FROM unnest($7::uuid[], $8::int2[], $9::text[], $10::int4[])
+     ), saga AS (
+         INSERT INTO orders.sagas (order_id, phase, due_at, traceparent)
+         SELECT id, 'FORWARD', now() + make_interval(secs => lease), traceparent FROM input
+     )
+     SELECT id, created_at, updated_at FROM placed";

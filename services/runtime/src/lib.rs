@@ -9,6 +9,7 @@ pub mod admin;
 pub mod config;
 pub mod consistency;
 pub mod db;
+pub mod group_commit;
 pub mod health;
 pub mod idempotency;
 pub mod listen;

@@ -83,6 +83,10 @@ pub fn describe() {
         "waybill_command_ingest_batch_commands",
         "Submissions stored per group-commit transaction."
     );
+    describe_histogram!(
+        "waybill_group_commit_batch_writes",
+        "Writes stored per group-commit statement, by kind."
+    );
     describe_gauge!(
         "waybill_command_queue_depth",
         "Commands waiting or running (ACCEPTED, RETRYING, RUNNING) per shard (sampled)."
@@ -128,6 +132,11 @@ pub fn commands_claimed(via: &'static str, count: usize) {
 /// `waybill_command_ingest_batch_commands`: one group commit stored `size` submissions.
 pub fn command_batch_stored(size: usize) {
     histogram!("waybill_command_ingest_batch_commands").record(size as f64);
+}
+
+/// `waybill_group_commit_batch_writes{kind}`: one group commit stored `size` writes of `kind`.
+pub fn group_commit_batch(kind: &'static str, size: usize) {
+    histogram!("waybill_group_commit_batch_writes", "kind" => kind).record(size as f64);
 }
 
 /// `waybill_command_queue_depth{shard}` and `waybill_command_queue_oldest_age_seconds{shard}`,

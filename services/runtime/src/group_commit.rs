@@ -1,0 +1,174 @@
+//! Group commit: concurrent writes of one kind queue here, and a writer task takes whatever
+//! has queued (up to a batch) and stores it with one statement and one commit. No timer waits
+//! for a batch to fill: while one batch commits, the next gathers by itself, so a lone write is
+//! not delayed and a crowd shares round trips, statements and WAL flushes. Under load the
+//! batches grow by themselves, which is when sharing pays.
+//!
+//! The queue is bounded: a write that finds it full is refused at once instead of waiting
+//! without bound. Callers sit behind the server's admission limits, so a full queue means the
+//! database is far behind.
+
+use std::{future::Future, sync::Arc};
+
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+/// Why a write got no answer from its batch.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// The queue is full: the database is behind.
+    #[error("too many writes are waiting for the database")]
+    Full,
+    /// The writers are gone (the process is stopping), or a batch answered fewer writes than
+    /// it was given.
+    #[error("the write was not stored: its writer stopped")]
+    Lost,
+}
+
+struct Pending<T, R> {
+    item: T,
+    reply: oneshot::Sender<R>,
+}
+
+/// A queue of writes of one kind and the tasks that store them in batches. Cheap to clone.
+pub struct GroupCommit<T, R> {
+    queue: mpsc::Sender<Pending<T, R>>,
+}
+
+impl<T, R> Clone for GroupCommit<T, R> {
+    fn clone(&self) -> Self {
+        Self {
+            queue: self.queue.clone(),
+        }
+    }
+}
+
+impl<T: Send + 'static, R: Send + 'static> GroupCommit<T, R> {
+    /// Starts `writers` tasks that store batches of at most `max_batch` writes with `write`,
+    /// behind a queue of `capacity`; `kind` names the writes in the batch size histogram. `write` answers each write of its batch, in order. The
+    /// writers stop when every clone is dropped, after storing what was queued. Must be called
+    /// inside a tokio runtime.
+    pub fn start<F, Fut>(
+        kind: &'static str,
+        writers: usize,
+        max_batch: usize,
+        capacity: usize,
+        write: F,
+    ) -> Self
+    where
+        F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<R>> + Send + 'static,
+    {
+        let (queue, receiver) = mpsc::channel(capacity.max(1));
+        let receiver = Arc::new(Mutex::new(receiver));
+        let write = Arc::new(write);
+        for _ in 0..writers.max(1) {
+            tokio::spawn(run(kind, receiver.clone(), max_batch.max(1), write.clone()));
+        }
+        Self { queue }
+    }
+
+    /// Stores `item` with whatever else is queued, and returns its answer once its batch
+    /// committed (or failed). A caller that gives up waiting does not take its write back: it
+    /// was queued and will be stored.
+    pub async fn submit(&self, item: T) -> Result<R, Refused> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .try_send(Pending { item, reply })
+            .map_err(|error| match error {
+                mpsc::error::TrySendError::Full(_) => Refused::Full,
+                mpsc::error::TrySendError::Closed(_) => Refused::Lost,
+            })?;
+        answer.await.map_err(|_| Refused::Lost)
+    }
+}
+
+async fn run<T, R, F, Fut>(
+    kind: &'static str,
+    receiver: Arc<Mutex<mpsc::Receiver<Pending<T, R>>>>,
+    max: usize,
+    write: Arc<F>,
+) where
+    F: Fn(Vec<T>) -> Fut,
+    Fut: Future<Output = Vec<R>>,
+{
+    let mut batch = Vec::with_capacity(max);
+    loop {
+        {
+            // One writer gathers at a time; the others are committing meanwhile.
+            let mut receiver = receiver.lock().await;
+            if receiver.recv_many(&mut batch, max).await == 0 {
+                return;
+            }
+        }
+        let (items, replies): (Vec<T>, Vec<_>) = batch
+            .drain(..)
+            .map(|pending| (pending.item, pending.reply))
+            .unzip();
+        crate::metrics::group_commit_batch(kind, items.len());
+        // Fewer answers than writes leaves the rest to `Refused::Lost` (their senders drop).
+        for (reply, answer) in replies.into_iter().zip(write(items).await) {
+            let _ = reply.send(answer);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Writes that arrive while a batch is being stored share the next batch, and each
+    /// caller gets its own answer.
+    #[tokio::test(start_paused = true)]
+    async fn writes_queued_behind_a_batch_share_the_next_one() {
+        let batches = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = batches.clone();
+        let commit = GroupCommit::start("test", 1, 100, 100, move |items: Vec<u32>| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().push(items.len());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                items.into_iter().map(|n| n * 2).collect::<Vec<_>>()
+            }
+        });
+        let first = tokio::spawn({
+            let commit = commit.clone();
+            async move { commit.submit(1).await.unwrap() }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let rest: Vec<_> = (2..=6)
+            .map(|n| {
+                let commit = commit.clone();
+                tokio::spawn(async move { commit.submit(n).await.unwrap() })
+            })
+            .collect();
+        assert_eq!(first.await.unwrap(), 2);
+        for (n, answer) in (2..=6).zip(rest) {
+            assert_eq!(answer.await.unwrap(), n * 2);
+        }
+        assert_eq!(*batches.lock().unwrap(), vec![1, 5]);
+    }
+
+    /// A full queue refuses at once; a batch that answers short loses the rest.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_refuses_and_a_short_answer_is_lost() {
+        let commit = GroupCommit::start("test", 1, 1, 1, |items: Vec<u32>| async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            items.into_iter().filter(|n| *n != 2).collect::<Vec<_>>()
+        });
+        let first = tokio::spawn({
+            let commit = commit.clone();
+            async move { commit.submit(1).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let second = tokio::spawn({
+            let commit = commit.clone();
+            async move { commit.submit(2).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(matches!(commit.submit(3).await, Err(Refused::Full)));
+        assert_eq!(first.await.unwrap().unwrap(), 1);
+        assert!(matches!(second.await.unwrap(), Err(Refused::Lost)));
+    }
+}
