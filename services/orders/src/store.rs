@@ -85,7 +85,7 @@ impl OrderStore {
             INSERT_WRITERS,
             INSERT_BATCH,
             INSERT_QUEUE,
-            { move |batch| insert_batch(writer_db.clone(), batch) },
+            move |batch| insert_batch(writer_db.clone(), batch),
         );
         Self { db, inserts }
     }
