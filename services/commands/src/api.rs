@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 use waybill_api::commands::v1 as pb;
 use waybill_runtime::{
+    group_commit,
     page_token::Cursor,
     validate::{Violations, parse_uuid, precondition_failure, timestamp},
 };
@@ -16,7 +17,7 @@ use crate::{
     UNDO_KEY_PREFIX,
     domain::{Command, NewCommand, Payload, Transition, shard_of},
     hub::Hub,
-    ingest::{self, Ingest},
+    ingest::Ingest,
     jetstream::Dispatcher,
     store::{CommandStore, Refused, Rejected},
 };
@@ -118,15 +119,18 @@ impl pb::command_service_server::CommandService for CommandsApi {
             undo_of: None,
             traceparent: waybill_runtime::telemetry::current_traceparent().unwrap_or_default(),
         };
-        let answer = self.ingest.submit(new).map_err(|refused| match refused {
-            ingest::Refused::Full => {
-                Status::resource_exhausted("too many commands waiting to be stored; retry later")
-            }
-            ingest::Refused::Closed => Status::unavailable("the service is stopping"),
-        })?;
-        let stored = answer
+        let stored = self
+            .ingest
+            .submit(new)
             .await
-            .map_err(|_| Status::unavailable("the service stopped before storing the command"))??;
+            .map_err(|refused| match refused {
+                group_commit::Refused::Full => Status::resource_exhausted(
+                    "too many commands waiting to be stored; retry later",
+                ),
+                group_commit::Refused::Lost => {
+                    Status::unavailable("the service stopped before storing the command")
+                }
+            })??;
         match stored {
             Ok(command) => Ok(Response::new(pb::SubmitCommandResponse {
                 command: Some(command_to_proto(&command)),

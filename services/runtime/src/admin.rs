@@ -80,9 +80,7 @@ pub fn install(service_name: &str) -> Result<PrometheusHandle, AdminError> {
 fn bucket_bounds(name: &str) -> Option<&'static [f64]> {
     if name.ends_with("_duration_seconds") {
         Some(mesh_layer::metrics::DURATION_BUCKETS)
-    } else if name == "waybill_command_ingest_batch_commands"
-        || name == "waybill_group_commit_batch_writes"
-    {
+    } else if name == "waybill_group_commit_batch_writes" {
         Some(BATCH_BUCKETS)
     } else {
         None
@@ -100,10 +98,6 @@ fn build() -> Result<PrometheusBuilder, BuildError> {
         .set_buckets_for_metric(
             Matcher::Suffix("_duration_seconds".to_owned()),
             mesh_layer::metrics::DURATION_BUCKETS,
-        )?
-        .set_buckets_for_metric(
-            Matcher::Full("waybill_command_ingest_batch_commands".to_owned()),
-            BATCH_BUCKETS,
         )?
         .set_buckets_for_metric(
             Matcher::Full("waybill_group_commit_batch_writes".to_owned()),

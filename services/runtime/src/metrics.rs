@@ -80,10 +80,6 @@ pub fn describe() {
         "How long a command's handler ran, by kind."
     );
     describe_histogram!(
-        "waybill_command_ingest_batch_commands",
-        "Submissions stored per group-commit transaction."
-    );
-    describe_histogram!(
         "waybill_group_commit_batch_writes",
         "Writes stored per group-commit statement, by kind."
     );
@@ -127,11 +123,6 @@ pub fn command_attempt(kind: &'static str, outcome: &'static str, ran: Duration)
 /// from JetStream dispatches (`jetstream`) or as a finished command's successor (`successor`).
 pub fn commands_claimed(via: &'static str, count: usize) {
     counter!("waybill_command_claims_total", "via" => via).increment(count as u64);
-}
-
-/// `waybill_command_ingest_batch_commands`: one group commit stored `size` submissions.
-pub fn command_batch_stored(size: usize) {
-    histogram!("waybill_command_ingest_batch_commands").record(size as f64);
 }
 
 /// `waybill_group_commit_batch_writes{kind}`: one group commit stored `size` writes of `kind`.
