@@ -685,6 +685,8 @@ async fn a_deep_queue_is_marked_blocked_once_and_released_in_order() {
         DEEP - 1
     );
     assert_eq!(counter(&scrape, "waybill_command_stranded_total"), 0);
+    // Its backends report their statistics as they exit.
+    drop(server);
     let read = db
         .settled_statistic(
             "SELECT idx_tup_read FROM pg_stat_user_indexes

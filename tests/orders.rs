@@ -338,6 +338,22 @@ async fn orders_placed_at_once_share_inserts_and_keep_their_own_items() {
         .unwrap()
         .get(0);
     assert_eq!(wrong, 0, "orders whose items or saga are not their own");
+    // Rows stored by one statement share its transaction id (items are never updated, so
+    // theirs is still the insert's): fewer transactions than orders means the batch statement
+    // itself stored them, not a one-by-one fallback.
+    let transactions: i64 = primary
+        .query_one(
+            "SELECT count(DISTINCT i.xmin::text) FROM orders.order_items i
+             JOIN orders.orders o ON o.id = i.order_id WHERE o.customer_id LIKE 'batch-%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        transactions < ORDERS as i64,
+        "{ORDERS} orders stored by {transactions} transactions"
+    );
     let scrape = server.scrape().await;
     let series = |suffix: &str| -> f64 {
         let name = format!("waybill_group_commit_batch_writes_{suffix}{{kind=\"orders.insert\"}}");

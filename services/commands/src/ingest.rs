@@ -9,7 +9,7 @@
 
 use waybill_runtime::{
     DbError,
-    group_commit::{GroupCommit, Refused},
+    group_commit::{Abandoned, GroupCommit, Refused},
 };
 
 use crate::{
@@ -44,6 +44,8 @@ impl Ingest {
             writers,
             max_batch,
             capacity,
+            // A retry with the command's key finds it.
+            Abandoned::Store,
             move |batch| write(store.clone(), dispatch.clone(), batch),
         );
         Self { commit }
@@ -79,18 +81,7 @@ async fn write(
         }
         Err(error) => {
             tracing::warn!(%error, size, "storing a batch of commands failed");
-            let message = error.to_string();
-            let retryable = matches!(error, DbError::Unavailable(_) | DbError::Conflict(_));
-            // DbError is not Clone; each caller gets its own of the same kind.
-            (0..size)
-                .map(|_| {
-                    Err(if retryable {
-                        DbError::Unavailable(message.clone())
-                    } else {
-                        DbError::Invariant(message.clone())
-                    })
-                })
-                .collect()
+            error.copies(size).into_iter().map(Err).collect()
         }
     }
 }

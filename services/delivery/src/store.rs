@@ -461,9 +461,10 @@ async fn take_courier(
 #[derive(Clone, Copy)]
 enum Pick {
     /// The least loaded of [`WINDOW`] couriers with capacity left, found from a random point
-    /// of the zone's `pick_key` order (wrapping around), skipping held ones. Reads a handful
-    /// of index entries whatever the zone's size; choosing the least loaded of a few random
-    /// ones keeps loads close to even (the "power of d choices").
+    /// of the zone's `pick_key` order (wrapping around), skipping held ones. While most
+    /// couriers have room it reads a handful of rows whatever the zone's size (full ones are
+    /// walked past, so a nearly full zone costs more); choosing the least loaded of a few
+    /// random ones keeps loads close to even (the "power of d choices").
     Window,
     /// The least loaded of the whole zone, skipping held ones: a sort of the zone.
     Zone,

@@ -5,7 +5,10 @@ use std::{sync::LazyLock, time::Duration};
 
 use tokio_postgres::Row;
 use uuid::Uuid;
-use waybill_runtime::{Client, ConsistencyToken, Db, DbError, group_commit::GroupCommit};
+use waybill_runtime::{
+    Client, ConsistencyToken, Db, DbError,
+    group_commit::{Abandoned, GroupCommit},
+};
 
 use crate::{
     domain::{Item, NewOrder, Order, OrderStatus},
@@ -73,7 +76,8 @@ type Timestamp = chrono::DateTime<chrono::Utc>;
 const INSERT_WRITERS: usize = 2;
 /// Most orders in one insert statement.
 const INSERT_BATCH: usize = 64;
-/// Orders that may wait for a writer; PlaceOrder's admission cap keeps far fewer in flight.
+/// Orders that may wait for a writer; PlaceOrder's admission cap keeps far fewer in flight
+/// (an abandoned one leaves its slot, but is dropped from the queue unstored).
 const INSERT_QUEUE: usize = 4096;
 
 impl OrderStore {
@@ -85,6 +89,9 @@ impl OrderStore {
             INSERT_WRITERS,
             INSERT_BATCH,
             INSERT_QUEUE,
+            // The mesh layer gives a PlaceOrder's key up when the call is abandoned, and its
+            // retry places the order anew: storing the abandoned one too would make two.
+            Abandoned::Skip,
             move |batch| insert_batch(writer_db.clone(), batch),
         );
         Self { db, inserts }
@@ -103,6 +110,8 @@ impl OrderStore {
         traceparent: &str,
     ) -> Result<Order, DbError> {
         let id = Uuid::now_v7();
+        // The writer task takes the connection; the span still says where its work went.
+        self.db.note_primary();
         let (created_at, updated_at) = self
             .inserts
             .submit(PendingInsert {
@@ -582,17 +591,22 @@ fn order_from_row(row: &Row) -> Result<Order, DbError> {
     })
 }
 
-/// Stores a batch of new orders in one statement, or, if that fails, each on its own, so one
-/// order's failure is not its neighbours'.
+/// Stores a batch of new orders in one statement. If the statement is refused (an error in
+/// the data of one order), each is tried on its own, so one order's failure is not its
+/// neighbours'; any other failure (the database unreachable, a lost connection: the batch may
+/// even have committed) is every order's, and the callers' retries sort it out.
 async fn insert_batch(db: Db, batch: Vec<PendingInsert>) -> Vec<Inserted> {
-    if batch.len() > 1 {
-        match insert_rows(&db, &batch).await {
-            Ok(stored) => return stored,
-            Err(error) => {
-                tracing::debug!(%error, size = batch.len(), "a batch of orders failed; storing them one by one");
-            }
-        }
+    let error = match insert_rows(&db, &batch).await {
+        Ok(stored) => return stored,
+        Err(error) => error,
+    };
+    if batch.len() == 1 {
+        return vec![Err(error)];
     }
+    if !matches!(error, DbError::Query(_)) {
+        return error.copies(batch.len()).into_iter().map(Err).collect();
+    }
+    tracing::debug!(%error, size = batch.len(), "a batch of orders was refused; storing them one by one");
     let mut stored = Vec::with_capacity(batch.len());
     for order in &batch {
         stored.push(match insert_rows(&db, std::slice::from_ref(order)).await {

@@ -96,6 +96,12 @@ impl Db {
         self.inner.primary.get().await.map_err(DbError::from)
     }
 
+    /// Notes on the current span that the primary serves its work, for work another task
+    /// does on its behalf (a group-commit writer).
+    pub fn note_primary(&self) {
+        self.record(Role::Primary);
+    }
+
     /// Notes on the current span, if it is a database span, which node serves it.
     fn record(&self, role: Role) {
         let span = tracing::Span::current();
@@ -237,6 +243,25 @@ pub enum DbError {
     /// Stored data breaks an invariant the code relies on (a bug or a bad manual edit).
     #[error("database invariant broken: {0}")]
     Invariant(String),
+}
+
+impl DbError {
+    /// The same failure for each of `n` callers (a batch's writes), of the same kind for a
+    /// client: retryable (UNAVAILABLE) if this one is, otherwise an internal error. DbError is
+    /// not Clone (a driver error is not).
+    pub fn copies(&self, n: usize) -> Vec<DbError> {
+        let message = self.to_string();
+        let retryable = matches!(self, DbError::Unavailable(_) | DbError::Conflict(_));
+        (0..n)
+            .map(|_| {
+                if retryable {
+                    DbError::Unavailable(message.clone())
+                } else {
+                    DbError::Invariant(message.clone())
+                }
+            })
+            .collect()
+    }
 }
 
 /// The server's message and SQLSTATE, which tokio-postgres's own Display ("db error") hides

@@ -24,6 +24,16 @@ pub enum Refused {
     Lost,
 }
 
+/// What becomes of a write whose caller stopped waiting before its batch was gathered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Abandoned {
+    /// Store it anyway: a retry finds it by its own key (a command's idempotency key).
+    Store,
+    /// Leave it out: a retry would not find it, and storing it would make a second one (a new
+    /// order, whose idempotency key the mesh layer gives up when the call is abandoned).
+    Skip,
+}
+
 struct Pending<T, R> {
     item: T,
     reply: oneshot::Sender<R>,
@@ -44,7 +54,8 @@ impl<T, R> Clone for GroupCommit<T, R> {
 
 impl<T: Send + 'static, R: Send + 'static> GroupCommit<T, R> {
     /// Starts `writers` tasks that store batches of at most `max_batch` writes with `write`,
-    /// behind a queue of `capacity`; `kind` names the writes in the batch size histogram. `write` answers each write of its batch, in order. The
+    /// behind a queue of `capacity`; `kind` names the writes in the batch size histogram, and
+    /// `abandoned` says whether a write whose caller has gone is still stored. `write` answers each write of its batch, in order. The
     /// writers stop when every clone is dropped, after storing what was queued. Must be called
     /// inside a tokio runtime.
     pub fn start<F, Fut>(
@@ -52,6 +63,7 @@ impl<T: Send + 'static, R: Send + 'static> GroupCommit<T, R> {
         writers: usize,
         max_batch: usize,
         capacity: usize,
+        abandoned: Abandoned,
         write: F,
     ) -> Self
     where
@@ -62,14 +74,20 @@ impl<T: Send + 'static, R: Send + 'static> GroupCommit<T, R> {
         let receiver = Arc::new(Mutex::new(receiver));
         let write = Arc::new(write);
         for _ in 0..writers.max(1) {
-            tokio::spawn(run(kind, receiver.clone(), max_batch.max(1), write.clone()));
+            tokio::spawn(run(
+                kind,
+                receiver.clone(),
+                max_batch.max(1),
+                abandoned,
+                write.clone(),
+            ));
         }
         Self { queue }
     }
 
     /// Stores `item` with whatever else is queued, and returns its answer once its batch
-    /// committed (or failed). A caller that gives up waiting does not take its write back: it
-    /// was queued and will be stored.
+    /// committed (or failed). A caller that gives up waiting takes its write back only with
+    /// [`Abandoned::Skip`], and only if its batch has not been gathered yet.
     pub async fn submit(&self, item: T) -> Result<R, Refused> {
         let (reply, answer) = oneshot::channel();
         self.queue
@@ -86,6 +104,7 @@ async fn run<T, R, F, Fut>(
     kind: &'static str,
     receiver: Arc<Mutex<mpsc::Receiver<Pending<T, R>>>>,
     max: usize,
+    abandoned: Abandoned,
     write: Arc<F>,
 ) where
     F: Fn(Vec<T>) -> Fut,
@@ -102,8 +121,12 @@ async fn run<T, R, F, Fut>(
         }
         let (items, replies): (Vec<T>, Vec<_>) = batch
             .drain(..)
+            .filter(|pending| abandoned == Abandoned::Store || !pending.reply.is_closed())
             .map(|pending| (pending.item, pending.reply))
             .unzip();
+        if items.is_empty() {
+            continue;
+        }
         crate::metrics::group_commit_batch(kind, items.len());
         // Fewer answers than writes leaves the rest to `Refused::Lost` (their senders drop).
         for (reply, answer) in replies.into_iter().zip(write(items).await) {
@@ -124,14 +147,21 @@ mod tests {
     async fn writes_queued_behind_a_batch_share_the_next_one() {
         let batches = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = batches.clone();
-        let commit = GroupCommit::start("test", 1, 100, 100, move |items: Vec<u32>| {
-            let seen = seen.clone();
-            async move {
-                seen.lock().unwrap().push(items.len());
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                items.into_iter().map(|n| n * 2).collect::<Vec<_>>()
-            }
-        });
+        let commit = GroupCommit::start(
+            "test",
+            1,
+            100,
+            100,
+            Abandoned::Store,
+            move |items: Vec<u32>| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock().unwrap().push(items.len());
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    items.into_iter().map(|n| n * 2).collect::<Vec<_>>()
+                }
+            },
+        );
         let first = tokio::spawn({
             let commit = commit.clone();
             async move { commit.submit(1).await.unwrap() }
@@ -153,10 +183,17 @@ mod tests {
     /// A full queue refuses at once; a batch that answers short loses the rest.
     #[tokio::test(start_paused = true)]
     async fn a_full_queue_refuses_and_a_short_answer_is_lost() {
-        let commit = GroupCommit::start("test", 1, 1, 1, |items: Vec<u32>| async move {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            items.into_iter().filter(|n| *n != 2).collect::<Vec<_>>()
-        });
+        let commit = GroupCommit::start(
+            "test",
+            1,
+            1,
+            1,
+            Abandoned::Store,
+            |items: Vec<u32>| async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                items.into_iter().filter(|n| *n != 2).collect::<Vec<_>>()
+            },
+        );
         let first = tokio::spawn({
             let commit = commit.clone();
             async move { commit.submit(1).await }
@@ -170,5 +207,43 @@ mod tests {
         assert!(matches!(commit.submit(3).await, Err(Refused::Full)));
         assert_eq!(first.await.unwrap().unwrap(), 1);
         assert!(matches!(second.await.unwrap(), Err(Refused::Lost)));
+    }
+
+    /// With `Abandoned::Skip`, a write whose caller left before its batch was gathered is
+    /// not stored; with `Store` it is.
+    #[tokio::test(start_paused = true)]
+    async fn abandoned_writes_are_skipped_or_stored_as_asked() {
+        for (abandoned, stored) in [
+            (Abandoned::Skip, vec![1, 3]),
+            (Abandoned::Store, vec![1, 2, 3]),
+        ] {
+            let written = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let seen = written.clone();
+            let commit =
+                GroupCommit::start("test", 1, 10, 10, abandoned, move |items: Vec<u32>| {
+                    let seen = seen.clone();
+                    async move {
+                        seen.lock().unwrap().extend(items.iter().copied());
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        items
+                    }
+                });
+            let first = tokio::spawn({
+                let commit = commit.clone();
+                async move { commit.submit(1).await }
+            });
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            // Queued behind the first batch, then abandoned.
+            let gone = tokio::spawn({
+                let commit = commit.clone();
+                async move { commit.submit(2).await }
+            });
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            gone.abort();
+            let third = commit.submit(3).await.unwrap();
+            assert_eq!((first.await.unwrap().unwrap(), third), (1, 3));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert_eq!(*written.lock().unwrap(), stored, "{abandoned:?}");
+        }
     }
 }

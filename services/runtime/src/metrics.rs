@@ -81,7 +81,7 @@ pub fn describe() {
     );
     describe_histogram!(
         "waybill_group_commit_batch_writes",
-        "Writes stored per group-commit statement, by kind."
+        "Writes per group-commit batch, by kind."
     );
     describe_gauge!(
         "waybill_command_queue_depth",

@@ -112,9 +112,10 @@ impl TestDb {
         .await
     }
 
-    /// A statistics counter read by `query` (one `bigint`), once it has settled: backends
-    /// report statistics at most once a second, and idle ones later, so it is read until two
-    /// readings a second apart agree (and are not 0).
+    /// A statistics counter read by `query` (one `bigint`), once it has settled. Call it after
+    /// the server process is gone: a backend that goes idle within a second of its last report
+    /// holds its counts for up to 10 s, but one that exits reports them. So this reads until
+    /// two readings a second apart agree (and are not 0), which then means all have arrived.
     pub async fn settled_statistic(&self, query: &str) -> i64 {
         let primary = self.primary().await;
         let mut previous = -1;
