@@ -93,8 +93,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let seconds: u64 = flag("--seconds").map_or(Ok(3), |s| s.parse())?;
     let rate: u64 = flag("--rate").map_or(Ok(2000), |s| s.parse())?;
     let rounds: usize = flag("--rounds").map_or(Ok(3), |s| s.parse())?;
-    // `--only N`: run only setup N (0 bare, 1 server stack, 2 client stack, 3 both), for
-    // profiling one setup.
+    // `--only N`: run only setup N (0 bare, 1 server stack, 2 client stack, 3 both, 4 bare
+    // client sending deadlines), for profiling one setup.
     let only: Option<usize> = flag("--only").map(|s| s.parse()).transpose()?;
     let telemetry = init_telemetry(&runtime, "bench-client");
     if telemetry.is_exporting() {
@@ -237,6 +237,9 @@ impl Drop for ServerProcess {
 #[derive(Clone)]
 enum Client {
     Bare(EchoServiceClient<Channel>),
+    /// A bare tonic client that sends each call's deadline (`grpc-timeout`, 5 s), as the mesh
+    /// client does: what deadlines cost in tonic itself, apart from the layers.
+    BareDeadline(EchoServiceClient<Channel>),
     Mesh(EchoServiceClient<mesh_layer::client::MeshClient<mesh_layer::balance::Balancer<Channel>>>),
     /// The client stack up to a layer (`--client upto:LAYER`), boxed so that one type
     /// holds every depth; for counting each layer's cost (`LAYERS=1 benches/instructions.sh`).
@@ -306,12 +309,19 @@ async fn partial_stack(
 impl Client {
     async fn connect(kind: &str, endpoint: &str) -> Result<Self, Box<dyn std::error::Error>> {
         Ok(match kind {
-            "bare" => Client::Bare(EchoServiceClient::new(
-                Channel::from_shared(endpoint.to_owned())?
-                    .tcp_nodelay(true)
-                    .connect()
-                    .await?,
-            )),
+            "bare" | "bare-deadline" => {
+                let client = EchoServiceClient::new(
+                    Channel::from_shared(endpoint.to_owned())?
+                        .tcp_nodelay(true)
+                        .connect()
+                        .await?,
+                );
+                if kind == "bare" {
+                    Client::Bare(client)
+                } else {
+                    Client::BareDeadline(client)
+                }
+            }
             _ => match kind.strip_prefix("upto:") {
                 Some(layer) => Client::Partial(EchoServiceClient::new(
                     partial_stack(layer, endpoint).await?,
@@ -333,6 +343,11 @@ impl Client {
         };
         match self {
             Client::Bare(client) => client.echo(request).await.is_ok(),
+            Client::BareDeadline(client) => {
+                let mut request = tonic::Request::new(request);
+                request.set_timeout(Duration::from_secs(5));
+                client.echo(request).await.is_ok()
+            }
             Client::Mesh(client) => client.echo(request).await.is_ok(),
             Client::Partial(client) => client.echo(request).await.is_ok(),
         }
@@ -456,12 +471,17 @@ async fn drive(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let bare_server = ServerProcess::start("bare")?;
     let full_server = ServerProcess::start("full")?;
-    // (row name, client stack, server): bare, each stack alone, and both.
+    // (row name, client stack, server): bare, each stack alone, both, and bare with deadlines.
     let setups = [
         ("bare client → bare server", "bare", &bare_server),
         ("bare client → mesh server stack", "bare", &full_server),
         ("mesh client stack → bare server", "mesh", &bare_server),
         ("mesh client → mesh server (full)", "mesh", &full_server),
+        (
+            "bare client sending deadlines → bare server",
+            "bare-deadline",
+            &bare_server,
+        ),
     ];
     let mut clients = Vec::new();
     let mut rows = Vec::new();
