@@ -46,7 +46,7 @@ cleanup() {
 trap cleanup EXIT
 
 psql "$primary" -qc "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null 2>&1
-"$waybill" migrate --services commands --primary-url "$url" >/dev/null 2>&1
+"$waybill" migrate --services commands --primary-url "$url" >/dev/null
 serve_flags=(--primary-url "$url" --replica-url "${replica%/*}/$db" --admin-listen 127.0.0.1:0)
 if [ "$queue" = nats ]; then
   natsdir=$(mktemp -d)

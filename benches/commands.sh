@@ -36,7 +36,7 @@ trap cleanup EXIT
 db_url() { echo "${primary%/*}/$1"; }
 fresh_db() { # database
   psql "$primary" -qc "DROP DATABASE IF EXISTS $1" -c "CREATE DATABASE $1" >/dev/null
-  "$waybill" migrate --services commands --primary-url "$(db_url "$1")" >/dev/null 2>&1
+  "$waybill" migrate --services commands --primary-url "$(db_url "$1")" >/dev/null
 }
 start_server() { # database extra-args…
   local db=$1

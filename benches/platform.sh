@@ -27,7 +27,6 @@ if [ -z "${BIN:-}" ]; then
 fi
 waybill=${BIN:-target/release/waybill}
 "$waybill" dev up >/dev/null
-"$waybill" migrate --services orders,inventory,delivery,notifications >/dev/null 2>&1
 
 status=$("$waybill" dev status)
 primary=$(echo "$status" | awk '/^primary/ {print $3}')
@@ -44,7 +43,8 @@ trap cleanup EXIT
 fresh_server() { # database
   local db=$1
   psql "$primary" -qc "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
-  "$waybill" migrate --primary-url "${primary%/*}/$db" >/dev/null 2>&1
+  # Its errors show: a failed migration here would otherwise end the script without a word.
+  "$waybill" migrate --primary-url "${primary%/*}/$db" >/dev/null
   "$waybill" serve --services orders,inventory,delivery,notifications,echo --listen "$listen" \
     --primary-url "${primary%/*}/$db" --replica-url "${replica%/*}/$db" \
     --admin-listen 127.0.0.1:0 >/dev/null 2>"$log" &
