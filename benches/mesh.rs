@@ -49,7 +49,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .cloned()
     };
     // Counting instructions wants a deterministic client: one thread, no work stealing.
-    let runtime = if flag("--calls").is_some() {
+    // `--client-threads 1` runs the load on one thread too, to see what waking tasks across
+    // worker threads costs each setup.
+    let runtime = if flag("--calls").is_some() || flag("--client-threads").as_deref() == Some("1") {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
