@@ -580,10 +580,7 @@ async fn finished_all(db: &TestDb) {
 
 /// A counter's value in a scrape (0 when absent). `series` is the name with its labels.
 fn counter(scrape: &str, series: &str) -> u64 {
-    scrape
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0)
+    waybill_test_support::sample(scrape, series).map_or(0, |value| value as u64)
 }
 
 /// A user's command behind another user's deep queue is claimed at once: the claim looks past

@@ -753,6 +753,51 @@ async fn courier_load_updates_are_in_place() {
     assert_eq!(hot, updates, "every courier update is HOT");
 }
 
+/// Stores `couriers` couriers of `zone` (capacity 10; `pick_key` from the SQL expression
+/// `pick_key` of their number `n`, or the column's random default) among 3,000 couriers of
+/// other zones, as a city has; analyzed, so the planner knows the table is too large to read
+/// whole for a pick.
+async fn seed_city(db: &TestDb, zone: &str, couriers: usize, pick_key: Option<&str>) {
+    let (key_column, key_value) = match pick_key {
+        Some(expression) => (", pick_key", format!(", {expression}")),
+        None => ("", String::new()),
+    };
+    db.primary()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO delivery.couriers (id, name, zone, capacity{key_column})
+             SELECT '{zone}-' || n, 'Courier', '{zone}', 10{key_value}
+             FROM generate_series(1, {couriers}) n;
+             INSERT INTO delivery.couriers (id, name, zone, capacity)
+             SELECT 'other-' || n, 'Other', 'zone-' || n % 10, 10 FROM generate_series(1, 3000) n;
+             ANALYZE delivery.couriers"
+        ))
+        .await
+        .unwrap();
+}
+
+/// Assigns `count` new orders in `zone`, then stops `server` (its backends report their
+/// statistics as they exit) and returns how many courier rows the assignments read.
+async fn courier_rows_read(
+    db: &TestDb,
+    server: Waybill,
+    client: &mut Client,
+    zone: &str,
+    count: usize,
+) -> i64 {
+    for _ in 0..count {
+        assign(client, &Uuid::now_v7().to_string(), zone)
+            .await
+            .unwrap();
+    }
+    drop(server);
+    db.settled_statistic(
+        "SELECT coalesce(idx_tup_fetch, 0) + seq_tup_read
+         FROM pg_stat_user_tables WHERE schemaname = 'delivery' AND relname = 'couriers'",
+    )
+    .await
+}
+
 /// In a large zone each pick reads a window of candidates, not the whole zone (delivery V5),
 /// and taking the least loaded of them keeps loads close to even. Sorting the zone read each
 /// of its 300 couriers for every assignment.
@@ -761,29 +806,8 @@ async fn a_large_zone_is_picked_from_a_window_and_loads_stay_even() {
     const COURIERS: usize = 300;
     const ASSIGNMENTS: usize = 600;
     let (db, server, mut client) = start().await;
-    // Among 3,000 couriers of other zones, as a city has; analyzed, so the planner knows the
-    // table is too large to read whole for a pick.
-    db.primary()
-        .await
-        .batch_execute(&format!(
-            "INSERT INTO delivery.couriers (id, name, zone, capacity)
-             SELECT 'wide-' || n, 'Wide', 'wide', 10 FROM generate_series(1, {COURIERS}) n;
-             INSERT INTO delivery.couriers (id, name, zone, capacity)
-             SELECT 'other-' || n, 'Other', 'zone-' || n % 10, 10 FROM generate_series(1, 3000) n;
-             ANALYZE delivery.couriers"
-        ))
-        .await
-        .unwrap();
-    const FETCHED: &str = "SELECT coalesce(idx_tup_fetch, 0) + seq_tup_read
-         FROM pg_stat_user_tables WHERE schemaname = 'delivery' AND relname = 'couriers'";
-    for _ in 0..ASSIGNMENTS {
-        assign(&mut client, &Uuid::now_v7().to_string(), "wide")
-            .await
-            .unwrap();
-    }
-    // Its backends report their statistics as they exit.
-    drop(server);
-    let fetched = db.settled_statistic(FETCHED).await;
+    seed_city(&db, "wide", COURIERS, None).await;
+    let fetched = courier_rows_read(&db, server, &mut client, "wide", ASSIGNMENTS).await;
     assert!(
         fetched < (ASSIGNMENTS * 40) as i64,
         "{ASSIGNMENTS} assignments read {fetched} courier rows"
@@ -793,6 +817,7 @@ async fn a_large_zone_is_picked_from_a_window_and_loads_stay_even() {
         .into_iter()
         .filter_map(|(id, load)| id.starts_with("wide-").then_some(load))
         .collect();
+    assert_eq!(loads.len(), COURIERS);
     assert_eq!(loads.iter().sum::<i32>(), ASSIGNMENTS as i32);
     let most = loads.iter().max().unwrap();
     let idle = loads.iter().filter(|load| **load == 0).count();
@@ -809,33 +834,11 @@ async fn a_large_zone_is_picked_from_a_window_and_loads_stay_even() {
 /// instead of falling back to reading the whole zone.
 #[tokio::test]
 async fn a_window_past_the_last_courier_wraps_around() {
-    const COURIERS: usize = 300;
     const ASSIGNMENTS: usize = 100;
     let (db, server, mut client) = start().await;
     // Every key below 0.0003: nearly every random start is past them all.
-    db.primary()
-        .await
-        .batch_execute(&format!(
-            "INSERT INTO delivery.couriers (id, name, zone, capacity, pick_key)
-             SELECT 'low-' || n, 'Low', 'low', 10, n * 0.000001 FROM generate_series(1, {COURIERS}) n;
-             INSERT INTO delivery.couriers (id, name, zone, capacity)
-             SELECT 'other-' || n, 'Other', 'zone-' || n % 10, 10 FROM generate_series(1, 3000) n;
-             ANALYZE delivery.couriers"
-        ))
-        .await
-        .unwrap();
-    for _ in 0..ASSIGNMENTS {
-        assign(&mut client, &Uuid::now_v7().to_string(), "low")
-            .await
-            .unwrap();
-    }
-    drop(server);
-    let fetched = db
-        .settled_statistic(
-            "SELECT coalesce(idx_tup_fetch, 0) + seq_tup_read
-             FROM pg_stat_user_tables WHERE schemaname = 'delivery' AND relname = 'couriers'",
-        )
-        .await;
+    seed_city(&db, "low", 300, Some("n * 0.000001")).await;
+    let fetched = courier_rows_read(&db, server, &mut client, "low", ASSIGNMENTS).await;
     assert!(
         fetched < (ASSIGNMENTS * 40) as i64,
         "{ASSIGNMENTS} assignments read {fetched} courier rows: the window did not wrap"

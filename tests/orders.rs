@@ -357,9 +357,7 @@ async fn orders_placed_at_once_share_inserts_and_keep_their_own_items() {
     let scrape = server.scrape().await;
     let series = |suffix: &str| -> f64 {
         let name = format!("waybill_group_commit_batch_writes_{suffix}{{kind=\"orders.insert\"}}");
-        scrape
-            .lines()
-            .find_map(|line| line.strip_prefix(&name)?.trim().parse().ok())
+        waybill_test_support::sample(&scrape, &name)
             .unwrap_or_else(|| panic!("no {name} in the scrape"))
     };
     assert_eq!(

@@ -1,11 +1,8 @@
-//! SubmitCommand's fast path: group commit. Concurrent submissions queue here and a few
-//! writers each take whatever has queued (up to a batch) and store it in one transaction, so
-//! ingestion costs one commit per batch, not per call. No timer waits for a batch to fill:
-//! while one writer commits, the next batch gathers by itself, so a lone call is not delayed
-//! and a crowd shares commits. Each caller is answered only after its batch committed.
-//!
-//! The queue is bounded: when it is full the call is refused at once (RESOURCE_EXHAUSTED)
-//! instead of waiting without bound. The batching itself is `waybill_runtime::group_commit`.
+//! SubmitCommand's fast path: submissions are stored by group commit
+//! (`waybill_runtime::group_commit`), one transaction per batch of whatever has queued, and
+//! each caller is answered once its batch committed. A full queue refuses at once
+//! (RESOURCE_EXHAUSTED). A submission whose caller gave up is still stored: a retry with its
+//! key finds it. With JetStream, each new command is dispatched once stored.
 
 use waybill_runtime::{
     DbError,

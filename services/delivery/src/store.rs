@@ -166,13 +166,13 @@ impl DeliveryStore {
         }
         // None of the window's candidates was free: look at the whole zone, and when every
         // free courier is being assigned right now, wait for one.
-        let taken = match taken {
-            Some(courier_id) => Some(courier_id),
-            None => match take_courier(tx.client(), order_id, zone, Pick::Zone).await? {
-                Some(courier_id) => Some(courier_id),
-                None => take_courier(tx.client(), order_id, zone, Pick::ZoneWaiting).await?,
-            },
-        };
+        let mut taken = taken;
+        for pick in [Pick::Zone, Pick::ZoneWaiting] {
+            if taken.is_some() {
+                break;
+            }
+            taken = take_courier(tx.client(), order_id, zone, pick).await?;
+        }
         let Some(courier_id) = taken else {
             // No courier free, or a concurrent assignment of this order committed since the
             // first look (the picks take none for an order with a delivery).

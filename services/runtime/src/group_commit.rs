@@ -139,7 +139,18 @@ async fn run<T, R, F, Fut>(
 mod tests {
     use std::time::Duration;
 
+    use tokio::task::JoinHandle;
+
     use super::*;
+
+    /// Submits `n` from a task of its own, so that the test can go on while it waits.
+    fn spawn_submit<R: Send + 'static>(
+        commit: &GroupCommit<u32, R>,
+        n: u32,
+    ) -> JoinHandle<Result<R, Refused>> {
+        let commit = commit.clone();
+        tokio::spawn(async move { commit.submit(n).await })
+    }
 
     /// Writes that arrive while a batch is being stored share the next batch, and each
     /// caller gets its own answer.
@@ -162,20 +173,12 @@ mod tests {
                 }
             },
         );
-        let first = tokio::spawn({
-            let commit = commit.clone();
-            async move { commit.submit(1).await.unwrap() }
-        });
+        let first = spawn_submit(&commit, 1);
         tokio::time::sleep(Duration::from_millis(1)).await;
-        let rest: Vec<_> = (2..=6)
-            .map(|n| {
-                let commit = commit.clone();
-                tokio::spawn(async move { commit.submit(n).await.unwrap() })
-            })
-            .collect();
-        assert_eq!(first.await.unwrap(), 2);
+        let rest: Vec<_> = (2..=6).map(|n| spawn_submit(&commit, n)).collect();
+        assert_eq!(first.await.unwrap().unwrap(), 2);
         for (n, answer) in (2..=6).zip(rest) {
-            assert_eq!(answer.await.unwrap(), n * 2);
+            assert_eq!(answer.await.unwrap().unwrap(), n * 2);
         }
         assert_eq!(*batches.lock().unwrap(), vec![1, 5]);
     }
@@ -194,15 +197,9 @@ mod tests {
                 items.into_iter().filter(|n| *n != 2).collect::<Vec<_>>()
             },
         );
-        let first = tokio::spawn({
-            let commit = commit.clone();
-            async move { commit.submit(1).await }
-        });
+        let first = spawn_submit(&commit, 1);
         tokio::time::sleep(Duration::from_millis(1)).await;
-        let second = tokio::spawn({
-            let commit = commit.clone();
-            async move { commit.submit(2).await }
-        });
+        let second = spawn_submit(&commit, 2);
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert!(matches!(commit.submit(3).await, Err(Refused::Full)));
         assert_eq!(first.await.unwrap().unwrap(), 1);
@@ -228,16 +225,10 @@ mod tests {
                         items
                     }
                 });
-            let first = tokio::spawn({
-                let commit = commit.clone();
-                async move { commit.submit(1).await }
-            });
+            let first = spawn_submit(&commit, 1);
             tokio::time::sleep(Duration::from_millis(1)).await;
             // Queued behind the first batch, then abandoned.
-            let gone = tokio::spawn({
-                let commit = commit.clone();
-                async move { commit.submit(2).await }
-            });
+            let gone = spawn_submit(&commit, 2);
             tokio::time::sleep(Duration::from_millis(1)).await;
             gone.abort();
             let third = commit.submit(3).await.unwrap();

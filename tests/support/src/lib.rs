@@ -418,6 +418,14 @@ impl Drop for Waybill {
     }
 }
 
+/// The value of one series in a Prometheus scrape; `series` is the name with its labels,
+/// exactly as the exporter writes them. `None` when the scrape has no such series.
+pub fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
+
 /// A plain HTTP/1.1 GET (the admin endpoint speaks nothing fancier): status and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
