@@ -86,7 +86,7 @@ if [ -n "${LAYERS:-}" ]; then
   previous=""
   echo "| client stack up to | instructions/call | added by this layer |"
   echo "|---|---|---|"
-  for layer in boxed keepalive balancer retry deadline trace; do
+  for layer in boxed connection balancer retry deadline trace; do
     client_run "upto:$layer"
     count=$(per_call "$work/client-upto:$layer-$low.out" "$work/client-upto:$layer-$high.out")
     echo "| $layer | $count | ${previous:+$((count - previous))} |"

@@ -242,7 +242,13 @@ enum Client {
     /// A bare tonic client that sends each call's deadline (`grpc-timeout`, 5 s), as the mesh
     /// client does: what deadlines cost in tonic itself, apart from the layers.
     BareDeadline(EchoServiceClient<Channel>),
-    Mesh(EchoServiceClient<mesh_layer::client::MeshClient<mesh_layer::balance::Balancer<Channel>>>),
+    Mesh(
+        EchoServiceClient<
+            mesh_layer::client::MeshClient<
+                mesh_layer::balance::Balancer<mesh_layer::connection::Connection>,
+            >,
+        >,
+    ),
     /// The client stack up to a layer (`--client upto:LAYER`), boxed so that one type
     /// holds every depth; for counting each layer's cost (`LAYERS=1 benches/instructions.sh`).
     Partial(EchoServiceClient<PartialStack>),
@@ -251,13 +257,30 @@ enum Client {
 type PartialStack = tower::util::BoxCloneService<
     tonic::codegen::http::Request<tonic::body::Body>,
     tonic::codegen::http::Response<tonic::body::Body>,
-    tonic::transport::Error,
+    PartialError,
 >;
+
+/// The error of every depth of [`PartialStack`]: a concrete type, because tonic's clients
+/// cannot take a boxed `dyn Error` from a spawned task (a higher-ranked `From` bound).
+#[derive(Debug)]
+struct PartialError(String);
+
+impl std::fmt::Display for PartialError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PartialError {}
+
+fn box_error(error: impl std::error::Error) -> PartialError {
+    PartialError(error.to_string())
+}
 
 /// The layers of the client stack, innermost first, as `--client upto:LAYER` names them.
 const CLIENT_LAYERS: [&str; 6] = [
     "boxed",
-    "keepalive",
+    "connection",
     "balancer",
     "retry",
     "deadline",
@@ -294,15 +317,23 @@ async fn partial_stack(
             Channel::from_shared(endpoint.to_owned())?
                 .tcp_nodelay(true)
                 .connect()
-                .await?,
+                .await?
+                .map_err(box_error),
         ),
-        "keepalive" => PartialStack::new(mesh_layer::client::connect(endpoint)?),
-        "balancer" => PartialStack::new(balancer()?),
-        "retry" => PartialStack::new(retry()?),
-        "deadline" => PartialStack::new(DeadlineLayer::new(policy.clone()).layer(retry()?)),
+        "connection" => {
+            PartialStack::new(mesh_layer::client::connect(endpoint)?.map_err(box_error))
+        }
+        "balancer" => PartialStack::new(balancer()?.map_err(box_error)),
+        "retry" => PartialStack::new(retry()?.map_err(box_error)),
+        "deadline" => PartialStack::new(
+            DeadlineLayer::new(policy.clone())
+                .layer(retry()?)
+                .map_err(box_error),
+        ),
         "trace" => PartialStack::new(
             mesh_layer::client::balanced(endpoint, &policy, &methods())?
-                .map_response(|response| response.map(tonic::body::Body::new)),
+                .map_response(|response| response.map(tonic::body::Body::new))
+                .map_err(box_error),
         ),
         other => return Err(format!("unknown layer {other}; one of {CLIENT_LAYERS:?}").into()),
     })

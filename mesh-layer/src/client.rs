@@ -5,13 +5,11 @@
 //! one deadline; the breakers sit below the balancer so that a retry can land on a healthy
 //! endpoint.
 
-use std::time::Duration;
-
-use tonic::transport::{Channel, Endpoint};
 use tower::{Layer, layer::util::Stack};
 
 use crate::{
     balance::{Balancer, TargetError},
+    connection::{Connection, ConnectionError},
     deadline::{DeadlineLayer, DeadlineService},
     method::MethodTable,
     policy::Policy,
@@ -24,7 +22,7 @@ pub type ClientStack = Stack<Stack<RetryLayer, DeadlineLayer>, ClientTraceLayer>
 
 /// A connection wrapped in the client stack; hand it to a generated tonic client
 /// (`OrdersServiceClient::new(client)`).
-pub type MeshClient<S = Channel> = ClientTrace<DeadlineService<Retry<S>>>;
+pub type MeshClient<S = Connection> = ClientTrace<DeadlineService<Retry<S>>>;
 
 /// Builds the client stack for one target service. Clones of the result share the retry
 /// budget, so build it once per target.
@@ -57,18 +55,14 @@ pub fn balanced(
     target: &str,
     policy: &Policy,
     methods: &MethodTable,
-) -> Result<MeshClient<Balancer<Channel>>, TargetError> {
+) -> Result<MeshClient<Balancer<Connection>>, TargetError> {
     let balancer = Balancer::connect(target, policy.breaker().clone())?;
     Ok(stack_with_trace(policy, methods, ClientTraceLayer::for_target(target)).layer(balancer))
 }
 
-/// The one place connections are made, so TLS and mTLS plug in here later. Connects lazily:
-/// the first call connects, and a refused connection is an UNAVAILABLE the retry layer sees.
-pub fn connect(uri: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(uri.to_owned())?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .connect_lazy())
+/// The one place connections are made (see [`Connection`]), so TLS and mTLS plug in there
+/// later. Connects lazily: the first call connects, and a refused connection is an
+/// UNAVAILABLE the retry layer sees.
+pub fn connect(uri: &str) -> Result<Connection, ConnectionError> {
+    Connection::lazy(uri)
 }

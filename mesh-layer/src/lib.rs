@@ -28,6 +28,7 @@ pub mod balance;
 pub mod body;
 pub mod breaker;
 pub mod client;
+pub mod connection;
 pub mod context;
 pub mod deadline;
 pub mod fault;

@@ -20,13 +20,14 @@ use std::{
 
 use http::{Request, Response};
 use tokio::time::Instant;
-use tonic::{Status, body::Body, transport::Channel};
+use tonic::{Status, body::Body};
 use tower::{Layer, Service, ServiceExt};
 
 use self::ewma::PeakEwma;
 use crate::{
     BoxFuture,
     breaker::{BreakerLayer, BreakerState, CircuitBreaker},
+    connection::{Connection, ConnectionError},
     grpc,
     policy::BreakerPolicy,
 };
@@ -34,7 +35,8 @@ use crate::{
 /// How often DNS targets are re-resolved.
 const DNS_REFRESH: Duration = Duration::from_secs(5);
 
-/// Balances calls over endpoints. Clones share the endpoints.
+/// Balances calls over endpoints. Clones share the endpoints. Each call clones the chosen
+/// endpoint's service, so that service should be a cheap handle ([`Connection`] is).
 #[derive(Debug)]
 pub struct Balancer<S> {
     shared: Arc<Shared<S>>,
@@ -59,30 +61,6 @@ struct Endpoint<S> {
     name: String,
     service: CircuitBreaker<S>,
     load: PeakEwma,
-    /// Clones of `service` kept for reuse: cloning a tonic `Channel` allocates (its buffer's
-    /// sender), and a clone that served a call is ready to serve another.
-    idle: std::sync::Mutex<Vec<CircuitBreaker<S>>>,
-}
-
-/// Most idle clones kept per endpoint.
-const MAX_IDLE: usize = 64;
-
-impl<S: Clone> Endpoint<S> {
-    fn checkout(&self) -> CircuitBreaker<S> {
-        self.idle
-            .lock()
-            .ok()
-            .and_then(|mut idle| idle.pop())
-            .unwrap_or_else(|| self.service.clone())
-    }
-
-    fn checkin(&self, service: CircuitBreaker<S>) {
-        if let Ok(mut idle) = self.idle.lock()
-            && idle.len() < MAX_IDLE
-        {
-            idle.push(service);
-        }
-    }
 }
 
 /// Why a balancer target could not be used.
@@ -93,7 +71,7 @@ pub enum TargetError {
     Invalid(String),
     /// An endpoint URI was refused.
     #[error(transparent)]
-    Transport(#[from] tonic::transport::Error),
+    Connection(#[from] ConnectionError),
 }
 
 impl<S> Balancer<S>
@@ -129,7 +107,6 @@ where
                                 .layer(service),
                             name,
                             load: PeakEwma::default(),
-                            idle: std::sync::Mutex::new(Vec::new()),
                         })
                     })
             })
@@ -156,7 +133,7 @@ where
     }
 }
 
-impl Balancer<Channel> {
+impl Balancer<Connection> {
     /// Connects to `target`: comma-separated `http://host:port` URIs, or `dns://host:port`
     /// (also `dns:///host:port`), re-resolved every 5 s, for example a Kubernetes headless
     /// Service. Must be called inside a tokio runtime when the target is DNS.
@@ -191,7 +168,7 @@ impl Balancer<Channel> {
 }
 
 /// Re-resolves `host` until the balancer is dropped.
-async fn resolve_forever(shared: Weak<Shared<Channel>>, host: String, port: u16) {
+async fn resolve_forever(shared: Weak<Shared<Connection>>, host: String, port: u16) {
     loop {
         match tokio::net::lookup_host((host.as_str(), port)).await {
             Ok(addresses) => {
@@ -292,14 +269,8 @@ where
         endpoint.load.start();
         Box::pin(async move {
             let started = Instant::now();
-            let mut service = endpoint.checkout();
-            let result = match service.ready().await {
-                Ok(ready) => {
-                    let response = ready.call(request);
-                    // Called: the clone's readiness is spent and it can serve the next call.
-                    endpoint.checkin(service);
-                    response.await
-                }
+            let result = match endpoint.service.clone().ready_oneshot().await {
+                Ok(mut ready) => ready.call(request).await,
                 Err(error) => Err(error),
             };
             endpoint.load.finish(started.elapsed());

@@ -5,8 +5,8 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use mesh_layer::{balance::Balancer, client::MeshClient};
-use tonic::{Code, Request, Status, transport::Channel};
+use mesh_layer::{balance::Balancer, client::MeshClient, connection::Connection};
+use tonic::{Code, Request, Status};
 use uuid::Uuid;
 use waybill_api::{
     commands::v1::command_payload::Kind as PayloadKind,
@@ -99,7 +99,7 @@ impl Registry {
     }
 }
 
-pub type Mesh = MeshClient<Balancer<Channel>>;
+pub type Mesh = MeshClient<Balancer<Connection>>;
 
 /// The services the platform's handlers call.
 #[derive(Clone)]

@@ -9,11 +9,11 @@ use std::{
 };
 
 use mesh_layer::{
-    balance::Balancer, client::MeshClient, context::CallContext, method::MethodTable,
-    policy::Policy,
+    balance::Balancer, client::MeshClient, connection::Connection, context::CallContext,
+    method::MethodTable, policy::Policy,
 };
 use tokio::time::Instant;
-use tonic::{Request, Response, Status, transport::Channel};
+use tonic::{Request, Response, Status};
 use waybill_api::echo::v1::{
     self as pb,
     echo_service_client::EchoServiceClient,
@@ -24,7 +24,7 @@ const MAX_MESSAGE: usize = 64 * 1024;
 const MAX_RELAY: usize = 8;
 const MAX_DELAY_MS: u32 = 60_000;
 
-type Client = EchoServiceClient<MeshClient<Balancer<Channel>>>;
+type Client = EchoServiceClient<MeshClient<Balancer<Connection>>>;
 
 /// The echo service.
 #[derive(Clone)]

@@ -22,9 +22,9 @@
 
 use std::{sync::Arc, time::Duration};
 
-use mesh_layer::{balance::Balancer, client::MeshClient, shed::CapSlot};
+use mesh_layer::{balance::Balancer, client::MeshClient, connection::Connection, shed::CapSlot};
 use tokio::sync::Semaphore;
-use tonic::{Code, Request, Status, transport::Channel};
+use tonic::{Code, Request, Status};
 use tracing::Instrument;
 use uuid::Uuid;
 use waybill_api::{
@@ -39,9 +39,9 @@ use crate::{
 };
 
 /// The inventory service, through the mesh.
-pub type InventoryClient = InventoryServiceClient<MeshClient<Balancer<Channel>>>;
+pub type InventoryClient = InventoryServiceClient<MeshClient<Balancer<Connection>>>;
 /// The delivery service, through the mesh.
-pub type DeliveryClient = DeliveryServiceClient<MeshClient<Balancer<Channel>>>;
+pub type DeliveryClient = DeliveryServiceClient<MeshClient<Balancer<Connection>>>;
 
 /// How sagas run.
 #[derive(Clone, Debug)]

@@ -1,0 +1,194 @@
+//! The client connection against real HTTP/2 servers on loopback: lazy connection, the
+//! request's origin, reconnection after a restart, and a hung connect shared by its waiters.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use http::{HeaderValue, Request, Response};
+use mesh_layer::connection::{Connection, ConnectionError};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{body::Body, server::NamedService, transport::Server};
+use tower::{Service, ServiceExt};
+
+/// Answers every call OK, echoing what it saw of the request's origin in response headers.
+#[derive(Clone)]
+struct Origin;
+
+impl NamedService for Origin {
+    const NAME: &'static str = "test.Origin";
+}
+
+impl Service<Request<Body>> for Origin {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let mut response = support::ok();
+        let seen = |value: Option<&str>| HeaderValue::from_str(value.unwrap_or("")).unwrap();
+        let headers = response.headers_mut();
+        headers.insert("seen-scheme", seen(request.uri().scheme_str()));
+        headers.insert(
+            "seen-authority",
+            seen(request.uri().authority().map(|a| a.as_str())),
+        );
+        headers.insert(
+            "seen-user-agent",
+            seen(
+                request
+                    .headers()
+                    .get("user-agent")
+                    .and_then(|v| v.to_str().ok()),
+            ),
+        );
+        std::future::ready(Ok(response))
+    }
+}
+
+/// A tonic server on `listener` that counts the connections it accepts; stops when `stop` fires.
+fn serve(
+    listener: TcpListener,
+    accepted: Arc<AtomicUsize>,
+) -> (oneshot::Sender<()>, JoinHandle<()>) {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let incoming = tokio_stream::StreamExt::map(TcpListenerStream::new(listener), move |io| {
+        accepted.fetch_add(1, Ordering::SeqCst);
+        io
+    });
+    let server = tokio::spawn(async move {
+        Server::builder()
+            .add_service(Origin)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+    });
+    (stop, server)
+}
+
+async fn call(connection: &Connection) -> Result<Response<Body>, ConnectionError> {
+    let request = Request::builder()
+        .uri("/test.Origin/Call")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Body::empty())
+        .unwrap();
+    connection.clone().oneshot(request).await
+}
+
+fn header<'a>(response: &'a Response<Body>, name: &str) -> &'a str {
+    response.headers().get(name).unwrap().to_str().unwrap()
+}
+
+#[tokio::test]
+async fn connects_at_the_first_call_sets_the_origin_and_reconnects_after_a_restart() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address: SocketAddr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let connection = Connection::lazy(&format!("http://{address}")).unwrap();
+
+    let (stop, server) = serve(listener, accepted.clone());
+    // Lazy: nothing is connected until the first call.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 0);
+
+    let response = call(&connection).await.unwrap();
+    assert_eq!(header(&response, "seen-scheme"), "http");
+    assert_eq!(header(&response, "seen-authority"), address.to_string());
+    assert!(header(&response, "seen-user-agent").starts_with("waybill-mesh/"));
+    for _ in 0..10 {
+        call(&connection).await.unwrap();
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "calls share one connection"
+    );
+
+    // The server goes away: calls fail (the balancer makes that UNAVAILABLE) instead of hanging.
+    stop.send(()).unwrap();
+    server.await.unwrap();
+    let error = tokio::time::timeout(Duration::from_secs(5), call(&connection))
+        .await
+        .expect("a call to a stopped server fails at once")
+        .unwrap_err();
+    assert!(error.to_string().contains(&address.to_string()), "{error}");
+
+    // Back on the same port: the next call reconnects.
+    let listener = TcpListener::bind(address).await.unwrap();
+    let (stop, server) = serve(listener, accepted.clone());
+    call(&connection).await.unwrap();
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    stop.send(()).unwrap();
+    server.await.unwrap();
+}
+
+/// Callers that wait while a connection attempt hangs get that attempt's failure: a dead
+/// endpoint costs them one connect timeout, not one each in turn.
+#[tokio::test(start_paused = true)]
+async fn callers_waiting_on_a_hung_connect_share_its_timeout() {
+    // A listener that never accepts, with its accept queue full: the kernel drops further
+    // SYNs, so a connect hangs, as it does to a host that vanished.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let address = socket.local_addr().unwrap();
+    let _listener = socket.listen(1).unwrap();
+    // Blocking connects on the real clock (the test's clock is paused) until one times out.
+    let mut queued = Vec::new();
+    while queued.len() < 8 {
+        match std::net::TcpStream::connect_timeout(&address, Duration::from_millis(200)) {
+            Ok(stream) => queued.push(stream),
+            Err(_) => break, // the queue is full
+        }
+    }
+    assert!(queued.len() < 8, "the accept queue never filled");
+
+    let connection = Connection::lazy(&format!("http://{address}")).unwrap();
+    let started = tokio::time::Instant::now();
+    let calls: Vec<_> = (0..10)
+        .map(|_| {
+            let connection = connection.clone();
+            tokio::spawn(async move { call(&connection).await })
+        })
+        .collect();
+    for call in calls {
+        let error = call.await.unwrap().unwrap_err();
+        assert!(error.to_string().contains("timed out"), "{error}");
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(5) && waited < Duration::from_secs(10),
+        "ten callers waited {waited:?}: one connect timeout (5 s) between them"
+    );
+}
+
+#[test]
+fn an_endpoint_it_cannot_use_is_refused_up_front() {
+    for (uri, why) in [
+        ("https://127.0.0.1:1", "only http://"),
+        ("http://127.0.0.1", "no port"),
+        ("127.0.0.1:80", "no scheme"),
+        ("http://exa mple:80", "not a URI"),
+    ] {
+        let error = Connection::lazy(uri).unwrap_err().to_string();
+        assert!(error.contains(why), "{uri}: {error}");
+    }
+}
