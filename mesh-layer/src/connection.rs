@@ -26,7 +26,7 @@ use http::{
     uri::{Authority, Scheme},
 };
 use hyper::client::conn::http2::{self, SendRequest};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tonic::body::Body;
 use tower::Service;
 
@@ -194,7 +194,7 @@ impl Shared {
                 authority: self.authority.clone(),
                 source,
             })?;
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+        let (sender, connection) = http2::Builder::new(BoxingExecutor)
             .timer(TokioTimer::new())
             .keep_alive_interval(KEEP_ALIVE_INTERVAL)
             .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
@@ -251,6 +251,22 @@ impl Shared {
             .entry(USER_AGENT)
             .or_insert_with(|| HeaderValue::from_static(USER_AGENT_VALUE));
         Request::from_parts(head, body)
+    }
+}
+
+/// Spawns the tasks hyper makes per call (one awaits the response, one streams the request
+/// body) boxed. Spawning a future moves it three times inside tokio; hyper's per-call future is
+/// several hundred bytes, so moving a box instead saves about 2 k instructions a call, as
+/// tonic's executor does.
+#[derive(Clone, Copy)]
+struct BoxingExecutor;
+
+impl<F> hyper::rt::Executor<F> for BoxingExecutor
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, future: F) {
+        tokio::spawn(Box::pin(future) as BoxFuture<()>);
     }
 }
 
