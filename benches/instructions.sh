@@ -92,6 +92,7 @@ if [ -n "${LAYERS:-}" ]; then
     echo "| $layer | $count | ${previous:+$((count - previous))} |"
     previous=$count
   done
+  if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$work"/*.out "$KEEP"/; fi
   exit 0
 fi
 

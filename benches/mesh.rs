@@ -7,7 +7,7 @@
 //! docs/benchmarks.md.
 //!
 //! Run: `cargo bench --bench mesh` (options after `--`: `--seconds N` per phase, `--rate R`
-//! calls/s for the fixed-rate phase, `--rounds N` interleaved rounds, `--tracing` to trace
+//! calls/s for the fixed-rate phase, `--rounds N` interleaved rounds (each phase runs every setup in turn, in alternating order), `--tracing` to trace
 //! every mesh call).
 //!
 //! `--tracing`: the mesh server and the mesh clients export every call's span (full
@@ -547,21 +547,42 @@ async fn drive(
             failed: 0,
         });
     }
-    // Rounds interleave the setups, so drift in the machine (other load, frequency) spreads
-    // over all of them instead of favouring whichever ran first.
+    // Rounds interleave the setups phase by phase, so that each setup is measured within
+    // seconds of bare, and alternate their order (ABBA), so that steady drift in the machine
+    // (other tenants, frequency) favours none. The ratios below pair each round's figures
+    // with bare's from the same round.
     for round in 0..rounds {
-        for ((one, many), row) in clients.iter().zip(rows.iter_mut()) {
-            eprintln!("round {round}: {}", row.name);
-            let (multiplexed, failed_m) = saturate(std::slice::from_ref(one), duration).await;
-            let (connections, failed_c) = saturate(many, duration).await;
-            let (fixed, lag) = fixed_rate(one, rate, duration).await;
-            eprintln!("  fixed rate: sender lagged its schedule by at most {lag:?}");
-            let serial = one_at_a_time(one, duration).await;
-            row.multiplexed.push(multiplexed);
-            row.connections.push(connections);
-            row.fixed.add(&fixed)?;
-            row.serial.add(&serial)?;
-            row.failed += failed_m + failed_c;
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for &i in &order {
+            eprintln!("round {round}: {} (1 connection)", rows[i].name);
+            let (multiplexed, failed) =
+                saturate(std::slice::from_ref(&clients[i].0), duration).await;
+            rows[i].multiplexed.push(multiplexed);
+            rows[i].failed += failed;
+        }
+        for &i in &order {
+            eprintln!(
+                "round {round}: {} ({CONNECTIONS} connections)",
+                rows[i].name
+            );
+            let (connections, failed) = saturate(&clients[i].1, duration).await;
+            rows[i].connections.push(connections);
+            rows[i].failed += failed;
+        }
+        for &i in &order {
+            let (fixed, lag) = fixed_rate(&clients[i].0, rate, duration).await;
+            eprintln!(
+                "round {round}: {}: fixed rate, sender lagged its schedule by at most {lag:?}",
+                rows[i].name
+            );
+            rows[i].fixed.add(&fixed)?;
+        }
+        for &i in &order {
+            let serial = one_at_a_time(&clients[i].0, duration).await;
+            rows[i].serial.add(&serial)?;
         }
     }
 
@@ -589,12 +610,19 @@ async fn drive(
     println!();
     let bare = &rows[0];
     let p = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as i64;
+    // Per-round ratios to bare: their median, and their range, which says how far to trust it.
+    let ratios = |of: &[f64], to: &[f64]| {
+        let each: Vec<f64> = of.iter().zip(to).map(|(a, b)| a / b).collect();
+        let low = each.iter().copied().fold(f64::INFINITY, f64::min);
+        let high = each.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{:.3} ({low:.3}–{high:.3})", median(&each))
+    };
     for row in &rows[1..] {
         println!(
-            "- {}: throughput {:.3} (1 connection) and {:.3} ({CONNECTIONS} connections) of bare; added latency at {rate}/s p50 {:+} µs, p99 {:+} µs; one in flight p50 {:+} µs, p99 {:+} µs",
+            "- {}: throughput {} (1 connection) and {} ({CONNECTIONS} connections) of bare, median (range) of {rounds} paired rounds; added latency at {rate}/s p50 {:+} µs, p99 {:+} µs; one in flight p50 {:+} µs, p99 {:+} µs",
             row.name,
-            median(&row.multiplexed) / median(&bare.multiplexed),
-            median(&row.connections) / median(&bare.connections),
+            ratios(&row.multiplexed, &bare.multiplexed),
+            ratios(&row.connections, &bare.connections),
             p(&row.fixed, 0.5) - p(&bare.fixed, 0.5),
             p(&row.fixed, 0.99) - p(&bare.fixed, 0.99),
             p(&row.serial, 0.5) - p(&bare.serial, 0.5),

@@ -28,20 +28,42 @@ pub enum Buffered {
 
 /// Reads `body` for replay, keeping at most `limit` bytes.
 pub async fn buffer_request(mut body: Body, limit: usize) -> Buffered {
-    let mut buffered = BytesMut::new();
+    // A unary request is usually one data frame: keep it as it came, and copy only when a
+    // second frame arrives.
+    let mut first: Option<Bytes> = None;
+    let mut joined = BytesMut::new();
     loop {
         match body.frame().await {
-            None => return Buffered::Complete(buffered.freeze()),
+            None => {
+                return Buffered::Complete(match first {
+                    Some(first) => first,
+                    None => joined.freeze(),
+                });
+            }
             Some(Err(status)) => return Buffered::Failed(status),
             Some(Ok(frame)) => {
                 // gRPC requests carry no trailers; ignore any rather than fail the call.
                 let Ok(data) = frame.into_data() else {
                     continue;
                 };
-                buffered.extend_from_slice(&data);
-                if buffered.len() > limit {
+                let len = match first.take() {
+                    None if joined.is_empty() => {
+                        let len = data.len();
+                        first = Some(data);
+                        len
+                    }
+                    earlier => {
+                        if let Some(earlier) = earlier {
+                            joined.extend_from_slice(&earlier);
+                        }
+                        joined.extend_from_slice(&data);
+                        joined.len()
+                    }
+                };
+                if len > limit {
+                    let prefix = first.take().unwrap_or_else(|| joined.split().freeze());
                     return Buffered::TooLarge(Body::new(Prefixed {
-                        prefix: Some(buffered.freeze()),
+                        prefix: Some(prefix),
                         rest: body,
                     }));
                 }
@@ -186,5 +208,69 @@ impl HttpBody for Replay {
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::collections::VecDeque;
+
+    use super::*;
+
+    /// A body that yields the given data frames one by one.
+    struct Frames(VecDeque<Bytes>);
+
+    impl HttpBody for Frames {
+        type Data = Bytes;
+        type Error = tonic::Status;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+            Poll::Ready(self.0.pop_front().map(|data| Ok(Frame::data(data))))
+        }
+    }
+
+    fn body(frames: &[&'static str]) -> Body {
+        Body::new(Frames(
+            frames
+                .iter()
+                .map(|f| Bytes::from_static(f.as_bytes()))
+                .collect(),
+        ))
+    }
+
+    #[tokio::test]
+    async fn one_frame_is_kept_as_it_came_and_several_are_joined() {
+        let frame = Bytes::from_static(b"hello");
+        let one = Body::new(Frames(VecDeque::from([frame.clone()])));
+        let Buffered::Complete(kept) = buffer_request(one, 100).await else {
+            panic!("not complete");
+        };
+        assert_eq!(kept.as_ptr(), frame.as_ptr(), "no copy of a single frame");
+
+        let Buffered::Complete(joined) = buffer_request(body(&["ab", "", "cd", "e"]), 100).await
+        else {
+            panic!("not complete");
+        };
+        assert_eq!(&joined[..], b"abcde");
+        let Buffered::Complete(empty) = buffer_request(body(&[]), 100).await else {
+            panic!("not complete");
+        };
+        assert!(empty.is_empty());
+    }
+
+    #[tokio::test]
+    async fn past_the_limit_the_body_is_sent_once_whole() {
+        for frames in [&["abcdef", "gh"][..], &["abc", "def", "gh"][..]] {
+            let Buffered::TooLarge(rest) = buffer_request(body(frames), 4).await else {
+                panic!("{frames:?}: not too large");
+            };
+            let all = rest.collect().await.unwrap().to_bytes();
+            assert_eq!(&all[..], b"abcdefgh", "{frames:?}");
+        }
     }
 }
