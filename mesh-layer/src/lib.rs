@@ -8,6 +8,7 @@
 //! |---|---|---|
 //! | [`balance`] | client | one hot endpoint while others idle; calls to dead endpoints |
 //! | [`breaker`] | client | waiting on a dead endpoint; piling load on a drowning one |
+//! | [`connection`] | client | a task hop per call (tonic's buffered channel); calls stuck on a vanished peer |
 //! | [`deadline`] | both | work nobody waits for; calls that outlive their caller |
 //! | [`idempotency`] | server | a retried write applied twice |
 //! | [`retry`] | client | lost calls, without retry storms (budget, no amplification) |
