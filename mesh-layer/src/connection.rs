@@ -27,22 +27,27 @@ use http::{
 };
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::watch;
 use tonic::body::Body;
 use tower::Service;
 
 use crate::BoxFuture;
 
-/// How long establishing a connection (TCP and the HTTP/2 handshake) may take.
+/// How long establishing a connection may take: resolving the host and TCP connect, shared
+/// across the host's addresses. (h2's handshake only writes the preface; a peer that is not an
+/// HTTP/2 server shows up as the first call's error.)
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// HTTP/2 PING interval: notices a peer that vanished without closing the connection (a
-/// rescheduled pod, a dropped NAT entry) before calls pile up on it.
+/// HTTP/2 PING interval while calls are in flight: notices a peer that vanished without
+/// closing the connection (a rescheduled pod, a dropped NAT entry) instead of leaving the calls
+/// to their deadlines. An idle connection is not pinged; its next call finds out.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a PING may go unanswered before the connection is closed.
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A lazily connected HTTP/2 connection to one endpoint; clones share it. The first call
 /// connects; after the connection closes, the next call reconnects. A failed connection is an
-/// error of that call only (the balancer reports it as UNAVAILABLE and the breaker counts it).
+/// error of the calls that waited for it (the balancer reports it as UNAVAILABLE and the
+/// breaker counts it).
 #[derive(Clone)]
 pub struct Connection {
     shared: Arc<Shared>,
@@ -51,15 +56,23 @@ pub struct Connection {
 struct Shared {
     scheme: Scheme,
     authority: Authority,
-    /// The live connection's sender, if any. A std mutex: held only to clone or replace it.
-    sender: Mutex<Option<SendRequest<Body>>>,
-    /// Serialises connecting, so that the callers waiting for a connection make one.
-    connecting: tokio::sync::Mutex<()>,
-    /// Connection attempts made so far, and the error of the last one that failed: a caller
-    /// that waited while another attempt failed gets that failure instead of trying again, so a
-    /// dead endpoint costs one connect timeout, not one per waiting caller.
+    /// A std mutex: held only to read or replace the slot, never across an await.
+    slot: Mutex<Slot>,
+    /// Connection attempts started, for tests and debugging.
     attempts: AtomicU64,
-    last_failure: Mutex<Option<Arc<ConnectionError>>>,
+}
+
+/// The result of one connection attempt, as its waiters see it.
+type Attempt = Option<Result<(u64, SendRequest<Body>), Arc<ConnectionError>>>;
+
+enum Slot {
+    /// No connection, none being made.
+    Idle,
+    /// A connection, numbered so that a caller can retire the one it used and not a newer one.
+    Live(u64, SendRequest<Body>),
+    /// An attempt under way in its own task: callers that give up waiting (a deadline, a
+    /// dropped call) do not cancel it, and everyone waiting gets its one result.
+    Connecting(watch::Receiver<Attempt>),
 }
 
 /// Why a call could not use the connection.
@@ -73,7 +86,7 @@ pub enum ConnectionError {
         /// What is wrong with it.
         reason: &'static str,
     },
-    /// TCP connect failed (refused, unreachable).
+    /// Resolving the host or TCP connect failed (refused, unreachable, no such host).
     #[error("connect to {authority}: {source}")]
     Connect {
         /// The endpoint.
@@ -81,7 +94,7 @@ pub enum ConnectionError {
         /// The socket error.
         source: std::io::Error,
     },
-    /// TCP connect and handshake took longer than the connect timeout.
+    /// Resolving and connecting took longer than the connect timeout.
     #[error("connect to {authority}: timed out after {CONNECT_TIMEOUT:?}")]
     ConnectTimeout {
         /// The endpoint.
@@ -90,9 +103,15 @@ pub enum ConnectionError {
     /// The HTTP/2 handshake or the call failed on the connection.
     #[error(transparent)]
     Http(#[from] hyper::Error),
-    /// Another caller's connection attempt, made while this call waited for it, failed.
+    /// The connection attempt this call waited for failed (the same error for every waiter).
     #[error(transparent)]
-    Shared(Arc<ConnectionError>),
+    Attempt(Arc<ConnectionError>),
+    /// The task making the connection ended without a result (the runtime is shutting down).
+    #[error("connect to {authority}: the attempt was abandoned")]
+    Abandoned {
+        /// The endpoint.
+        authority: Authority,
+    },
 }
 
 impl Connection {
@@ -114,67 +133,105 @@ impl Connection {
         if authority.port_u16().is_none() {
             return Err(invalid("no port"));
         }
+        if authority.as_str().contains('@') {
+            // HTTP/2 forbids userinfo in `:authority`, and we have no use for it.
+            return Err(invalid("user info (user@) is not allowed"));
+        }
         Ok(Self {
             shared: Arc::new(Shared {
                 scheme,
                 authority,
-                sender: Mutex::new(None),
-                connecting: tokio::sync::Mutex::new(()),
+                slot: Mutex::new(Slot::Idle),
                 attempts: AtomicU64::new(0),
-                last_failure: Mutex::new(None),
             }),
         })
+    }
+
+    /// How many connection attempts were started so far.
+    #[doc(hidden)]
+    pub fn attempts(&self) -> u64 {
+        self.shared.attempts.load(Ordering::Relaxed)
     }
 }
 
 impl Shared {
-    /// The live connection's sender, without waiting.
-    fn live_sender(&self) -> Option<SendRequest<Body>> {
-        let sender = self.sender.lock().ok()?;
-        sender.as_ref().filter(|s| !s.is_closed()).cloned()
+    /// The live connection's sender and number, connecting first if there is none.
+    async fn sender(self: &Arc<Self>) -> Result<(u64, SendRequest<Body>), ConnectionError> {
+        let mut waiting = {
+            let Ok(mut slot) = self.slot.lock() else {
+                return Err(self.abandoned());
+            };
+            match &*slot {
+                Slot::Live(number, sender) if !sender.is_closed() => {
+                    return Ok((*number, sender.clone()));
+                }
+                // (An attempt whose task is gone, at runtime shutdown, is replaced.)
+                Slot::Connecting(attempt) if attempt.has_changed().is_ok() => attempt.clone(),
+                Slot::Live(..) | Slot::Idle | Slot::Connecting(_) => {
+                    let (done, attempt) = watch::channel(None);
+                    *slot = Slot::Connecting(attempt.clone());
+                    let number = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
+                    tokio::spawn(self.clone().attempt(number, done));
+                    attempt
+                }
+            }
+        };
+        let result = waiting
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| self.abandoned())?
+            .clone();
+        match result {
+            Some(Ok(live)) => Ok(live),
+            Some(Err(error)) => Err(ConnectionError::Attempt(error)),
+            None => Err(self.abandoned()),
+        }
     }
 
-    /// The live connection's sender, connecting first if there is none.
-    async fn sender(&self) -> Result<SendRequest<Body>, ConnectionError> {
-        if let Some(sender) = self.live_sender() {
-            return Ok(sender);
-        }
-        let attempts_seen = self.attempts.load(Ordering::Acquire);
-        let _connecting = self.connecting.lock().await;
-        if let Some(sender) = self.live_sender() {
-            return Ok(sender);
-        }
-        if self.attempts.load(Ordering::Acquire) != attempts_seen
-            && let Some(failure) = self.last_failure.lock().ok().and_then(|f| f.clone())
-        {
-            return Err(ConnectionError::Shared(failure));
-        }
+    /// Makes connection `number`, puts the result in the slot and tells the waiters.
+    async fn attempt(self: Arc<Self>, number: u64, done: watch::Sender<Attempt>) {
         let result = tokio::time::timeout(CONNECT_TIMEOUT, self.establish())
             .await
             .unwrap_or_else(|_| {
                 Err(ConnectionError::ConnectTimeout {
                     authority: self.authority.clone(),
                 })
-            });
-        let failure = match result {
-            Ok(sender) => {
-                if let Ok(mut slot) = self.sender.lock() {
-                    *slot = Some(sender.clone());
-                }
-                self.attempts.fetch_add(1, Ordering::Release);
-                return Ok(sender);
-            }
-            Err(error) => Arc::new(error),
-        };
-        if let Ok(mut slot) = self.last_failure.lock() {
-            *slot = Some(failure.clone());
+            })
+            .map(|sender| (number, sender))
+            .map_err(Arc::new);
+        if let Ok(mut slot) = self.slot.lock() {
+            *slot = match &result {
+                Ok((_, sender)) => Slot::Live(number, sender.clone()),
+                // The next call tries again: the breaker above decides how often that is.
+                Err(_) => Slot::Idle,
+            };
         }
-        self.attempts.fetch_add(1, Ordering::Release);
-        Err(ConnectionError::Shared(failure))
+        done.send_replace(Some(result));
     }
 
-    /// Opens the TCP connection, shakes hands and spawns the connection's task.
+    /// Retires connection `number` if it is still the live one: it refused a call it had not
+    /// sent, so the next call must not get it again.
+    fn retire(&self, number: u64) {
+        if let Ok(mut slot) = self.slot.lock()
+            && matches!(&*slot, Slot::Live(live, _) if *live == number)
+        {
+            *slot = Slot::Idle;
+        }
+    }
+
+    fn abandoned(&self) -> ConnectionError {
+        ConnectionError::Abandoned {
+            authority: self.authority.clone(),
+        }
+    }
+
+    /// Resolves the host, connects to its addresses in turn, shakes hands and spawns the
+    /// connection's task.
     async fn establish(&self) -> Result<SendRequest<Body>, ConnectionError> {
+        let connect_error = |source| ConnectionError::Connect {
+            authority: self.authority.clone(),
+            source,
+        };
         let host = self.authority.host();
         // `[::1]` in a URI is `::1` to the resolver.
         let host = host
@@ -182,18 +239,32 @@ impl Shared {
             .and_then(|h| h.strip_suffix(']'))
             .unwrap_or(host);
         let port = self.authority.port_u16().unwrap_or(80);
-        let tcp = tokio::net::TcpStream::connect((host, port))
+        let addresses: Vec<_> = tokio::net::lookup_host((host, port))
             .await
-            .map_err(|source| ConnectionError::Connect {
-                authority: self.authority.clone(),
-                source,
-            })?;
+            .map_err(connect_error)?
+            .collect();
+        // A name with several addresses must not spend the whole timeout on a dead first one.
+        let share = CONNECT_TIMEOUT / u32::try_from(addresses.len().max(1)).unwrap_or(u32::MAX);
+        let mut last_error = std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses");
+        let mut tcp = None;
+        for address in addresses {
+            match tokio::time::timeout(share, tokio::net::TcpStream::connect(address)).await {
+                Ok(Ok(stream)) => {
+                    tcp = Some(stream);
+                    break;
+                }
+                Ok(Err(error)) => last_error = error,
+                Err(_) => {
+                    last_error = std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("{address} did not answer within {share:?}"),
+                    );
+                }
+            }
+        }
+        let tcp = tcp.ok_or_else(|| connect_error(last_error))?;
         // gRPC messages are small and latency-bound: never wait to coalesce them.
-        tcp.set_nodelay(true)
-            .map_err(|source| ConnectionError::Connect {
-                authority: self.authority.clone(),
-                source,
-            })?;
+        tcp.set_nodelay(true).map_err(connect_error)?;
         let (sender, connection) = http2::Builder::new(BoxingExecutor)
             .timer(TokioTimer::new())
             .keep_alive_interval(KEEP_ALIVE_INTERVAL)
@@ -226,10 +297,22 @@ impl Service<Request<Body>> for Connection {
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let shared = self.shared.clone();
         Box::pin(async move {
-            let mut sender = shared.sender().await?;
-            let request = shared.with_origin(request);
-            let response = sender.send_request(request).await?;
-            Ok(response.map(Body::new))
+            let request = shared.with_origin(request)?;
+            let (number, mut sender) = shared.sender().await?;
+            match sender.try_send_request(request).await {
+                Ok(response) => Ok(response.map(Body::new)),
+                Err(mut error) => match error.take_message() {
+                    // The connection closed before it took the request: nothing was sent, so
+                    // sending it on a new connection is safe for any method. Once only.
+                    Some(request) => {
+                        shared.retire(number);
+                        let (_, mut sender) = shared.sender().await?;
+                        let response = sender.send_request(request).await?;
+                        Ok(response.map(Body::new))
+                    }
+                    None => Err(error.into_error().into()),
+                },
+            }
         })
     }
 }
@@ -237,7 +320,7 @@ impl Service<Request<Body>> for Connection {
 impl Shared {
     /// The request with this endpoint's scheme and authority (HTTP/2's `:scheme` and
     /// `:authority`), and a user agent if it has none.
-    fn with_origin(&self, request: Request<Body>) -> Request<Body> {
+    fn with_origin(&self, request: Request<Body>) -> Result<Request<Body>, ConnectionError> {
         let (mut head, body) = request.into_parts();
         let mut uri = http::uri::Parts::from(std::mem::take(&mut head.uri));
         uri.scheme = Some(self.scheme.clone());
@@ -245,12 +328,14 @@ impl Shared {
         if uri.path_and_query.is_none() {
             uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
         }
-        // Cannot fail: scheme, authority and path are all set and were valid on their own.
-        head.uri = Uri::from_parts(uri).unwrap_or_default();
+        head.uri = Uri::from_parts(uri).map_err(|_| ConnectionError::InvalidUri {
+            uri: self.authority.to_string(),
+            reason: "the request's path does not combine with the endpoint",
+        })?;
         head.headers
             .entry(USER_AGENT)
             .or_insert_with(|| HeaderValue::from_static(USER_AGENT_VALUE));
-        Request::from_parts(head, body)
+        Ok(Request::from_parts(head, body))
     }
 }
 

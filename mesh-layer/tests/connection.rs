@@ -141,17 +141,18 @@ async fn connects_at_the_first_call_sets_the_origin_and_reconnects_after_a_resta
     server.await.unwrap();
 }
 
-/// Callers that wait while a connection attempt hangs get that attempt's failure: a dead
-/// endpoint costs them one connect timeout, not one each in turn.
-#[tokio::test(start_paused = true)]
-async fn callers_waiting_on_a_hung_connect_share_its_timeout() {
-    // A listener that never accepts, with its accept queue full: the kernel drops further
-    // SYNs, so a connect hangs, as it does to a host that vanished.
+/// A listener that never accepts, with its accept queue full: the kernel drops further SYNs,
+/// so a connect to it hangs, as one to a host that vanished does. Keep the streams alive.
+fn hung_endpoint() -> (
+    std::net::SocketAddr,
+    tokio::net::TcpListener,
+    Vec<std::net::TcpStream>,
+) {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let address = socket.local_addr().unwrap();
-    let _listener = socket.listen(1).unwrap();
-    // Blocking connects on the real clock (the test's clock is paused) until one times out.
+    let listener = socket.listen(1).unwrap();
+    // Blocking connects on the real clock (the tests' clock is paused) until one times out.
     let mut queued = Vec::new();
     while queued.len() < 8 {
         match std::net::TcpStream::connect_timeout(&address, Duration::from_millis(200)) {
@@ -160,7 +161,14 @@ async fn callers_waiting_on_a_hung_connect_share_its_timeout() {
         }
     }
     assert!(queued.len() < 8, "the accept queue never filled");
+    (address, listener, queued)
+}
 
+/// Callers that wait while a connection attempt hangs get that attempt's failure: a dead
+/// endpoint costs them one connect timeout and one attempt, not one each in turn.
+#[tokio::test(start_paused = true)]
+async fn callers_waiting_on_a_hung_connect_share_one_attempt() {
+    let (address, _listener, _queued) = hung_endpoint();
     let connection = Connection::lazy(&format!("http://{address}")).unwrap();
     let started = tokio::time::Instant::now();
     let calls: Vec<_> = (0..10)
@@ -171,12 +179,45 @@ async fn callers_waiting_on_a_hung_connect_share_its_timeout() {
         .collect();
     for call in calls {
         let error = call.await.unwrap().unwrap_err();
-        assert!(error.to_string().contains("timed out"), "{error}");
+        let error = error.to_string();
+        assert!(
+            error.contains("did not answer") || error.contains("timed out"),
+            "{error}"
+        );
     }
+    assert_eq!(connection.attempts(), 1);
     let waited = started.elapsed();
     assert!(
-        waited >= Duration::from_secs(5) && waited < Duration::from_secs(10),
+        waited >= Duration::from_secs(5) && waited < Duration::from_secs(6),
         "ten callers waited {waited:?}: one connect timeout (5 s) between them"
+    );
+
+    // The failure is not kept: the next call makes a new attempt.
+    call(&connection).await.unwrap_err();
+    assert_eq!(connection.attempts(), 2);
+}
+
+/// A caller that gives up (its deadline) does not cancel the attempt it started: the next
+/// caller waits for the same attempt instead of starting over, so short deadlines cannot
+/// keep a slow endpoint from ever being connected.
+#[tokio::test(start_paused = true)]
+async fn a_caller_that_gives_up_leaves_the_attempt_running() {
+    let (address, _listener, _queued) = hung_endpoint();
+    let connection = Connection::lazy(&format!("http://{address}")).unwrap();
+    let started = tokio::time::Instant::now();
+    let gave_up = tokio::time::timeout(Duration::from_secs(1), call(&connection)).await;
+    assert!(gave_up.is_err(), "the first caller's deadline passed");
+
+    call(&connection).await.unwrap_err();
+    assert_eq!(
+        connection.attempts(),
+        1,
+        "the second caller joined the first attempt"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(5) && waited < Duration::from_secs(6),
+        "the attempt ran its 5 s once: {waited:?}"
     );
 }
 
@@ -187,6 +228,7 @@ fn an_endpoint_it_cannot_use_is_refused_up_front() {
         ("http://127.0.0.1", "no port"),
         ("127.0.0.1:80", "no scheme"),
         ("http://exa mple:80", "not a URI"),
+        ("http://user@127.0.0.1:80", "user info"),
     ] {
         let error = Connection::lazy(uri).unwrap_err().to_string();
         assert!(error.contains(why), "{uri}: {error}");

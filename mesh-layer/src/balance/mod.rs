@@ -196,15 +196,32 @@ async fn resolve_forever(shared: Weak<Shared<Connection>>, host: String, port: u
     }
 }
 
-/// The status of a call the connection failed: its deadline ran out in the transport (tonic
-/// reports that as CANCELLED; gRPC says DEADLINE_EXCEEDED, which no policy retries), or the
-/// connection failed (refused, reset: UNAVAILABLE, as gRPC clients report it; tonic alone can
-/// surface UNKNOWN, which no policy retries either).
+/// The status of a call the connection failed, as gRPC clients report it
+/// (PROTOCOL-HTTP2.md, "Errors"):
+/// - the connection failed or went away (refused, reset, GOAWAY, keep-alive timeout): the call
+///   may not have arrived, UNAVAILABLE, which the retry policy may retry;
+/// - the peer reset the stream: by its reason, CANCEL is CANCELLED, REFUSED_STREAM (not
+///   processed) UNAVAILABLE, ENHANCE_YOUR_CALM RESOURCE_EXHAUSTED, and a protocol or internal
+///   error INTERNAL, which no policy retries, since the call may have run;
+/// - tonic's channel ran out of deadline (when a balancer wraps one): DEADLINE_EXCEEDED.
 fn transport_status(endpoint: &str, error: &(dyn std::error::Error + 'static)) -> Status {
     let mut cause = Some(error);
     while let Some(current) = cause {
         if current.is::<tonic::TimeoutExpired>() {
             return Status::deadline_exceeded(format!("endpoint {endpoint}: deadline exceeded"));
+        }
+        if let Some(h2) = current.downcast_ref::<h2::Error>()
+            && !h2.is_go_away()
+            && let Some(reason) = h2.reason()
+        {
+            let code = match reason {
+                h2::Reason::REFUSED_STREAM => tonic::Code::Unavailable,
+                h2::Reason::CANCEL => tonic::Code::Cancelled,
+                h2::Reason::ENHANCE_YOUR_CALM => tonic::Code::ResourceExhausted,
+                h2::Reason::INADEQUATE_SECURITY => tonic::Code::PermissionDenied,
+                _ => tonic::Code::Internal,
+            };
+            return Status::new(code, format!("endpoint {endpoint}: {error}"));
         }
         cause = current.source();
     }
@@ -276,5 +293,31 @@ where
             endpoint.load.finish(started.elapsed());
             Ok(result.unwrap_or_else(|error| transport_status(&endpoint.name, &error).into_http()))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    use super::*;
+
+    #[test]
+    fn a_stream_reset_maps_by_its_reason_and_a_lost_connection_is_unavailable() {
+        let reset = |reason| transport_status("e", &h2::Error::from(reason)).code();
+        assert_eq!(reset(h2::Reason::REFUSED_STREAM), Code::Unavailable);
+        assert_eq!(reset(h2::Reason::CANCEL), Code::Cancelled);
+        assert_eq!(
+            reset(h2::Reason::ENHANCE_YOUR_CALM),
+            Code::ResourceExhausted
+        );
+        // The call may have run: not UNAVAILABLE, so no retry policy re-runs it.
+        assert_eq!(reset(h2::Reason::PROTOCOL_ERROR), Code::Internal);
+        assert_eq!(reset(h2::Reason::INTERNAL_ERROR), Code::Internal);
+
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let status = transport_status("http://10.0.0.1:1", &refused);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.message().contains("http://10.0.0.1:1"), "{status:?}");
     }
 }
