@@ -215,38 +215,30 @@ impl HttpBody for Replay {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use std::collections::VecDeque;
+    use http_body_util::StreamBody;
 
     use super::*;
 
-    /// A body that yields the given data frames one by one.
-    struct Frames(VecDeque<Bytes>);
-
-    impl HttpBody for Frames {
-        type Data = Bytes;
-        type Error = tonic::Status;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
-            Poll::Ready(self.0.pop_front().map(|data| Ok(Frame::data(data))))
-        }
+    /// A body that yields `data` as data frames, one by one.
+    fn frames(data: Vec<Bytes>) -> Body {
+        let frames = data
+            .into_iter()
+            .map(|d| Ok::<_, tonic::Status>(Frame::data(d)));
+        Body::new(StreamBody::new(tokio_stream::iter(frames)))
     }
 
-    fn body(frames: &[&'static str]) -> Body {
-        Body::new(Frames(
-            frames
-                .iter()
-                .map(|f| Bytes::from_static(f.as_bytes()))
+    fn body(data: &[&'static str]) -> Body {
+        frames(
+            data.iter()
+                .map(|d| Bytes::from_static(d.as_bytes()))
                 .collect(),
-        ))
+        )
     }
 
     #[tokio::test]
     async fn one_frame_is_kept_as_it_came_and_several_are_joined() {
         let frame = Bytes::from_static(b"hello");
-        let one = Body::new(Frames(VecDeque::from([frame.clone()])));
+        let one = frames(vec![frame.clone()]);
         let Buffered::Complete(kept) = buffer_request(one, 100).await else {
             panic!("not complete");
         };
