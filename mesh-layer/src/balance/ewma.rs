@@ -38,6 +38,12 @@ impl PeakEwma {
         rtt * f64::from(self.pending.load(Ordering::Relaxed) + 1)
     }
 
+    /// Calls in flight.
+    #[cfg(test)]
+    pub fn pending(&self) -> u32 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
     pub fn start(&self) {
         self.pending.fetch_add(1, Ordering::Relaxed);
     }

@@ -284,23 +284,60 @@ where
             return Box::pin(async move { Ok(grpc::error_response(status, marker)) });
         };
         endpoint.load.start();
+        let in_flight = InFlight {
+            endpoint,
+            started: Instant::now(),
+        };
         Box::pin(async move {
-            let started = Instant::now();
+            let endpoint = &in_flight.endpoint;
             let result = match endpoint.service.clone().ready_oneshot().await {
                 Ok(mut ready) => ready.call(request).await,
                 Err(error) => Err(error),
             };
-            endpoint.load.finish(started.elapsed());
             Ok(result.unwrap_or_else(|error| transport_status(&endpoint.name, &error).into_http()))
         })
     }
 }
 
+/// A call counted in its endpoint's load until it ends, however it ends: a call dropped at its
+/// deadline must leave the pending count too, or the endpoint would look busier for good. Its
+/// time counts as a latency sample, as in tower's PeakEwma.
+struct InFlight<S> {
+    endpoint: Arc<Endpoint<S>>,
+    started: Instant,
+}
+
+impl<S> Drop for InFlight<S> {
+    fn drop(&mut self) {
+        self.endpoint.load.finish(self.started.elapsed());
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use tonic::Code;
 
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_dropped_before_its_answer_leaves_the_endpoints_load() {
+        // An endpoint that never answers.
+        let never = tower::service_fn(|_: Request<Body>| {
+            std::future::pending::<Result<Response<Body>, std::io::Error>>()
+        });
+        let mut balancer = Balancer::new(
+            crate::policy::Policy::default().breaker().clone(),
+            [("never".to_owned(), never)],
+        );
+        for _ in 0..3 {
+            let call = balancer.call(Request::new(Body::empty()));
+            let dropped = tokio::time::timeout(Duration::from_millis(10), call).await;
+            assert!(dropped.is_err(), "the call cannot have answered");
+        }
+        assert_eq!(balancer.snapshot()[0].load.pending(), 0);
+    }
 
     #[test]
     fn a_stream_reset_maps_by_its_reason_and_a_lost_connection_is_unavailable() {
