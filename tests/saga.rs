@@ -326,6 +326,80 @@ async fn the_same_key_twice_places_one_order() {
     assert_eq!(stock_of(&db, "SKU-1").await, (4, 0));
 }
 
+/// A keyed PlaceOrder whose key the mesh layer has let go of (it does when the database
+/// fails to confirm a commit that in fact happened, answering UNAVAILABLE, or when the key's
+/// retention ends) must still not place a second order: the order's id comes from the key.
+#[tokio::test]
+async fn a_repeat_the_idempotency_layer_let_through_finds_the_first_order() {
+    let db = TestDb::new().await;
+    let server = Waybill::serve(&db, &[]);
+    let mut clients = clients(&server).await;
+    clients.stock("SKU-1", 5).await;
+    clients.courier("bike-1", "north", 5).await;
+
+    let keyed = |caller: &'static str, quantity: i32| {
+        let mut request = Request::new(place_request("c-1", "SKU-1", quantity));
+        let metadata = request.metadata_mut();
+        metadata.insert("idempotency-key", "order-attempt-1".parse().unwrap());
+        metadata.insert("waybill-caller", caller.parse().unwrap());
+        request
+    };
+    let forget_keys = || async {
+        let forgotten = db
+            .primary()
+            .await
+            .execute(
+                "DELETE FROM mesh.idempotency_keys WHERE caller = 'shop' AND key = 'order-attempt-1'",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(forgotten, 1, "the first call's outcome was stored");
+    };
+    let mut orders = clients.orders.clone();
+    let first = orders
+        .place_order(keyed("shop", 1))
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    assert_eq!(status(&first), pb::OrderStatus::Confirmed);
+
+    forget_keys().await;
+    let repeat = orders.place_order(keyed("shop", 1)).await.unwrap();
+    assert_eq!(
+        repeat.metadata().get("waybill-mesh"),
+        None,
+        "the handler ran again (not a replay)"
+    );
+    let repeat = repeat.into_inner().order.unwrap();
+    assert_eq!(repeat.order_id, first.order_id);
+    assert_eq!(status(&repeat), pb::OrderStatus::Confirmed);
+    assert_eq!(db.count("orders.orders").await, 1);
+    assert_eq!(db.count("orders.order_items").await, 1);
+    assert_eq!(db.count("orders.sagas").await, 1);
+    assert_eq!(stock_of(&db, "SKU-1").await, (4, 0));
+
+    // The same key for a different order: refused, nothing written.
+    forget_keys().await;
+    let reused = orders.place_order(keyed("shop", 2)).await.unwrap_err();
+    assert_eq!(reused.code(), tonic::Code::InvalidArgument, "{reused:?}");
+    assert_eq!(db.count("orders.orders").await, 1);
+
+    // Keys are the caller's own: another caller's same key places another order.
+    let other = orders
+        .place_order(keyed("another-shop", 1))
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    assert_ne!(other.order_id, first.order_id);
+    assert_eq!(db.count("orders.orders").await, 2);
+    assert_eq!(stock_of(&db, "SKU-1").await, (3, 0));
+}
+
 #[tokio::test]
 async fn twenty_orders_for_the_last_unit_one_wins() {
     let db = TestDb::new().await;

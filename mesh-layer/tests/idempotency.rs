@@ -18,7 +18,7 @@ use http::{HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full};
 use mesh_layer::{
     grpc,
-    idempotency::{CALLER, IdempotencyLayer, MemoryStore},
+    idempotency::{CALLER, IdempotencyLayer, KeyId, MemoryStore},
     policy::Policy,
 };
 use support::{marker, methods};
@@ -225,4 +225,52 @@ async fn bad_keys_and_streaming_methods_are_refused() {
     let response = send(&service, "/s.S/Watch", "k", "x").await;
     assert_eq!(outcome(response).await.0, Code::InvalidArgument);
     assert_eq!(handler.runs(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_handler_sees_the_calls_key_and_its_digest_is_stable_across_repeats() {
+    // Answers UNAVAILABLE, so every repeat runs again, and records the key it was handed.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorder = {
+        let seen = seen.clone();
+        service_fn(move |request: Request<Body>| {
+            let key = request.extensions().get::<KeyId>().cloned();
+            seen.lock().unwrap().push(key);
+            async { Ok::<_, Infallible>(Status::unavailable("try again").into_http()) }
+        })
+    };
+    let service = layer("24h").layer(recorder);
+    send(&service, "/s.S/Buy", "k", "order").await;
+    send(&service, "/s.S/Buy", "k", "order").await;
+    send(&service, "/s.S/Buy", "other", "order").await;
+    send(&service, "/s.S/Put", "k", "order").await;
+    let mut unkeyed = keyed("/s.S/Buy", "k", "order");
+    unkeyed.headers_mut().remove(grpc::IDEMPOTENCY_KEY);
+    service.clone().oneshot(unkeyed).await.unwrap();
+
+    let seen = seen.lock().unwrap();
+    let keys: Vec<&KeyId> = seen.iter().flatten().collect();
+    assert_eq!(keys.len(), 4, "the unkeyed call carries no key: {seen:?}");
+    assert_eq!(
+        keys[0],
+        &KeyId {
+            caller: "tests".into(),
+            method: "/s.S/Buy".into(),
+            key: "k".into(),
+        }
+    );
+    assert_eq!(
+        keys[0].digest(),
+        keys[1].digest(),
+        "a repeat has the same digest"
+    );
+    assert_ne!(keys[0].digest(), keys[2].digest(), "another key");
+    assert_ne!(keys[0].digest(), keys[3].digest(), "another method");
+    // The parts are separated: ("ab", "c") is not ("a", "bc").
+    let split = |caller: &str, method: &str| KeyId {
+        caller: caller.into(),
+        method: method.into(),
+        key: "k".into(),
+    };
+    assert_ne!(split("ab", "c").digest(), split("a", "bc").digest());
 }

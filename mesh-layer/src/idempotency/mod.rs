@@ -18,8 +18,11 @@
 //!   repeat after the lease runs the call.
 //!
 //! NOTE: the outcome is stored after the handler's own transaction commits. A process that
-//! dies between the two leaves a claim whose lease expiry lets a repeat run again; handlers
-//! whose effects must be exactly-once also key their own writes (see the saga's step keys).
+//! dies between the two leaves a claim whose lease expiry lets a repeat run again, and a
+//! handler whose commit the database never confirmed (a lost connection) answers UNAVAILABLE,
+//! which releases the key. Handlers whose effects must be exactly-once also key their own
+//! writes: the layer hands the call's [`KeyId`] to the handler in the request's extensions,
+//! and [`KeyId::digest`] is stable across repeats (orders derive a placed order's id from it).
 //!
 //! The caller is the `waybill-caller` metadata value until mTLS identities exist (a claim,
 //! not a proof: it scopes keys, it does not secure them).
@@ -168,7 +171,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
 
         Box::pin(async move {
-            let (parts, body) = request.into_parts();
+            let (mut parts, body) = request.into_parts();
             let bytes = match buffer_request(body, MAX_RESPONSE_BYTES).await {
                 Buffered::Complete(bytes) => bytes,
                 Buffered::TooLarge(_) => {
@@ -227,6 +230,7 @@ where
 
             // If this future is dropped (deadline, cancelled call), the claim is released so
             // a retry can run the call.
+            parts.extensions.insert(id.clone());
             let mut claim = Claim {
                 store: layer.store.clone(),
                 id,

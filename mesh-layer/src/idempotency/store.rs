@@ -17,6 +17,24 @@ pub struct KeyId {
     pub key: String,
 }
 
+impl KeyId {
+    /// A SHA-256 of (caller, method, key): the same for every repeat of the call, different
+    /// for any other. Handlers whose own writes must be exactly-once derive their row's id
+    /// from it, so a repeat the layer let through after all (its claim released when the
+    /// database failed to confirm a commit, or expired) finds the first call's row. The layer
+    /// puts the `KeyId` of a keyed call in the request's extensions.
+    pub fn digest(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        // Metadata values are visible ASCII, so NUL separators cannot be forged.
+        let mut hash = Sha256::new();
+        for part in [&self.caller, &self.method, &self.key] {
+            hash.update(part.as_bytes());
+            hash.update([0u8]);
+        }
+        hash.finalize().into()
+    }
+}
+
 /// A SHA-256 of the request message, to tell a true repeat from a reused key.
 pub type Fingerprint = [u8; 32];
 

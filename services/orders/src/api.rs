@@ -1,6 +1,6 @@
 //! The gRPC edge: protobuf in, domain types inside, protobuf and `Status` out.
 
-use mesh_layer::shed::CapSlot;
+use mesh_layer::{idempotency::KeyId, shed::CapSlot};
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 use waybill_api::orders::v1 as pb;
@@ -12,7 +12,7 @@ use waybill_runtime::{
 use crate::{
     domain::{Item, NewOrder, Order, OrderStatus},
     saga::Orchestrator,
-    store::{Cancelled, OrderStore},
+    store::{Cancelled, OrderStore, Placed},
 };
 
 /// Page size when the request leaves it at 0.
@@ -32,6 +32,31 @@ impl OrdersApi {
     pub(crate) fn new(store: OrderStore, sagas: Orchestrator) -> Self {
         Self { store, sagas }
     }
+
+    /// PlaceOrder's answer: the order and a token that reads it back from a replica.
+    async fn placed(&self, order: Order) -> Result<Response<pb::PlaceOrderResponse>, Status> {
+        let token = match self.store.consistency_token().await {
+            Ok(token) => token.as_str().to_owned(),
+            Err(error) => {
+                tracing::warn!(order_id = %order.id, %error, "no consistency token for a placed order");
+                String::new()
+            }
+        };
+        Ok(Response::new(pb::PlaceOrderResponse {
+            order: Some(to_proto(order)),
+            consistency_token: token,
+        }))
+    }
+}
+
+/// The id of the order a keyed PlaceOrder places: the same for every repeat of the call, so
+/// a repeat finds the first one's order even when the idempotency layer has let go of the key
+/// (see `mesh_layer::idempotency`). Version 8 (custom): the digest's first 16 bytes.
+fn order_id_for_key(key: &KeyId) -> uuid::Uuid {
+    let digest = key.digest();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
 
 #[tonic::async_trait]
@@ -43,6 +68,10 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
         // PlaceOrder's slot under its cap (crate::PLACE_ORDER) goes with the saga, which may
         // outlive this call (a caller that hangs up, a deadline), so the cap bounds sagas.
         let slot = request.extensions().get::<CapSlot>().cloned();
+        let id = request
+            .extensions()
+            .get::<KeyId>()
+            .map_or_else(uuid::Uuid::now_v7, order_id_for_key);
         let request = request.into_inner();
         let items = request
             .items
@@ -60,10 +89,26 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
         )?;
         // A saga resumed later by the driver links back to this call.
         let traceparent = waybill_runtime::telemetry::current_traceparent().unwrap_or_default();
-        let order = self
+        let order = match self
             .store
-            .insert(&new_order, self.sagas.settings().lease, &traceparent)
-            .await?;
+            .insert(id, &new_order, self.sagas.settings().lease, &traceparent)
+            .await?
+        {
+            Placed::New(order) => order,
+            Placed::Existing(order) if new_order.placed_as(&order) => {
+                // A repeat of a keyed call that the idempotency layer let through after all
+                // (it released the key when the database did not confirm the first call's
+                // commit, which had happened). Its saga is the first call's, running or
+                // resumed by the driver: answer with the order as it stands.
+                tracing::info!(order_id = %order.id, "a repeated placement found its order");
+                return self.placed(order).await;
+            }
+            Placed::Existing(_) => {
+                return Err(Status::invalid_argument(
+                    "idempotency-key was already used to place a different order",
+                ));
+            }
+        };
         tracing::debug!(order_id = %order.id, customer_id = %order.customer_id, "order placed");
         // The saga has its own task: if this call is abandoned, the saga still finishes. From
         // here on the order exists, so no error may reach the caller: a retryable code would
@@ -76,17 +121,7 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
                 order
             }
         };
-        let token = match self.store.consistency_token().await {
-            Ok(token) => token.as_str().to_owned(),
-            Err(error) => {
-                tracing::warn!(order_id = %order.id, %error, "no consistency token for a placed order");
-                String::new()
-            }
-        };
-        Ok(Response::new(pb::PlaceOrderResponse {
-            order: Some(to_proto(order)),
-            consistency_token: token,
-        }))
+        self.placed(order).await
     }
 
     async fn get_order(

@@ -70,6 +70,16 @@ pub struct NewOrder {
     pub zone: String,
 }
 
+impl NewOrder {
+    /// Whether `order` is what this request places (a repeat), whatever became of it since.
+    pub fn placed_as(&self, order: &Order) -> bool {
+        self.customer_id == order.customer_id
+            && self.items == order.items
+            && self.delivery_address == order.delivery_address
+            && self.zone == order.zone
+    }
+}
+
 /// A stored order.
 #[derive(Debug, Clone)]
 pub struct Order {

@@ -44,6 +44,15 @@ static CONFIRM: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+/// What [`OrderStore::insert`] did.
+pub enum Placed {
+    /// The order is new: stored PENDING with its saga.
+    New(Order),
+    /// An order with that id was already stored (by an earlier run of the same keyed call);
+    /// here it is as it stands now. Nothing was written.
+    Existing(Order),
+}
+
 /// The outcome of a cancel request.
 pub enum Cancelled {
     /// The order is cancelled now (or already was).
@@ -68,8 +77,9 @@ struct PendingInsert {
     traceparent: String,
 }
 
-/// A stored order's `created_at` and `updated_at`.
-type Inserted = Result<(Timestamp, Timestamp), DbError>;
+/// A stored order's `created_at` and `updated_at`, or `None` when an order with its id was
+/// already there (a repeat of a keyed placement: [`OrderStore::insert`]).
+type Inserted = Result<Option<(Timestamp, Timestamp)>, DbError>;
 type Timestamp = chrono::DateTime<chrono::Utc>;
 
 /// Writers storing new orders: two, so one batch gathers while the other commits.
@@ -97,22 +107,23 @@ impl OrderStore {
         Self { db, inserts }
     }
 
-    /// Stores a new PENDING order with its items and its saga (FORWARD, leased to the caller
-    /// for `lease`, started by the call traced as `traceparent`), atomically. Concurrent
-    /// orders share one statement and one commit ([`GroupCommit`]).
+    /// Stores a new PENDING order as `id` with its items and its saga (FORWARD, leased to the
+    /// caller for `lease`, started by the call traced as `traceparent`), atomically, unless an
+    /// order `id` exists already: then that one is returned, unchanged. Concurrent orders
+    /// share one statement and one commit ([`GroupCommit`]).
     #[tracing::instrument(name = "orders.insert", level = "debug", skip_all, fields(
         otel.kind = "client", db.system = "postgresql", db.operation.name = "insert",
         db.namespace, waybill.db.role))]
     pub async fn insert(
         &self,
+        id: Uuid,
         order: &NewOrder,
         lease: Duration,
         traceparent: &str,
-    ) -> Result<Order, DbError> {
-        let id = Uuid::now_v7();
+    ) -> Result<Placed, DbError> {
         // The writer task takes the connection; the span still says where its work went.
         self.db.note_primary();
-        let (created_at, updated_at) = self
+        let stored = self
             .inserts
             .submit(PendingInsert {
                 id,
@@ -122,7 +133,13 @@ impl OrderStore {
             })
             .await
             .map_err(|refused| DbError::Unavailable(refused.to_string()))??;
-        Ok(Order {
+        let Some((created_at, updated_at)) = stored else {
+            let existing = self.get_current(id).await?.ok_or_else(|| {
+                DbError::Invariant(format!("order {id} conflicted on insert but is gone"))
+            })?;
+            return Ok(Placed::Existing(existing));
+        };
+        Ok(Placed::New(Order {
             id,
             customer_id: order.customer_id.clone(),
             items: order.items.clone(),
@@ -133,7 +150,7 @@ impl OrderStore {
             updated_at,
             zone: order.zone.clone(),
             courier_id: String::new(),
-        })
+        }))
     }
 
     /// One order as the primary has it now.
@@ -624,6 +641,12 @@ async fn insert_batch(db: Db, batch: Vec<PendingInsert>) -> Vec<Inserted> {
 /// [`insert_batch`]'s statement: the orders, their items and their sagas, atomically (data-
 /// modifying CTEs, no explicit transaction). Answers in `batch`'s order.
 async fn insert_rows(db: &Db, batch: &[PendingInsert]) -> Result<Vec<Inserted>, DbError> {
+    // Two placements with one id in a batch (repeats of one keyed call): the first is stored,
+    // the rest find it. Without this, both would insert their items under the same order.
+    let batch_order: Vec<Uuid> = batch.iter().map(|p| p.id).collect();
+    let mut seen = std::collections::HashSet::with_capacity(batch.len());
+    let unique: Vec<&PendingInsert> = batch.iter().filter(|p| seen.insert(p.id)).collect();
+    let batch = unique.as_slice();
     let ids: Vec<Uuid> = batch.iter().map(|p| p.id).collect();
     let customers: Vec<&str> = batch.iter().map(|p| p.order.customer_id.as_str()).collect();
     let addresses: Vec<&str> = batch
@@ -670,14 +693,9 @@ async fn insert_rows(db: &Db, batch: &[PendingInsert]) -> Result<Vec<Inserted>, 
         let id: Uuid = row.try_get(0)?;
         stamps.insert(id, (row.try_get(1)?, row.try_get(2)?));
     }
-    Ok(ids
-        .iter()
-        .map(|id| {
-            stamps.remove(id).ok_or_else(|| {
-                DbError::Invariant(format!("order {id} was inserted but not returned"))
-            })
-        })
-        .collect())
+    // An id the statement did not return was already stored; so was a repeat in this batch
+    // (its first placement took the stamps).
+    Ok(batch_order.iter().map(|id| Ok(stamps.remove(id))).collect())
 }
 
 /// New orders ($1–$6, one element per order), their items ($7–$10, one element per line) and
@@ -688,12 +706,16 @@ const INSERT: &str = "WITH input AS (
      ), placed AS (
          INSERT INTO orders.orders (id, customer_id, delivery_address, status, zone)
          SELECT id, customer_id, delivery_address, 'PENDING', zone FROM input
+         ON CONFLICT (id) DO NOTHING
          RETURNING id, created_at, updated_at
      ), lines AS (
          INSERT INTO orders.order_items (order_id, line_no, sku, quantity)
          SELECT * FROM unnest($7::uuid[], $8::int2[], $9::text[], $10::int4[])
+             AS l(order_id, line_no, sku, quantity)
+         WHERE order_id IN (SELECT id FROM placed)
      ), saga AS (
          INSERT INTO orders.sagas (order_id, phase, due_at, traceparent)
          SELECT id, 'FORWARD', now() + make_interval(secs => lease), traceparent FROM input
+         WHERE id IN (SELECT id FROM placed)
      )
      SELECT id, created_at, updated_at FROM placed";
