@@ -17,7 +17,9 @@ use waybill_api::{
     },
     orders::v1::{self as pb, orders_service_client::OrdersServiceClient},
 };
-use waybill_test_support::{NatsServer, TestDb, Waybill, courier, eventually, stock, waybill_bin};
+use waybill_test_support::{
+    NatsServer, TestDb, Waybill, courier, eventually, free_port, stock, waybill_bin,
+};
 
 /// Stocks an item and a courier, places one order, and returns it.
 async fn place_one(channel: Channel, customer: &str) -> pb::Order {
@@ -141,6 +143,50 @@ async fn events_flow_over_nats_jetstream() {
         expected_after_confirmation()
     );
     // Nothing took the Postgres bus's path.
+    assert_eq!(db.count("bus.messages").await, 0);
+}
+
+/// NATS down when the services start (not up yet, or restarting, as in a cluster where pods
+/// start in any order): they start anyway and take orders, whose events wait in the outboxes;
+/// once NATS is up, the subscriptions are registered before the first publish and the events
+/// are delivered. The command pipeline's JetStream queue starts without NATS too.
+#[tokio::test]
+async fn services_start_without_nats_and_deliver_once_it_is_up() {
+    let port = free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let db = TestDb::new().await;
+    let started = std::time::Instant::now();
+    let server = Waybill::serve(
+        &db,
+        &[
+            "--event-bus",
+            "nats",
+            "--nats-url",
+            &url,
+            "--command-queue",
+            "nats",
+        ],
+    );
+    let order = place_one(server.channel().await, "c-nats-later").await;
+    assert_eq!(order.status(), pb::OrderStatus::Confirmed);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "starting without NATS took {:?}",
+        started.elapsed()
+    );
+    // Nothing can be relayed yet: the events wait in the outbox.
+    assert!(db.count("orders.outbox").await > 0);
+
+    let _nats = NatsServer::start_on(port).await;
+    assert_eq!(
+        notification_kinds(server.channel().await, "c-nats-later", 2).await,
+        expected_after_confirmation()
+    );
+    eventually("the outboxes drain", || async {
+        (db.count("orders.outbox").await == 0 && db.count("delivery.outbox").await == 0)
+            .then_some(())
+    })
+    .await;
     assert_eq!(db.count("bus.messages").await, 0);
 }
 

@@ -112,26 +112,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Registers every subscription of the platform on the NATS bus, before this process's relays
+/// Registers every subscription of the platform on the NATS bus before this process's relays
 /// publish anything. JetStream keeps a message only for the consumers that exist when it is
 /// published, and in a deployment the consumers may start after the publishers (each service
 /// is its own Deployment). The Postgres bus needs none of this: `waybill migrate` registered
 /// them there; on NATS only a process that can reach the server can, and the migrate hook runs
-/// before the bundled nats-server exists. A failure is logged, not fatal: the consumer
-/// registers its own subscription again. (The stream then keeps events for a subscription
-/// whose service is never deployed, up to its 7-day limit.)
+/// before the bundled nats-server exists. With NATS down, the bus registers them before its
+/// first publish. (The stream then keeps events for a subscription whose service is never
+/// deployed, up to its 7-day limit.)
 async fn register_subscriptions(bus: &waybill_events::Bus) -> anyhow::Result<()> {
+    let mut subscriptions = Vec::new();
     for name in ServiceName::all() {
-        let Some(subscription) = name.subscription()? else {
-            continue;
-        };
-        if let Err(error) = bus.register(&subscription).await {
-            tracing::warn!(
-                %error,
-                subscription = subscription.name(),
-                "could not register a subscription before relaying; its consumer will"
-            );
-        }
+        subscriptions.extend(name.subscription()?);
     }
+    bus.register_before_publishing(subscriptions).await;
     Ok(())
 }

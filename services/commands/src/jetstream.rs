@@ -42,39 +42,85 @@ fn consumer_name(shard: i32) -> String {
     format!("shard-{shard}")
 }
 
+/// How long starting up waits for NATS before going on without it.
+const STARTUP_WAIT: Duration = Duration::from_secs(2);
+
 /// A connection to the queue. Cheap to clone.
 #[derive(Clone)]
 pub struct JetStream {
+    client: async_nats::Client,
     js: jetstream::Context,
+    /// Set once this process has created (or updated) the stream.
+    stream_ready: std::sync::Arc<tokio::sync::OnceCell<()>>,
 }
 
 impl JetStream {
-    /// Connects and creates (or updates) the stream.
+    /// A client for `url` that connects in the background and keeps reconnecting, so that a
+    /// process whose NATS is down still starts: submissions are stored as ever, dispatches
+    /// fail fast and the fallback scan runs the commands, and workers keep trying to pull.
+    /// Waits up to [`STARTUP_WAIT`] for the first connection; fails only for a malformed URL.
+    /// The stream is created (or updated) once NATS answers.
     pub async fn connect(url: &str) -> Result<Self, String> {
         let client = async_nats::ConnectOptions::new()
             .name("waybill-commands")
             .connection_timeout(Duration::from_secs(5))
+            .retry_on_initial_connect()
             .connect(url)
             .await
             .map_err(|e| format!("connect to {url}: {e}"))?;
-        let js = jetstream::new(client);
-        js.create_or_update_stream(stream::Config {
-            name: STREAM.to_owned(),
-            subjects: vec!["waybill-commands.*".to_owned()],
-            storage: stream::StorageType::File,
-            // A message is gone once one worker acked it: a queue, not a log.
-            retention: stream::RetentionPolicy::WorkQueue,
-            duplicate_window: DUPLICATE_WINDOW,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| format!("create stream {STREAM}: {e}"))?;
-        Ok(Self { js })
+        let queue = Self {
+            js: jetstream::new(client.clone()),
+            client,
+            stream_ready: Default::default(),
+        };
+        let start = tokio::time::Instant::now();
+        while queue.connected().is_err() && start.elapsed() < STARTUP_WAIT {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if let Err(error) = queue.stream().await {
+            tracing::warn!(%url, %error, "the command queue is not reachable; starting without it (the fallback scan runs commands)");
+        }
+        Ok(queue)
+    }
+
+    /// Fails at once while the client is not connected, rather than waiting for a request
+    /// timeout on every call.
+    fn connected(&self) -> Result<(), String> {
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            state => Err(format!(
+                "not connected to NATS ({state:?}; reconnecting in the background)"
+            )),
+        }
+    }
+
+    /// Creates or updates the stream, once per process.
+    async fn stream(&self) -> Result<(), String> {
+        self.connected()?;
+        self.stream_ready
+            .get_or_try_init(|| async {
+                self.js
+                    .create_or_update_stream(stream::Config {
+                        name: STREAM.to_owned(),
+                        subjects: vec!["waybill-commands.*".to_owned()],
+                        storage: stream::StorageType::File,
+                        // A message is gone once one worker acked it: a queue, not a log.
+                        retention: stream::RetentionPolicy::WorkQueue,
+                        duplicate_window: DUPLICATE_WINDOW,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop)
+                    .map_err(|e| format!("create stream {STREAM}: {e}"))
+            })
+            .await
+            .copied()
     }
 
     /// Publishes one message per `(shard, id, message id)` and waits for every ack. The
     /// message id deduplicates a publish retried within the window; a requeue needs its own.
     pub async fn publish(&self, dispatches: &[Dispatch]) -> Result<(), String> {
+        self.stream().await?;
         let mut acks = Vec::with_capacity(dispatches.len());
         for (shard, id, message_id) in dispatches {
             let message = PublishMessage::build()
@@ -101,6 +147,7 @@ impl JetStream {
         ack_wait: Duration,
         batch: usize,
     ) -> Result<pull::Stream, String> {
+        self.stream().await?;
         let stream = self
             .js
             .get_stream(STREAM)

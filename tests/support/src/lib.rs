@@ -497,11 +497,13 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts the server and waits (at most [`PATIENCE`]) until it accepts connections.
     pub async fn start() -> Self {
+        Self::start_on(free_port()).await
+    }
+
+    /// [`NatsServer::start`] on `port` ([`free_port`]), for a test whose services start
+    /// before their NATS does.
+    pub async fn start_on(port: u16) -> Self {
         let bin = nats_server_bin();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .unwrap_or_else(|error| panic!("find a free port: {error}"))
-            .port();
         let dir =
             std::env::temp_dir().join(format!("waybill-nats-{}", uuid::Uuid::now_v7().simple()));
         std::fs::create_dir_all(dir.join("store"))
@@ -555,6 +557,14 @@ impl Drop for NatsServer {
         drop(self.watchdog.stdin.take());
         let _ = self.watchdog.wait();
     }
+}
+
+/// A loopback port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .unwrap_or_else(|error| panic!("find a free port: {error}"))
+        .port()
 }
 
 fn nats_server_bin() -> PathBuf {

@@ -103,13 +103,26 @@ impl Bus {
         Ok(())
     }
 
-    /// Connects to NATS at `url` (within a few seconds, or fails) and creates or updates the
-    /// `WAYBILL` stream. The client reconnects by itself afterwards.
+    /// A bus on NATS at `url`. The client connects in the background and keeps reconnecting:
+    /// with NATS down the process still starts, publishing fails fast (the relays keep
+    /// events in the outboxes and retry), and consumers keep trying to open. The `WAYBILL`
+    /// stream is created or updated once NATS answers. Fails only for a malformed URL.
     pub async fn nats(url: &str) -> Result<Self, BusError> {
         Ok(Self {
             inner: BusInner::Nats(Arc::new(nats::NatsBus::connect(url).await?)),
             inbox_retention: DEFAULT_INBOX_RETENTION,
         })
+    }
+
+    /// Makes sure `subscriptions` exist before this process publishes its first event: NATS
+    /// JetStream keeps a message only for the consumers that exist when it is published, and
+    /// in a deployment a consumer's process may start after the publishers. Registers them
+    /// now if NATS is up, else before the first publish once it is. The Postgres bus needs
+    /// nothing: `waybill migrate` registered them.
+    pub async fn register_before_publishing(&self, subscriptions: Vec<Subscription>) {
+        if let BusInner::Nats(nats) = &self.inner {
+            nats.register_before_publishing(subscriptions).await;
+        }
     }
 
     /// Consumers of this bus purge their inbox rows older than `retention`.

@@ -49,36 +49,124 @@ pub(crate) fn subject(topic: &str) -> String {
     format!("waybill.{topic}")
 }
 
+/// How long starting up waits for NATS before going on without it.
+const STARTUP_WAIT: Duration = Duration::from_secs(2);
+
 pub(crate) struct NatsBus {
+    client: async_nats::Client,
     js: jetstream::Context,
+    /// Set once this process has created (or updated) the stream and registered the
+    /// subscriptions it must before publishing; until then every publish tries again.
+    ready: tokio::sync::OnceCell<()>,
+    /// The subscriptions that must exist before this process publishes anything
+    /// ([`NatsBus::register_before_publishing`]).
+    before_publishing: std::sync::Mutex<Vec<Subscription>>,
 }
 
 fn nats_error(what: &str, error: impl std::fmt::Display) -> BusError {
     BusError::Nats(format!("{what}: {error}"))
 }
 
+/// Whether `client` connected within `limit` (checked every 10 ms).
+async fn wait_connected(client: &async_nats::Client, limit: Duration) -> bool {
+    let start = tokio::time::Instant::now();
+    loop {
+        if client.connection_state() == async_nats::connection::State::Connected {
+            return true;
+        }
+        if start.elapsed() >= limit {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 impl NatsBus {
+    /// A client for `url` that connects in the background and keeps reconnecting: a process
+    /// whose NATS is down (not up yet, restarting) still starts, serves what does not need
+    /// the bus, and keeps its events in the outboxes until NATS is back. Waits up to
+    /// [`STARTUP_WAIT`] for the first connection. Fails only for a malformed URL.
     pub(crate) async fn connect(url: &str) -> Result<Self, BusError> {
         let client = async_nats::ConnectOptions::new()
             .name("waybill")
             .connection_timeout(Duration::from_secs(5))
+            .retry_on_initial_connect()
             .connect(url)
             .await
             .map_err(|e| nats_error("connect", e))?;
-        let js = jetstream::new(client);
-        js.create_or_update_stream(stream::Config {
-            name: STREAM.to_owned(),
-            subjects: vec!["waybill.>".to_owned()],
-            storage: stream::StorageType::File,
-            // A message goes once every consumer interested in it has acked it.
-            retention: stream::RetentionPolicy::Interest,
-            max_age: MAX_AGE,
-            duplicate_window: DUPLICATE_WINDOW,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| nats_error("create stream WAYBILL", e))?;
-        Ok(Self { js })
+        let bus = Self {
+            js: jetstream::new(client.clone()),
+            client,
+            ready: tokio::sync::OnceCell::new(),
+            before_publishing: std::sync::Mutex::new(Vec::new()),
+        };
+        if !wait_connected(&bus.client, STARTUP_WAIT).await {
+            tracing::warn!(%url, "NATS is not reachable; starting without it (events wait in the outboxes, consumers keep trying)");
+        }
+        Ok(bus)
+    }
+
+    /// Fails at once while the client is not connected, rather than waiting for a request
+    /// timeout on every call.
+    fn connected(&self) -> Result<(), BusError> {
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            state => Err(nats_error(
+                "not connected",
+                format!("{state:?}; reconnecting in the background"),
+            )),
+        }
+    }
+
+    /// Creates or updates the stream.
+    async fn stream(&self) -> Result<(), BusError> {
+        self.connected()?;
+        self.js
+            .create_or_update_stream(stream::Config {
+                name: STREAM.to_owned(),
+                subjects: vec!["waybill.>".to_owned()],
+                storage: stream::StorageType::File,
+                // A message goes once every consumer interested in it has acked it.
+                retention: stream::RetentionPolicy::Interest,
+                max_age: MAX_AGE,
+                duplicate_window: DUPLICATE_WINDOW,
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+            .map_err(|e| nats_error("create stream WAYBILL", e))
+    }
+
+    /// `subscriptions` are registered before this process publishes its first event (now,
+    /// if NATS is up; else before the first publish once it is). JetStream keeps a message
+    /// only for the consumers that exist when it is published, and a consumer's process may
+    /// start after the publishers.
+    pub(crate) async fn register_before_publishing(&self, subscriptions: Vec<Subscription>) {
+        if let Ok(mut waiting) = self.before_publishing.lock() {
+            *waiting = subscriptions;
+        }
+        if let Err(error) = self.ready().await {
+            tracing::warn!(%error, "subscriptions not registered yet; they will be before the first publish");
+        }
+    }
+
+    /// The stream exists and so do the subscriptions registered before publishing.
+    async fn ready(&self) -> Result<(), BusError> {
+        self.ready
+            .get_or_try_init(|| async {
+                self.stream().await?;
+                let waiting = self
+                    .before_publishing
+                    .lock()
+                    .map(|w| w.clone())
+                    .unwrap_or_default();
+                for subscription in &waiting {
+                    self.register(subscription).await?;
+                }
+                Ok::<_, BusError>(())
+            })
+            .await
+            .copied()
     }
 
     /// Publishes `events` in order and waits for every ack. `replay` marks a dead letter's
@@ -88,6 +176,7 @@ impl NatsBus {
         events: &[Event],
         replay: Option<(&str, &str)>,
     ) -> Result<(), BusError> {
+        self.ready().await?;
         let mut acks = Vec::with_capacity(events.len());
         for event in events {
             let mut message = PublishMessage::build()
@@ -166,6 +255,9 @@ impl NatsBus {
     /// Creates or updates `sub`'s durable consumer: from then on the stream keeps its
     /// subjects' messages for it (the stream's retention is by interest). Idempotent.
     pub(crate) async fn register(&self, sub: &Subscription) -> Result<PullConsumer, BusError> {
+        // Creating the stream is idempotent and cheap next to creating the consumer, and a
+        // consumer needs it: a NATS server that started empty after this process did has none.
+        self.stream().await?;
         let stream = self
             .js
             .get_stream(STREAM)
