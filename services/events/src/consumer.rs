@@ -477,7 +477,8 @@ impl Inbox<'_> {
                     }
                 }
             }
-            if !failed.is_empty() {
+            let failed_any = !failed.is_empty();
+            if failed_any {
                 let failed: Vec<uuid::Uuid> = failed.into_keys().collect();
                 tx.execute(
                     &tx.prepare_cached(&format!(
@@ -491,6 +492,10 @@ impl Inbox<'_> {
             }
             if !settled.is_empty() {
                 crate::bus::postgres::settle(&tx, name, &settled).await?;
+            } else if !failed_any {
+                // Nothing of ours ran after the handlers (the NATS bus) to find an aborted
+                // transaction; the inbox DELETE above, when it ran, did.
+                expect_open(&tx).await?;
             }
             tx.commit().await?;
             Ok::<_, DbError>(outcomes)
@@ -566,8 +571,17 @@ impl Inbox<'_> {
         }
         match self.handler.handle(&tx, event).await {
             Ok(()) => {
-                if let Some(seq) = settle {
-                    crate::bus::postgres::settle(&tx, self.subscription.name(), &[seq]).await?;
+                let checked = match settle {
+                    Some(seq) => {
+                        crate::bus::postgres::settle(&tx, self.subscription.name(), &[seq]).await
+                    }
+                    None => expect_open(&tx).await,
+                };
+                if let Err(error) = checked {
+                    tx.rollback().await?;
+                    return Ok(Err(HandlerError::Retry(format!(
+                        "the handler returned success but its transaction had failed: {error}"
+                    ))));
                 }
                 tx.commit().await?;
                 Ok(Ok(true))
@@ -578,6 +592,15 @@ impl Inbox<'_> {
             }
         }
     }
+}
+
+/// Fails if a statement of `tx` failed: a handler that caught a database error and returned
+/// success leaves its transaction aborted, and COMMIT then rolls back without an error, so the
+/// event would be acked as handled with nothing of it stored. Needed only where no statement
+/// of ours follows the handlers (with the Postgres bus, settling them finds it).
+async fn expect_open(tx: &tokio_postgres::Transaction<'_>) -> Result<(), DbError> {
+    tx.batch_execute("SELECT 1").await?;
+    Ok(())
 }
 
 #[cfg(test)]

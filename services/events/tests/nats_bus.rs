@@ -166,3 +166,48 @@ async fn a_failing_event_is_dead_lettered_and_replayed_once_over_nats() {
     assert_eq!(b.calls(), 1, "a replay is for its subscription only");
     assert!(dead_letters::list(&fx.db, None).await.unwrap().is_empty());
 }
+
+/// A handler that catches a database error and reports success leaves its transaction
+/// aborted, and COMMIT then rolls back without an error. The consumer must not take that for
+/// success: on NATS nothing else would notice, and the event would be acked with nothing
+/// stored. It is retried and dead-lettered instead; the events beside it are handled once.
+#[tokio::test]
+async fn a_handler_that_swallows_a_failed_statement_does_not_lose_its_event() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let fx = Fixture::new().await;
+    let bus = nats_bus(&fx, &nats).await;
+    let stream = stream(&nats).await;
+    let a = Recorder::new("a");
+    a.swallow("o-swallowed");
+    let sub = Subscription::new("a", [TOPIC])
+        .unwrap()
+        .with_max_attempts(3)
+        .with_backoff(Duration::from_millis(20), Duration::from_millis(100));
+    let _a =
+        run_consumer(Consumer::new(fx.db.clone(), bus.clone(), "app", sub, a.clone()).unwrap());
+    registered(&stream, "a").await;
+
+    // In one transaction, so that they are relayed, pulled and handled as one batch.
+    let events = [event("o-before"), event("o-swallowed"), event("o-after")];
+    fx.emit_all(&events).await;
+    let _relay = run_relay(Relay::new(fx.db.clone(), "app", bus.clone()).unwrap());
+    let dead = eventually("the swallowed event is dead-lettered", || async {
+        let dead = dead_letters::list(&fx.db, Some("a")).await.unwrap();
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].event_id, events[1].id);
+    assert!(
+        dead[0].last_error.contains("transaction had failed"),
+        "{}",
+        dead[0].last_error
+    );
+    drained(&fx, &stream).await;
+    let mut handled = fx.effects("a").await;
+    handled.sort();
+    let mut expected = vec![events[0].id, events[2].id];
+    expected.sort();
+    assert_eq!(handled, expected, "the others are handled, once each");
+}

@@ -102,6 +102,8 @@ impl NatsBus {
         };
         if !wait_connected(&bus.client, STARTUP_WAIT).await {
             tracing::warn!(%url, "NATS is not reachable; starting without it (events wait in the outboxes, consumers keep trying)");
+        } else if let Err(error) = bus.stream().await {
+            tracing::warn!(%url, %error, "the NATS stream could not be set up yet; it will be before the first publish");
         }
         Ok(bus)
     }

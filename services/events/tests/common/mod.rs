@@ -137,6 +137,7 @@ struct State {
     failing: AtomicBool,
     permanent: AtomicBool,
     poisoned: Mutex<Option<String>>,
+    swallowing: Mutex<Option<String>>,
 }
 
 impl Recorder {
@@ -157,6 +158,12 @@ impl Recorder {
     /// Makes every call for events keyed `key` fail permanently, and no other.
     pub fn poison(&self, key: &str) {
         *self.state.poisoned.lock().unwrap() = Some(key.to_owned());
+    }
+
+    /// Makes every call for events keyed `key` run a failing statement, ignore its error and
+    /// report success: a buggy handler, which leaves its transaction aborted.
+    pub fn swallow(&self, key: &str) {
+        *self.state.swallowing.lock().unwrap() = Some(key.to_owned());
     }
 
     /// How many times the handler ran.
@@ -184,6 +191,12 @@ impl Handler for Recorder {
             &[&self.name, &event.id],
         )
         .await?;
+        let swallowing = self.state.swallowing.lock().unwrap().clone();
+        if swallowing.as_deref() == Some(event.key.as_str()) {
+            let failed = tx.execute("SELECT 1 / 0", &[]).await;
+            assert!(failed.is_err(), "the statement fails");
+            return Ok(());
+        }
         if self.state.poisoned.lock().unwrap().as_deref() == Some(event.key.as_str()) {
             return Err(HandlerError::Permanent(format!("poisoned {}", event.key)));
         }
