@@ -147,27 +147,28 @@ async fn events_flow_over_nats_jetstream() {
 }
 
 /// NATS down when the services start (not up yet, or restarting, as in a cluster where pods
-/// start in any order): they start anyway and take orders, whose events wait in the outboxes;
-/// once NATS is up, the subscriptions are registered before the first publish and the events
-/// are delivered. The command pipeline's JetStream queue starts without NATS too.
+/// start in any order): they start anyway and take orders, whose events wait in the outboxes.
+/// Once NATS is up, the platform's subscriptions are registered before the first publish:
+/// the notifications process, started only after everything was published, still gets the
+/// events (JetStream drops a message no consumer exists for). The command pipeline's
+/// JetStream queue starts without NATS too.
 #[tokio::test]
 async fn services_start_without_nats_and_deliver_once_it_is_up() {
     let port = free_port();
     let url = format!("nats://127.0.0.1:{port}");
+    let bus = ["--event-bus", "nats", "--nats-url", &url];
     let db = TestDb::new().await;
     let started = std::time::Instant::now();
-    let server = Waybill::serve(
+    let publishers = Waybill::serve(
         &db,
         &[
-            "--event-bus",
-            "nats",
-            "--nats-url",
-            &url,
-            "--command-queue",
-            "nats",
-        ],
+            &["--services", "orders,inventory,delivery,commands"][..],
+            &["--command-queue", "nats"][..],
+            &bus[..],
+        ]
+        .concat(),
     );
-    let order = place_one(server.channel().await, "c-nats-later").await;
+    let order = place_one(publishers.channel().await, "c-nats-later").await;
     assert_eq!(order.status(), pb::OrderStatus::Confirmed);
     assert!(
         started.elapsed() < std::time::Duration::from_secs(20),
@@ -178,15 +179,19 @@ async fn services_start_without_nats_and_deliver_once_it_is_up() {
     assert!(db.count("orders.outbox").await > 0);
 
     let _nats = NatsServer::start_on(port).await;
-    assert_eq!(
-        notification_kinds(server.channel().await, "c-nats-later", 2).await,
-        expected_after_confirmation()
-    );
-    eventually("the outboxes drain", || async {
+    eventually("the outboxes are published", || async {
         (db.count("orders.outbox").await == 0 && db.count("delivery.outbox").await == 0)
             .then_some(())
     })
     .await;
+    let consumer = Waybill::serve(
+        &db,
+        &[&["--services", "notifications"][..], &bus[..]].concat(),
+    );
+    assert_eq!(
+        notification_kinds(consumer.channel().await, "c-nats-later", 2).await,
+        expected_after_confirmation()
+    );
     assert_eq!(db.count("bus.messages").await, 0);
 }
 

@@ -371,7 +371,7 @@ async fn call(
                     )),
                 }),
                 user_id: customer,
-                idempotency_key: format!("loadgen-{}-{sequence}", std::process::id()),
+                idempotency_key: format!("loadgen-{}-{sequence}", run_id()),
             });
             request.set_timeout(timeout);
             clients.commands[connection]
@@ -404,7 +404,7 @@ async fn call(
                 zone: String::new(),
             });
             request.set_timeout(timeout);
-            let key = format!("loadgen-{}-{sequence}", std::process::id());
+            let key = format!("loadgen-{}-{sequence}", run_id());
             if let Ok(key) = key.parse() {
                 request.metadata_mut().insert("idempotency-key", key);
             }
@@ -512,4 +512,12 @@ async fn track(
         expect(updates.message().await?, next)?;
     }
     Ok(())
+}
+
+/// This run's part of the idempotency keys it sends. Keys are remembered (an order keeps its
+/// key for good, a command for its retention), so a later run must not reuse them; a process
+/// id would (containers start at 1).
+fn run_id() -> &'static str {
+    static RUN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    RUN.get_or_init(|| uuid::Uuid::now_v7().simple().to_string())
 }

@@ -22,7 +22,7 @@
 //! handler whose commit the database never confirmed (a lost connection) answers UNAVAILABLE,
 //! which releases the key. Handlers whose effects must be exactly-once also key their own
 //! writes: the layer hands the call's [`KeyId`] to the handler in the request's extensions,
-//! and [`KeyId::digest`] is stable across repeats (orders derive a placed order's id from it).
+//! and [`KeyId::digest`] is stable across repeats (orders store it, uniquely, with the order).
 //!
 //! The caller is the `waybill-caller` metadata value until mTLS identities exist (a claim,
 //! not a proof: it scopes keys, it does not secure them).

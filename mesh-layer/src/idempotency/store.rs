@@ -19,8 +19,8 @@ pub struct KeyId {
 
 impl KeyId {
     /// A SHA-256 of (caller, method, key): the same for every repeat of the call, different
-    /// for any other. Handlers whose own writes must be exactly-once derive their row's id
-    /// from it, so a repeat the layer let through after all (its claim released when the
+    /// for any other. Handlers whose own writes must be exactly-once store it with their row
+    /// under a unique index, so a repeat the layer let through after all (its claim released when the
     /// database failed to confirm a commit, or expired) finds the first call's row. The layer
     /// puts the `KeyId` of a keyed call in the request's extensions.
     pub fn digest(&self) -> [u8; 32] {

@@ -50,8 +50,9 @@ const STARTUP_WAIT: Duration = Duration::from_secs(2);
 pub struct JetStream {
     client: async_nats::Client,
     js: jetstream::Context,
-    /// Set once this process has created (or updated) the stream.
-    stream_ready: std::sync::Arc<tokio::sync::OnceCell<()>>,
+    /// Whether the stream is known to exist; cleared when a call fails, so that a NATS that
+    /// came back without its storage gets the stream again.
+    stream_ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl JetStream {
@@ -94,33 +95,47 @@ impl JetStream {
         }
     }
 
-    /// Creates or updates the stream, once per process.
+    /// Creates or updates the stream unless it is known to exist.
     async fn stream(&self) -> Result<(), String> {
+        use std::sync::atomic::Ordering;
         self.connected()?;
-        self.stream_ready
-            .get_or_try_init(|| async {
-                self.js
-                    .create_or_update_stream(stream::Config {
-                        name: STREAM.to_owned(),
-                        subjects: vec!["waybill-commands.*".to_owned()],
-                        storage: stream::StorageType::File,
-                        // A message is gone once one worker acked it: a queue, not a log.
-                        retention: stream::RetentionPolicy::WorkQueue,
-                        duplicate_window: DUPLICATE_WINDOW,
-                        ..Default::default()
-                    })
-                    .await
-                    .map(drop)
-                    .map_err(|e| format!("create stream {STREAM}: {e}"))
+        if self.stream_ready.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.js
+            .create_or_update_stream(stream::Config {
+                name: STREAM.to_owned(),
+                subjects: vec!["waybill-commands.*".to_owned()],
+                storage: stream::StorageType::File,
+                // A message is gone once one worker acked it: a queue, not a log.
+                retention: stream::RetentionPolicy::WorkQueue,
+                duplicate_window: DUPLICATE_WINDOW,
+                ..Default::default()
             })
             .await
-            .copied()
+            .map_err(|e| format!("create stream {STREAM}: {e}"))?;
+        self.stream_ready.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// `result`, after forgetting that the stream exists if it is an error.
+    fn checked<T>(&self, result: Result<T, String>) -> Result<T, String> {
+        if result.is_err() {
+            self.stream_ready
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+        result
     }
 
     /// Publishes one message per `(shard, id, message id)` and waits for every ack. The
     /// message id deduplicates a publish retried within the window; a requeue needs its own.
     pub async fn publish(&self, dispatches: &[Dispatch]) -> Result<(), String> {
         self.stream().await?;
+        let published = self.publish_to_stream(dispatches).await;
+        self.checked(published)
+    }
+
+    async fn publish_to_stream(&self, dispatches: &[Dispatch]) -> Result<(), String> {
         let mut acks = Vec::with_capacity(dispatches.len());
         for (shard, id, message_id) in dispatches {
             let message = PublishMessage::build()
@@ -148,6 +163,16 @@ impl JetStream {
         batch: usize,
     ) -> Result<pull::Stream, String> {
         self.stream().await?;
+        let opened = self.open_pull(shard, ack_wait, batch).await;
+        self.checked(opened)
+    }
+
+    async fn open_pull(
+        &self,
+        shard: i32,
+        ack_wait: Duration,
+        batch: usize,
+    ) -> Result<pull::Stream, String> {
         let stream = self
             .js
             .get_stream(STREAM)

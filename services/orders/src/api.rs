@@ -49,16 +49,6 @@ impl OrdersApi {
     }
 }
 
-/// The id of the order a keyed PlaceOrder places: the same for every repeat of the call, so
-/// a repeat finds the first one's order even when the idempotency layer has let go of the key
-/// (see `mesh_layer::idempotency`). Version 8 (custom): the digest's first 16 bytes.
-fn order_id_for_key(key: &KeyId) -> uuid::Uuid {
-    let digest = key.digest();
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&digest[..16]);
-    uuid::Builder::from_custom_bytes(bytes).into_uuid()
-}
-
 #[tonic::async_trait]
 impl pb::orders_service_server::OrdersService for OrdersApi {
     async fn place_order(
@@ -68,10 +58,7 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
         // PlaceOrder's slot under its cap (crate::PLACE_ORDER) goes with the saga, which may
         // outlive this call (a caller that hangs up, a deadline), so the cap bounds sagas.
         let slot = request.extensions().get::<CapSlot>().cloned();
-        let id = request
-            .extensions()
-            .get::<KeyId>()
-            .map_or_else(uuid::Uuid::now_v7, order_id_for_key);
+        let placement_key = request.extensions().get::<KeyId>().map(KeyId::digest);
         let request = request.into_inner();
         let items = request
             .items
@@ -91,7 +78,12 @@ impl pb::orders_service_server::OrdersService for OrdersApi {
         let traceparent = waybill_runtime::telemetry::current_traceparent().unwrap_or_default();
         let order = match self
             .store
-            .insert(id, &new_order, self.sagas.settings().lease, &traceparent)
+            .insert(
+                placement_key,
+                &new_order,
+                self.sagas.settings().lease,
+                &traceparent,
+            )
             .await?
         {
             Placed::New(order) => order,

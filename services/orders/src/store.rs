@@ -48,8 +48,8 @@ static CONFIRM: LazyLock<String> = LazyLock::new(|| {
 pub enum Placed {
     /// The order is new: stored PENDING with its saga.
     New(Order),
-    /// An order with that id was already stored (by an earlier run of the same keyed call);
-    /// here it is as it stands now. Nothing was written.
+    /// An order with that placement key was already stored (by an earlier run of the same
+    /// keyed call); here it is as it stands now. Nothing was written.
     Existing(Order),
 }
 
@@ -72,13 +72,15 @@ pub struct OrderStore {
 /// An order waiting for its batch ([`OrderStore::insert`]).
 struct PendingInsert {
     id: Uuid,
+    /// The digest of a keyed call's idempotency key ([`OrderStore::insert`]).
+    placement_key: Option<[u8; 32]>,
     order: NewOrder,
     lease_seconds: f64,
     traceparent: String,
 }
 
-/// A stored order's `created_at` and `updated_at`, or `None` when an order with its id was
-/// already there (a repeat of a keyed placement: [`OrderStore::insert`]).
+/// A stored order's `created_at` and `updated_at`, or `None` when an order with its placement
+/// key was already there (a repeat of a keyed placement: [`OrderStore::insert`]).
 type Inserted = Result<Option<(Timestamp, Timestamp)>, DbError>;
 type Timestamp = chrono::DateTime<chrono::Utc>;
 
@@ -100,33 +102,38 @@ impl OrderStore {
             INSERT_BATCH,
             INSERT_QUEUE,
             // The mesh layer gives a PlaceOrder's key up when the call is abandoned, and its
-            // retry places the order anew: storing the abandoned one too would make two.
+            // retry places the order anew. A keyed one would find the abandoned order by its
+            // placement key if it were stored, but an unkeyed one would make two; and a caller
+            // that gave up before its order was even queued for a writer expects none.
             Abandoned::Skip,
             move |batch| insert_batch(writer_db.clone(), batch),
         );
         Self { db, inserts }
     }
 
-    /// Stores a new PENDING order as `id` with its items and its saga (FORWARD, leased to the
-    /// caller for `lease`, started by the call traced as `traceparent`), atomically, unless an
-    /// order `id` exists already: then that one is returned, unchanged. Concurrent orders
-    /// share one statement and one commit ([`GroupCommit`]).
+    /// Stores a new PENDING order with its items and its saga (FORWARD, leased to the caller
+    /// for `lease`, started by the call traced as `traceparent`), atomically, unless an order
+    /// with `placement_key` (a keyed call's [`mesh_layer::idempotency::KeyId::digest`])
+    /// exists already: then that one is returned, unchanged. Concurrent orders share one
+    /// statement and one commit ([`GroupCommit`]).
     #[tracing::instrument(name = "orders.insert", level = "debug", skip_all, fields(
         otel.kind = "client", db.system = "postgresql", db.operation.name = "insert",
         db.namespace, waybill.db.role))]
     pub async fn insert(
         &self,
-        id: Uuid,
+        placement_key: Option<[u8; 32]>,
         order: &NewOrder,
         lease: Duration,
         traceparent: &str,
     ) -> Result<Placed, DbError> {
+        let id = Uuid::now_v7();
         // The writer task takes the connection; the span still says where its work went.
         self.db.note_primary();
         let stored = self
             .inserts
             .submit(PendingInsert {
                 id,
+                placement_key,
                 order: order.clone(),
                 lease_seconds: lease.as_secs_f64(),
                 traceparent: traceparent.to_owned(),
@@ -134,10 +141,22 @@ impl OrderStore {
             .await
             .map_err(|refused| DbError::Unavailable(refused.to_string()))??;
         let Some((created_at, updated_at)) = stored else {
-            let existing = self.get_current(id).await?.ok_or_else(|| {
-                DbError::Invariant(format!("order {id} conflicted on insert but is gone"))
-            })?;
-            return Ok(Placed::Existing(existing));
+            let client = self.db.primary().await?;
+            let statement = client
+                .prepare_cached(&format!(
+                    "SELECT {ORDER_COLUMNS} FROM orders.orders o WHERE o.placement_key = $1"
+                ))
+                .await?;
+            let key = placement_key.as_ref().map(|k| k.as_slice());
+            let existing = client
+                .query_opt(&statement, &[&key])
+                .await?
+                .ok_or_else(|| {
+                    DbError::Invariant(
+                        "an order's placement key conflicted, and no order has it".into(),
+                    )
+                })?;
+            return Ok(Placed::Existing(order_from_row(&existing)?));
         };
         Ok(Placed::New(Order {
             id,
@@ -641,13 +660,11 @@ async fn insert_batch(db: Db, batch: Vec<PendingInsert>) -> Vec<Inserted> {
 /// [`insert_batch`]'s statement: the orders, their items and their sagas, atomically (data-
 /// modifying CTEs, no explicit transaction). Answers in `batch`'s order.
 async fn insert_rows(db: &Db, batch: &[PendingInsert]) -> Result<Vec<Inserted>, DbError> {
-    // Two placements with one id in a batch (repeats of one keyed call): the first is stored,
-    // the rest find it. Without this, both would insert their items under the same order.
-    let batch_order: Vec<Uuid> = batch.iter().map(|p| p.id).collect();
-    let mut seen = std::collections::HashSet::with_capacity(batch.len());
-    let unique: Vec<&PendingInsert> = batch.iter().filter(|p| seen.insert(p.id)).collect();
-    let batch = unique.as_slice();
     let ids: Vec<Uuid> = batch.iter().map(|p| p.id).collect();
+    let placement_keys: Vec<Option<&[u8]>> = batch
+        .iter()
+        .map(|p| p.placement_key.as_ref().map(|k| k.as_slice()))
+        .collect();
     let customers: Vec<&str> = batch.iter().map(|p| p.order.customer_id.as_str()).collect();
     let addresses: Vec<&str> = batch
         .iter()
@@ -685,6 +702,7 @@ async fn insert_rows(db: &Db, batch: &[PendingInsert]) -> Result<Vec<Inserted>, 
                 &line_nos,
                 &skus,
                 &quantities,
+                &placement_keys,
             ],
         )
         .await?;
@@ -693,20 +711,22 @@ async fn insert_rows(db: &Db, batch: &[PendingInsert]) -> Result<Vec<Inserted>, 
         let id: Uuid = row.try_get(0)?;
         stamps.insert(id, (row.try_get(1)?, row.try_get(2)?));
     }
-    // An id the statement did not return was already stored; so was a repeat in this batch
-    // (its first placement took the stamps).
-    Ok(batch_order.iter().map(|id| Ok(stamps.remove(id))).collect())
+    // An order the statement did not return had its placement key taken, by an order stored
+    // before or by a repeat earlier in this batch.
+    Ok(ids.iter().map(|id| Ok(stamps.remove(id))).collect())
 }
 
-/// New orders ($1–$6, one element per order), their items ($7–$10, one element per line) and
-/// their sagas, in one statement.
+/// New orders ($1–$6 and $11, one element per order), their items ($7–$10, one element per
+/// line) and their sagas, in one statement. An order whose placement key is taken (already,
+/// or by an earlier row of the batch) is skipped with its items and saga.
 const INSERT: &str = "WITH input AS (
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::text[])
-             AS i(id, customer_id, delivery_address, zone, lease, traceparent)
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::text[],
+                              $11::bytea[])
+             AS i(id, customer_id, delivery_address, zone, lease, traceparent, placement_key)
      ), placed AS (
-         INSERT INTO orders.orders (id, customer_id, delivery_address, status, zone)
-         SELECT id, customer_id, delivery_address, 'PENDING', zone FROM input
-         ON CONFLICT (id) DO NOTHING
+         INSERT INTO orders.orders (id, customer_id, delivery_address, status, zone, placement_key)
+         SELECT id, customer_id, delivery_address, 'PENDING', zone, placement_key FROM input
+         ON CONFLICT (placement_key) WHERE placement_key IS NOT NULL DO NOTHING
          RETURNING id, created_at, updated_at
      ), lines AS (
          INSERT INTO orders.order_items (order_id, line_no, sku, quantity)

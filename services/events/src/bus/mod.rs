@@ -43,7 +43,7 @@ pub struct BusConfig {
 
 impl BusConfig {
     /// Connects the configured bus. Postgres: the `bus` schema of `db` (the services'
-    /// database). NATS: connects and creates or updates the stream.
+    /// database). NATS: see [`Bus::nats`].
     pub async fn connect(&self, db: Db) -> Result<Bus, BusError> {
         let bus = match self.event_bus {
             BusKind::Postgres => Bus::postgres(db),

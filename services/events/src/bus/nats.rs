@@ -163,7 +163,15 @@ impl NatsBus {
                     .map(|w| w.clone())
                     .unwrap_or_default();
                 for subscription in &waiting {
-                    self.register(subscription).await?;
+                    if let Err(error) = self.register(subscription).await {
+                        // Not reachable: try again before the next publish. Refused by the
+                        // server (a consumer limit, a conflicting durable): retrying would
+                        // not help, and holding back every event of this process for one
+                        // subscription would be worse; its consumer registers it itself.
+                        self.connected()?;
+                        tracing::error!(%error, subscription = subscription.name(),
+                            "NATS refused a subscription; publishing without it");
+                    }
                 }
                 Ok::<_, BusError>(())
             })
@@ -178,6 +186,9 @@ impl NatsBus {
         events: &[Event],
         replay: Option<(&str, &str)>,
     ) -> Result<(), BusError> {
+        if events.is_empty() {
+            return Ok(());
+        }
         self.ready().await?;
         let mut acks = Vec::with_capacity(events.len());
         for event in events {
