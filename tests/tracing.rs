@@ -306,6 +306,17 @@ async fn a_placed_order_is_one_trace_across_services_and_the_bus() {
     assert_eq!(insert.str("db.system"), Some("postgresql"));
     assert_eq!(insert.str("waybill.db.role"), Some("primary"));
     assert_eq!(insert.str("db.namespace"), Some(db.name.as_str()));
+    // Time queued for a group-commit writer is told apart from the statement's.
+    assert!(
+        insert.int("waybill.group_commit.batch_size") >= Some(1),
+        "{insert:?}"
+    );
+    assert!(
+        insert
+            .double("waybill.group_commit.queued_ms")
+            .is_some_and(|ms| ms >= 0.0),
+        "{insert:?}"
+    );
     let listing = trace.named("waybill-orders", "orders.list_by_customer");
     assert_eq!(listing.str("waybill.db.role"), Some("replica"));
 

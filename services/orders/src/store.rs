@@ -118,7 +118,8 @@ impl OrderStore {
     /// statement and one commit ([`GroupCommit`]).
     #[tracing::instrument(name = "orders.insert", level = "debug", skip_all, fields(
         otel.kind = "client", db.system = "postgresql", db.operation.name = "insert",
-        db.namespace, waybill.db.role))]
+        db.namespace, waybill.db.role, waybill.group_commit.queued_ms,
+        waybill.group_commit.batch_size))]
     pub async fn insert(
         &self,
         placement_key: Option<[u8; 32]>,

@@ -10,7 +10,18 @@
 
 use std::{future::Future, sync::Arc};
 
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::{
+    sync::{Mutex, mpsc, oneshot},
+    time::Instant,
+};
+
+/// The span fields [`GroupCommit::submit`] fills in on the caller's span, when it declares
+/// them (`tracing::field::Empty`): how long the write queued before a writer gathered it, in
+/// milliseconds, and how many writes its batch held. Without them, a span around a write
+/// would count the queueing as database time.
+pub const QUEUED_MS: &str = "waybill.group_commit.queued_ms";
+/// See [`QUEUED_MS`].
+pub const BATCH_SIZE: &str = "waybill.group_commit.batch_size";
 
 /// Why a write got no answer from its batch.
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +47,14 @@ pub enum Abandoned {
 
 struct Pending<T, R> {
     item: T,
-    reply: oneshot::Sender<R>,
+    reply: oneshot::Sender<Answer<R>>,
+}
+
+/// A write's answer, with when its batch was gathered and how large it was.
+struct Answer<R> {
+    answer: R,
+    gathered: Instant,
+    batch_size: usize,
 }
 
 /// A queue of writes of one kind and the tasks that store them in batches. Cheap to clone.
@@ -87,8 +105,10 @@ impl<T: Send + 'static, R: Send + 'static> GroupCommit<T, R> {
 
     /// Stores `item` with whatever else is queued, and returns its answer once its batch
     /// committed (or failed). A caller that gives up waiting takes its write back only with
-    /// [`Abandoned::Skip`], and only if its batch has not been gathered yet.
+    /// [`Abandoned::Skip`], and only if its batch has not been gathered yet. Records
+    /// [`QUEUED_MS`] and [`BATCH_SIZE`] on the current span.
     pub async fn submit(&self, item: T) -> Result<R, Refused> {
+        let submitted = Instant::now();
         let (reply, answer) = oneshot::channel();
         self.queue
             .try_send(Pending { item, reply })
@@ -96,7 +116,19 @@ impl<T: Send + 'static, R: Send + 'static> GroupCommit<T, R> {
                 mpsc::error::TrySendError::Full(_) => Refused::Full,
                 mpsc::error::TrySendError::Closed(_) => Refused::Lost,
             })?;
-        answer.await.map_err(|_| Refused::Lost)
+        let Answer {
+            answer,
+            gathered,
+            batch_size,
+        } = answer.await.map_err(|_| Refused::Lost)?;
+        let span = tracing::Span::current();
+        if !span.is_disabled() {
+            let queued = gathered.saturating_duration_since(submitted);
+            span.record(QUEUED_MS, queued.as_secs_f64() * 1e3);
+            // i64: tracing-opentelemetry exports a u64 as a string.
+            span.record(BATCH_SIZE, i64::try_from(batch_size).unwrap_or(i64::MAX));
+        }
+        Ok(answer)
     }
 }
 
@@ -127,10 +159,16 @@ async fn run<T, R, F, Fut>(
         if items.is_empty() {
             continue;
         }
-        crate::metrics::group_commit_batch(kind, items.len());
+        let gathered = Instant::now();
+        let batch_size = items.len();
+        crate::metrics::group_commit_batch(kind, batch_size);
         // Fewer answers than writes leaves the rest to `Refused::Lost` (their senders drop).
         for (reply, answer) in replies.into_iter().zip(write(items).await) {
-            let _ = reply.send(answer);
+            let _ = reply.send(Answer {
+                answer,
+                gathered,
+                batch_size,
+            });
         }
     }
 }

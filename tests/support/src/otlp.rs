@@ -86,6 +86,14 @@ impl ReceivedSpan {
             _ => None,
         }
     }
+
+    /// A floating-point attribute's value.
+    pub fn double(&self, key: &str) -> Option<f64> {
+        match self.attribute(key)? {
+            Value::DoubleValue(value) => Some(*value),
+            _ => None,
+        }
+    }
 }
 
 fn find<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a Value> {
