@@ -21,6 +21,15 @@ use waybill_test_support::{
     NatsServer, TestDb, Waybill, courier, eventually, free_port, stock, waybill_bin,
 };
 
+/// Waits until the relays have moved every event out of the orders and delivery outboxes.
+async fn outboxes_relayed(db: &TestDb) {
+    eventually("the outboxes are relayed", || async {
+        (db.count("orders.outbox").await == 0 && db.count("delivery.outbox").await == 0)
+            .then_some(())
+    })
+    .await;
+}
+
 /// Stocks an item and a courier, places one order, and returns it.
 async fn place_one(channel: Channel, customer: &str) -> pb::Order {
     stock(&channel, "SKU-1", 10).await;
@@ -105,11 +114,7 @@ async fn events_flow_over_the_postgres_bus() {
         expected_after_confirmation()
     );
     // Relayed: nothing left in the outboxes.
-    eventually("the outboxes drain", || async {
-        (db.count("orders.outbox").await == 0 && db.count("delivery.outbox").await == 0)
-            .then_some(())
-    })
-    .await;
+    outboxes_relayed(&db).await;
 }
 
 /// The inbox is the consumer's memory of handled events; past the bus's inbox retention
@@ -179,11 +184,7 @@ async fn services_start_without_nats_and_deliver_once_it_is_up() {
     assert!(db.count("orders.outbox").await > 0);
 
     let _nats = NatsServer::start_on(port).await;
-    eventually("the outboxes are published", || async {
-        (db.count("orders.outbox").await == 0 && db.count("delivery.outbox").await == 0)
-            .then_some(())
-    })
-    .await;
+    outboxes_relayed(&db).await;
     let consumer = Waybill::serve(
         &db,
         &[&["--services", "notifications"][..], &bus[..]].concat(),
@@ -214,11 +215,7 @@ async fn nats_events_published_before_their_consumer_first_ran_are_delivered() {
         let order = place_one(publishers.channel().await, &format!("c-late-{n}")).await;
         assert_eq!(order.status(), pb::OrderStatus::Confirmed);
     }
-    eventually("the outboxes are published", || async {
-        (db.count("orders.outbox").await == 0 && db.count("delivery.outbox").await == 0)
-            .then_some(())
-    })
-    .await;
+    outboxes_relayed(&db).await;
     let consumer = Waybill::serve(
         &db,
         &[&["--services", "notifications"][..], &bus[..]].concat(),

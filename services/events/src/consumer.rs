@@ -577,11 +577,22 @@ impl Inbox<'_> {
                     }
                     None => expect_open(&tx).await,
                 };
-                if let Err(error) = checked {
-                    tx.rollback().await?;
-                    return Ok(Err(HandlerError::Retry(format!(
-                        "the handler returned success but its transaction had failed: {error}"
-                    ))));
+                match checked {
+                    Ok(()) => {}
+                    // A statement of the handler failed and the handler hid it.
+                    Err(error)
+                        if error.sqlstate()
+                            == Some(
+                                &tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION,
+                            ) =>
+                    {
+                        tx.rollback().await?;
+                        return Ok(Err(HandlerError::Retry(format!(
+                            "the handler returned success but its transaction had failed: {error}"
+                        ))));
+                    }
+                    // The database's own failure (the transaction rolls back when dropped).
+                    Err(error) => return Err(error),
                 }
                 tx.commit().await?;
                 Ok(Ok(true))

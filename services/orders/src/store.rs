@@ -726,7 +726,10 @@ const INSERT: &str = "WITH input AS (
              AS i(id, customer_id, delivery_address, zone, lease, traceparent, placement_key)
      ), placed AS (
          INSERT INTO orders.orders (id, customer_id, delivery_address, status, zone, placement_key)
+         -- In key order: two batches that share keys then wait for each other in one order
+         -- and cannot deadlock.
          SELECT id, customer_id, delivery_address, 'PENDING', zone, placement_key FROM input
+         ORDER BY placement_key
          ON CONFLICT (placement_key) WHERE placement_key IS NOT NULL DO NOTHING
          RETURNING id, created_at, updated_at
      ), lines AS (

@@ -246,6 +246,14 @@ pub enum DbError {
 }
 
 impl DbError {
+    /// The SQLSTATE the server answered with, if the failure is a statement's.
+    pub fn sqlstate(&self) -> Option<&SqlState> {
+        match self {
+            DbError::Query(error) | DbError::Conflict(error) => error.code(),
+            _ => None,
+        }
+    }
+
     /// The same failure for each of `n` callers (a batch's writes), of the same kind for a
     /// client: retryable (UNAVAILABLE) if this one is, otherwise an internal error. DbError is
     /// not Clone (a driver error is not).

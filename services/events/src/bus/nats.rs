@@ -9,7 +9,7 @@ use async_nats::{
         self, AckKind,
         consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
         message::PublishMessage,
-        stream,
+        stream::{self, ConsumerErrorKind},
     },
 };
 use chrono::{DateTime, Utc};
@@ -55,9 +55,10 @@ const STARTUP_WAIT: Duration = Duration::from_secs(2);
 pub(crate) struct NatsBus {
     client: async_nats::Client,
     js: jetstream::Context,
-    /// Set once this process has created (or updated) the stream and registered the
-    /// subscriptions it must before publishing; until then every publish tries again.
-    ready: tokio::sync::OnceCell<()>,
+    /// Whether the stream and the subscriptions registered before publishing are known to
+    /// exist: until they are, every publish sets them up first, and a failed publish clears
+    /// it (a NATS that came back without its storage has neither).
+    ready: std::sync::atomic::AtomicBool,
     /// The subscriptions that must exist before this process publishes anything
     /// ([`NatsBus::register_before_publishing`]).
     before_publishing: std::sync::Mutex<Vec<Subscription>>,
@@ -65,6 +66,14 @@ pub(crate) struct NatsBus {
 
 fn nats_error(what: &str, error: impl std::fmt::Display) -> BusError {
     BusError::Nats(format!("{what}: {error}"))
+}
+
+/// Why a subscription was not registered.
+enum Registration {
+    /// The server answered no.
+    Refused(BusError),
+    /// No answer: not connected, or the request failed or timed out.
+    Failed(BusError),
 }
 
 /// Whether `client` connected within `limit` (checked every 10 ms).
@@ -97,7 +106,7 @@ impl NatsBus {
         let bus = Self {
             js: jetstream::new(client.clone()),
             client,
-            ready: tokio::sync::OnceCell::new(),
+            ready: std::sync::atomic::AtomicBool::new(false),
             before_publishing: std::sync::Mutex::new(Vec::new()),
         };
         if !wait_connected(&bus.client, STARTUP_WAIT).await {
@@ -154,29 +163,33 @@ impl NatsBus {
 
     /// The stream exists and so do the subscriptions registered before publishing.
     async fn ready(&self) -> Result<(), BusError> {
-        self.ready
-            .get_or_try_init(|| async {
-                self.stream().await?;
-                let waiting = self
-                    .before_publishing
-                    .lock()
-                    .map(|w| w.clone())
-                    .unwrap_or_default();
-                for subscription in &waiting {
-                    if let Err(error) = self.register(subscription).await {
-                        // Not reachable: try again before the next publish. Refused by the
-                        // server (a consumer limit, a conflicting durable): retrying would
-                        // not help, and holding back every event of this process for one
-                        // subscription would be worse; its consumer registers it itself.
-                        self.connected()?;
-                        tracing::error!(%error, subscription = subscription.name(),
-                            "NATS refused a subscription; publishing without it");
-                    }
+        use std::sync::atomic::Ordering;
+        if self.ready.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.stream().await?;
+        let waiting = self
+            .before_publishing
+            .lock()
+            .map(|w| w.clone())
+            .unwrap_or_default();
+        for subscription in &waiting {
+            match self.try_register(subscription).await {
+                Ok(_) => {}
+                // The server answered no (a consumer limit, a durable whose settings cannot
+                // change): asking again will not help, and holding back every event of this
+                // process for one subscription would be worse; its consumer registers it
+                // itself, and says why it cannot.
+                Err(Registration::Refused(error)) => {
+                    tracing::error!(%error, subscription = subscription.name(),
+                        "NATS refused a subscription; publishing without it");
                 }
-                Ok::<_, BusError>(())
-            })
-            .await
-            .copied()
+                // No answer (not connected, a timeout): try again before the next publish.
+                Err(Registration::Failed(error)) => return Err(error),
+            }
+        }
+        self.ready.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Publishes `events` in order and waits for every ack. `replay` marks a dead letter's
@@ -190,6 +203,19 @@ impl NatsBus {
             return Ok(());
         }
         self.ready().await?;
+        let published = self.publish_ready(events, replay).await;
+        if published.is_err() {
+            self.ready
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
+        published
+    }
+
+    async fn publish_ready(
+        &self,
+        events: &[Event],
+        replay: Option<(&str, &str)>,
+    ) -> Result<(), BusError> {
         let mut acks = Vec::with_capacity(events.len());
         for event in events {
             let mut message = PublishMessage::build()
@@ -268,14 +294,21 @@ impl NatsBus {
     /// Creates or updates `sub`'s durable consumer: from then on the stream keeps its
     /// subjects' messages for it (the stream's retention is by interest). Idempotent.
     pub(crate) async fn register(&self, sub: &Subscription) -> Result<PullConsumer, BusError> {
+        self.try_register(sub).await.map_err(|error| match error {
+            Registration::Refused(error) | Registration::Failed(error) => error,
+        })
+    }
+
+    /// [`NatsBus::register`], telling a refusal from a failure to get an answer.
+    async fn try_register(&self, sub: &Subscription) -> Result<PullConsumer, Registration> {
         // Creating the stream is idempotent and cheap next to creating the consumer, and a
         // consumer needs it: a NATS server that started empty after this process did has none.
-        self.stream().await?;
+        self.stream().await.map_err(Registration::Failed)?;
         let stream = self
             .js
             .get_stream(STREAM)
             .await
-            .map_err(|e| nats_error("get stream", e))?;
+            .map_err(|e| Registration::Failed(nats_error("get stream", e)))?;
         let mut config = pull::Config {
             durable_name: Some(sub.name().to_owned()),
             ack_policy: AckPolicy::Explicit,
@@ -293,10 +326,20 @@ impl NatsBus {
             [only] => subject(only),
             _ => subject(">"),
         };
-        stream
-            .create_consumer(config)
-            .await
-            .map_err(|e| nats_error("create consumer", e))
+        stream.create_consumer(config).await.map_err(|e| {
+            let refused = matches!(
+                e.kind(),
+                ConsumerErrorKind::JetStream(_)
+                    | ConsumerErrorKind::InvalidName
+                    | ConsumerErrorKind::InvalidConsumerType
+            );
+            let error = nats_error("create consumer", e);
+            if refused {
+                Registration::Refused(error)
+            } else {
+                Registration::Failed(error)
+            }
+        })
     }
 
     /// Registers the subscription's durable consumer and starts pulling.
