@@ -211,3 +211,48 @@ async fn a_handler_that_swallows_a_failed_statement_does_not_lose_its_event() {
     expected.sort();
     assert_eq!(handled, expected, "the others are handled, once each");
 }
+
+/// Events that wait behind slow handlers keep their ack wait: none is delivered again while
+/// it waits its turn in this consumer (a redelivery counts as an attempt, and enough of them
+/// would dead-letter an event that never failed).
+#[tokio::test]
+async fn events_waiting_behind_slow_handlers_are_not_delivered_again() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let fx = Fixture::new().await;
+    let bus = nats_bus(&fx, &nats).await;
+    let stream = stream(&nats).await;
+    let a = Recorder::new("a");
+    // Five events of 400 ms each: 2 s of handling, twice the ack wait.
+    a.slow(Duration::from_millis(400));
+    let sub = Subscription::new("a", [TOPIC])
+        .unwrap()
+        .with_ack_wait(Duration::from_secs(1))
+        .with_max_attempts(2);
+    let _a =
+        run_consumer(Consumer::new(fx.db.clone(), bus.clone(), "app", sub, a.clone()).unwrap());
+    registered(&stream, "a").await;
+
+    let events: Vec<_> = (0..5).map(|n| event(&format!("o-slow-{n}"))).collect();
+    fx.emit_all(&events).await;
+    let _relay = run_relay(Relay::new(fx.db.clone(), "app", bus.clone()).unwrap());
+    let mut handled = eventually("every event is handled", || async {
+        let handled = fx.effects("a").await;
+        (handled.len() == events.len()).then_some(handled)
+    })
+    .await;
+    drained(&fx, &stream).await;
+    handled.sort();
+    let mut expected: Vec<_> = events.iter().map(|e| e.id).collect();
+    expected.sort();
+    assert_eq!(handled, expected);
+    let info = stream.consumer_info("a").await.unwrap();
+    assert_eq!(info.num_redelivered, 0, "{info:?}");
+    assert_eq!(a.calls(), 5);
+    assert!(
+        dead_letters::list(&fx.db, Some("a"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}

@@ -68,6 +68,63 @@ fn nats_error(what: &str, error: impl std::fmt::Display) -> BusError {
     BusError::Nats(format!("{what}: {error}"))
 }
 
+/// Longest a pull waits for a message before asking again.
+const PULL_WAIT: Duration = Duration::from_secs(30);
+
+/// The next batch: waits (up to [`PULL_WAIT`]) for one message, then takes whatever else is
+/// there now, up to [`PULL_BATCH`]. Both requests are complete when this returns, so nothing
+/// more is delivered to this process while the batch is handled. Empty when the wait ended
+/// with no message.
+async fn next_batch(consumer: &PullConsumer) -> Result<Vec<jetstream::Message>, BusError> {
+    let mut batch = Vec::with_capacity(PULL_BATCH);
+    let mut first = consumer
+        .batch()
+        .max_messages(1)
+        .expires(PULL_WAIT)
+        .heartbeat(Duration::from_secs(5))
+        .messages()
+        .await
+        .map_err(|e| nats_error("pull", e))?;
+    while let Some(message) = first.next().await {
+        batch.push(message.map_err(|e| nats_error("pull", e))?);
+    }
+    if batch.is_empty() {
+        return Ok(batch);
+    }
+    let mut rest = consumer
+        .fetch()
+        .max_messages(PULL_BATCH - 1)
+        .messages()
+        .await
+        .map_err(|e| nats_error("pull", e))?;
+    while let Some(message) = rest.next().await {
+        batch.push(message.map_err(|e| nats_error("pull", e))?);
+    }
+    Ok(batch)
+}
+
+/// Tells the server, every third of `ack_wait`, that `messages` are still being handled, for
+/// as long as handling them all one after another may take (`ack_wait` each): each event keeps
+/// its own ack wait however many wait before it in the batch, and a batch that hangs is
+/// still delivered again in the end. Never returns before that bound; run it beside the work.
+async fn keep_in_progress(messages: Vec<jetstream::Message>, ack_wait: Duration) {
+    let bound = ack_wait.saturating_mul(u32::try_from(messages.len()).unwrap_or(u32::MAX));
+    let started = tokio::time::Instant::now();
+    let mut ticker = tokio::time::interval(ack_wait / 3);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        if started.elapsed() + ack_wait >= bound {
+            // The last renewal would carry past the bound.
+            return std::future::pending().await;
+        }
+        for message in &messages {
+            // A lost one only means an earlier redelivery, which the inbox absorbs.
+            let _ = message.ack_with(AckKind::Progress).await;
+        }
+    }
+}
+
 /// Why a subscription was not registered.
 enum Registration {
     /// The server answered no.
@@ -239,11 +296,16 @@ impl NatsBus {
     }
 
     /// Runs `inbox`'s subscription until shutdown, reopening the consumer after failures.
+    ///
+    /// Messages are asked for only when the last batch is done, never prefetched: a message
+    /// delivered to this process starts its ack wait at once, and one waiting behind a slow
+    /// batch would be delivered again (an attempt spent, and enough of them dead-letter an
+    /// event that never failed). While a batch is handled, its messages are kept in progress.
     pub(crate) async fn consume<F: Future>(&self, inbox: &Inbox<'_>, shutdown: &mut Shutdown<F>) {
         let mut delay = FAILURE_FIRST;
         while !shutdown.is_done() {
-            let mut messages = match self.open(inbox).await {
-                Ok(messages) => messages,
+            let consumer = match self.register(inbox.subscription).await {
+                Ok(consumer) => consumer,
                 Err(error) => {
                     tracing::warn!(%error, retry_in = ?delay, "cannot open the NATS consumer");
                     shutdown.sleep(delay).await;
@@ -253,37 +315,21 @@ impl NatsBus {
             };
             tracing::info!(topics = ?inbox.subscription.topics(), "subscription registered");
             loop {
-                tokio::select! {
+                let batch = tokio::select! {
                     () = shutdown.wait() => return,
-                    next = messages.next() => match next {
-                        Some(Ok(message)) => {
-                            delay = FAILURE_FIRST;
-                            // With whatever else has arrived: one transaction for them all.
-                            let mut batch = vec![message];
-                            let mut failed = None;
-                            while batch.len() < PULL_BATCH {
-                                // A zero timeout polls once: only messages already here.
-                                match tokio::time::timeout(Duration::ZERO, messages.next()).await {
-                                    Ok(Some(Ok(message))) => batch.push(message),
-                                    Ok(Some(Err(error))) => {
-                                        failed = Some(error);
-                                        break;
-                                    }
-                                    Ok(None) | Err(_) => break,
-                                }
-                            }
-                            self.deliver(inbox, batch).await;
-                            if let Some(error) = failed {
-                                tracing::warn!(%error, retry_in = ?delay, "NATS consumer failed");
-                                break;
-                            }
-                        }
-                        Some(Err(error)) => {
-                            tracing::warn!(%error, retry_in = ?delay, "NATS consumer failed");
-                            break;
-                        }
-                        None => break,
-                    },
+                    batch = next_batch(&consumer) => batch,
+                };
+                match batch {
+                    Ok(batch) if batch.is_empty() => {}
+                    Ok(batch) => {
+                        delay = FAILURE_FIRST;
+                        // One transaction for them all.
+                        self.deliver(inbox, batch).await;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, retry_in = ?delay, "NATS consumer failed");
+                        break;
+                    }
                 }
             }
             shutdown.sleep(delay).await;
@@ -342,22 +388,18 @@ impl NatsBus {
         })
     }
 
-    /// Registers the subscription's durable consumer and starts pulling.
-    async fn open(&self, inbox: &Inbox<'_>) -> Result<pull::Stream, BusError> {
-        self.register(inbox.subscription)
-            .await?
-            .stream()
-            .max_messages_per_batch(PULL_BATCH)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
-            .map_err(|e| nats_error("pull", e))
-    }
-
     /// Handles a batch of messages, their events in one transaction (one by one if that
     /// fails), and acks, naks (retry later) or terminates (dead letter) each.
     async fn deliver(&self, inbox: &Inbox<'_>, messages: Vec<jetstream::Message>) {
+        let in_progress = keep_in_progress(messages.clone(), inbox.subscription.ack_wait());
+        tokio::select! {
+            biased;
+            () = self.deliver_now(inbox, messages) => {}
+            () = in_progress => {}
+        }
+    }
+
+    async fn deliver_now(&self, inbox: &Inbox<'_>, messages: Vec<jetstream::Message>) {
         let mut due = Vec::with_capacity(messages.len());
         for message in messages {
             due.extend(self.admit(inbox, message).await);

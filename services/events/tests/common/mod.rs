@@ -138,6 +138,8 @@ struct State {
     permanent: AtomicBool,
     poisoned: Mutex<Option<String>>,
     swallowing: Mutex<Option<String>>,
+    /// How long each call takes, in milliseconds.
+    slow_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Recorder {
@@ -166,6 +168,12 @@ impl Recorder {
         *self.state.swallowing.lock().unwrap() = Some(key.to_owned());
     }
 
+    /// Makes every call take `delay` (a slow webhook, say).
+    pub fn slow(&self, delay: std::time::Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap();
+        self.state.slow_ms.store(ms, Ordering::SeqCst);
+    }
+
     /// How many times the handler ran.
     pub fn calls(&self) -> u32 {
         self.state.calls.load(Ordering::SeqCst)
@@ -186,6 +194,10 @@ impl Handler for Recorder {
     ) -> Result<(), HandlerError> {
         self.state.calls.fetch_add(1, Ordering::SeqCst);
         self.state.seen.lock().unwrap().push(event.clone());
+        let slow_ms = self.state.slow_ms.load(Ordering::SeqCst);
+        if slow_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(slow_ms)).await;
+        }
         tx.execute(
             "INSERT INTO app.effects (handler, event_id) VALUES ($1, $2)",
             &[&self.name, &event.id],
