@@ -232,6 +232,9 @@ async fn events_waiting_behind_slow_handlers_are_not_delivered_again() {
     let _a =
         run_consumer(Consumer::new(fx.db.clone(), bus.clone(), "app", sub, a.clone()).unwrap());
     registered(&stream, "a").await;
+    // Idle for longer than a pull's heartbeat would be: the first message after a quiet
+    // spell is read at once (async-nats drops the wake-up after a heartbeat).
+    tokio::time::sleep(Duration::from_secs(6)).await;
 
     let events: Vec<_> = (0..5).map(|n| event(&format!("o-slow-{n}"))).collect();
     fx.emit_all(&events).await;

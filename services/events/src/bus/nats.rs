@@ -31,7 +31,7 @@ pub(crate) const STREAM: &str = "WAYBILL";
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// How long an event nobody acked stays in the stream.
 const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
-/// Messages a consumer fetches per pull.
+/// Most messages a consumer takes for one batch (one transaction).
 const PULL_BATCH: usize = 16;
 const FAILURE_FIRST: Duration = Duration::from_millis(200);
 const FAILURE_MAX: Duration = Duration::from_secs(10);
@@ -71,17 +71,24 @@ fn nats_error(what: &str, error: impl std::fmt::Display) -> BusError {
 /// Longest a pull waits for a message before asking again.
 const PULL_WAIT: Duration = Duration::from_secs(30);
 
+/// How long taking what else is there may take (the server answers at once; this only
+/// bounds a reply lost across a reconnect).
+const FETCH_LIMIT: Duration = Duration::from_secs(5);
+
 /// The next batch: waits (up to [`PULL_WAIT`]) for one message, then takes whatever else is
 /// there now, up to [`PULL_BATCH`]. Both requests are complete when this returns, so nothing
 /// more is delivered to this process while the batch is handled. Empty when the wait ended
 /// with no message.
+///
+/// No idle heartbeat: async-nats 0.51's `Batch` returns `Pending` on a heartbeat without
+/// asking to be woken again, which would leave a message that arrives later unread until the
+/// client's own timer (expiry + 5 s) ends the request and drops it.
 async fn next_batch(consumer: &PullConsumer) -> Result<Vec<jetstream::Message>, BusError> {
     let mut batch = Vec::with_capacity(PULL_BATCH);
     let mut first = consumer
         .batch()
         .max_messages(1)
         .expires(PULL_WAIT)
-        .heartbeat(Duration::from_secs(5))
         .messages()
         .await
         .map_err(|e| nats_error("pull", e))?;
@@ -91,14 +98,26 @@ async fn next_batch(consumer: &PullConsumer) -> Result<Vec<jetstream::Message>, 
     if batch.is_empty() {
         return Ok(batch);
     }
-    let mut rest = consumer
-        .fetch()
-        .max_messages(PULL_BATCH - 1)
-        .messages()
-        .await
-        .map_err(|e| nats_error("pull", e))?;
-    while let Some(message) = rest.next().await {
-        batch.push(message.map_err(|e| nats_error("pull", e))?);
+    // From here on a failure keeps what was taken: those messages are this process's now,
+    // and dropping them would cost each an ack wait and an attempt.
+    let rest = async {
+        let mut rest = consumer
+            .fetch()
+            .max_messages(PULL_BATCH - 1)
+            .messages()
+            .await
+            .map_err(|e| nats_error("pull", e))?;
+        while let Some(message) = rest.next().await {
+            batch.push(message.map_err(|e| nats_error("pull", e))?);
+        }
+        Ok::<_, BusError>(())
+    };
+    match tokio::time::timeout(FETCH_LIMIT, rest).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "taking more messages failed; handling those taken")
+        }
+        Err(_) => tracing::debug!("taking more messages had no answer; handling those taken"),
     }
     Ok(batch)
 }
@@ -107,10 +126,14 @@ async fn next_batch(consumer: &PullConsumer) -> Result<Vec<jetstream::Message>, 
 /// as long as handling them all one after another may take (`ack_wait` each): each event keeps
 /// its own ack wait however many wait before it in the batch, and a batch that hangs is
 /// still delivered again in the end. Never returns before that bound; run it beside the work.
-async fn keep_in_progress(messages: Vec<jetstream::Message>, ack_wait: Duration) {
+async fn keep_in_progress(
+    messages: Vec<jetstream::Message>,
+    ack_wait: Duration,
+) -> std::convert::Infallible {
     let bound = ack_wait.saturating_mul(u32::try_from(messages.len()).unwrap_or(u32::MAX));
     let started = tokio::time::Instant::now();
     let mut ticker = tokio::time::interval(ack_wait / 3);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     loop {
         ticker.tick().await;
@@ -391,21 +414,34 @@ impl NatsBus {
     /// Handles a batch of messages, their events in one transaction (one by one if that
     /// fails), and acks, naks (retry later) or terminates (dead letter) each.
     async fn deliver(&self, inbox: &Inbox<'_>, messages: Vec<jetstream::Message>) {
+        // Kept in progress while handled, and no longer once settled: a late Progress after a
+        // Nak would restart the ack wait and override the retry's backoff.
         let in_progress = keep_in_progress(messages.clone(), inbox.subscription.ack_wait());
-        tokio::select! {
+        let handled = tokio::select! {
             biased;
-            () = self.deliver_now(inbox, messages) => {}
-            () = in_progress => {}
+            handled = self.handle(inbox, messages) => handled,
+            never = in_progress => match never {},
+        };
+        for ((message, event, attempts), outcome) in handled {
+            match outcome {
+                Outcome::Handled | Outcome::Duplicate => settle(&message, AckKind::Ack).await,
+                Outcome::Failed(error) => self.fail(inbox, &message, &event, attempts, error).await,
+            }
         }
     }
 
-    async fn deliver_now(&self, inbox: &Inbox<'_>, messages: Vec<jetstream::Message>) {
+    /// Admits and handles a batch; each message with its outcome, to settle.
+    async fn handle(
+        &self,
+        inbox: &Inbox<'_>,
+        messages: Vec<jetstream::Message>,
+    ) -> Vec<((jetstream::Message, Event, u32), Outcome)> {
         let mut due = Vec::with_capacity(messages.len());
         for message in messages {
             due.extend(self.admit(inbox, message).await);
         }
         if due.is_empty() {
-            return;
+            return Vec::new();
         }
         let batch: Vec<(Option<i64>, &Event)> =
             due.iter().map(|(_, event, _)| (None, event)).collect();
@@ -419,12 +455,7 @@ impl NatsBus {
                 outcomes
             }
         };
-        for ((message, event, attempts), outcome) in due.into_iter().zip(outcomes) {
-            match outcome {
-                Outcome::Handled | Outcome::Duplicate => settle(&message, AckKind::Ack).await,
-                Outcome::Failed(error) => self.fail(inbox, &message, &event, attempts, error).await,
-            }
-        }
+        due.into_iter().zip(outcomes).collect()
     }
 
     /// A message's event for the subscription to handle, with the delivery's attempt; `None`
