@@ -135,6 +135,10 @@ SELECT format('per order (%s): %s commits, %s rows inserted, %s updated, %s dele
               round(d.tup_updated::numeric / o.n, 1), round(d.tup_deleted::numeric / o.n, 1))
 FROM pg_stat_database d, (SELECT greatest(count(*), 1) AS n FROM orders.orders) o
 WHERE d.datname = current_database();
+-- Whether the event path kept up: each confirmed order makes 2 notifications.
+SELECT format('notifications recorded by the end: %s per order (2 when the consumer keeps up)',
+              round(count(*)::numeric / (SELECT greatest(count(*), 1) FROM orders.orders), 2))
+FROM notifications.notifications;
 SQL
     if [ -n "${DETAIL:-}" ]; then
       # Row operations per order, by table: where the writes go.
