@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage};
-use common::{Fixture, Recorder, TOPIC, event, init_logs, run_consumer, run_relay};
+use common::{Fixture, Recorder, Running, TOPIC, event, init_logs, run_consumer, run_relay};
 use waybill_events::{Bus, BusConfig, BusKind, Consumer, Relay, Subscription, dead_letters};
 use waybill_test_support::{NatsServer, eventually};
 
@@ -45,6 +45,36 @@ async fn drained(fx: &Fixture, stream: &jetstream::stream::Stream) {
         (fx.count("app.outbox").await == 0 && messages == 0).then_some(())
     })
     .await;
+}
+
+/// A test's own nats-server and database, and a consumer of subscription `sub` handling with
+/// `recorder`, registered.
+struct Consuming {
+    nats: NatsServer,
+    fx: Fixture,
+    bus: Bus,
+    stream: jetstream::stream::Stream,
+    consumer: Running,
+}
+
+async fn consuming(recorder: &Recorder, sub: Subscription) -> Consuming {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let fx = Fixture::new().await;
+    let bus = nats_bus(&fx, &nats).await;
+    let stream = stream(&nats).await;
+    let name = sub.name().to_owned();
+    let consumer = run_consumer(
+        Consumer::new(fx.db.clone(), bus.clone(), "app", sub, recorder.clone()).unwrap(),
+    );
+    registered(&stream, &name).await;
+    Consuming {
+        nats,
+        fx,
+        bus,
+        stream,
+        consumer,
+    }
 }
 
 #[tokio::test]
@@ -173,20 +203,19 @@ async fn a_failing_event_is_dead_lettered_and_replayed_once_over_nats() {
 /// stored. It is retried and dead-lettered instead; the events beside it are handled once.
 #[tokio::test]
 async fn a_handler_that_swallows_a_failed_statement_does_not_lose_its_event() {
-    init_logs();
-    let nats = NatsServer::start().await;
-    let fx = Fixture::new().await;
-    let bus = nats_bus(&fx, &nats).await;
-    let stream = stream(&nats).await;
     let a = Recorder::new("a");
     a.swallow("o-swallowed");
     let sub = Subscription::new("a", [TOPIC])
         .unwrap()
         .with_max_attempts(3)
         .with_backoff(Duration::from_millis(20), Duration::from_millis(100));
-    let _a =
-        run_consumer(Consumer::new(fx.db.clone(), bus.clone(), "app", sub, a.clone()).unwrap());
-    registered(&stream, "a").await;
+    let Consuming {
+        nats: _nats,
+        fx,
+        bus,
+        stream,
+        consumer: _a,
+    } = consuming(&a, sub).await;
 
     // In one transaction, so that they are relayed, pulled and handled as one batch.
     let events = [event("o-before"), event("o-swallowed"), event("o-after")];
@@ -217,11 +246,6 @@ async fn a_handler_that_swallows_a_failed_statement_does_not_lose_its_event() {
 /// would dead-letter an event that never failed).
 #[tokio::test]
 async fn events_waiting_behind_slow_handlers_are_not_delivered_again() {
-    init_logs();
-    let nats = NatsServer::start().await;
-    let fx = Fixture::new().await;
-    let bus = nats_bus(&fx, &nats).await;
-    let stream = stream(&nats).await;
     let a = Recorder::new("a");
     // Five events of 400 ms each: 2 s of handling, twice the ack wait.
     a.slow(Duration::from_millis(400));
@@ -229,9 +253,13 @@ async fn events_waiting_behind_slow_handlers_are_not_delivered_again() {
         .unwrap()
         .with_ack_wait(Duration::from_secs(1))
         .with_max_attempts(2);
-    let _a =
-        run_consumer(Consumer::new(fx.db.clone(), bus.clone(), "app", sub, a.clone()).unwrap());
-    registered(&stream, "a").await;
+    let Consuming {
+        nats: _nats,
+        fx,
+        bus,
+        stream,
+        consumer: _a,
+    } = consuming(&a, sub).await;
     // Idle for longer than a pull's heartbeat would be: the first message after a quiet
     // spell is read at once (async-nats drops the wake-up after a heartbeat).
     tokio::time::sleep(Duration::from_secs(6)).await;
