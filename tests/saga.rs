@@ -328,7 +328,7 @@ async fn the_same_key_twice_places_one_order() {
 
 /// A keyed PlaceOrder whose key the mesh layer has let go of (it does when the database
 /// fails to confirm a commit that in fact happened, answering UNAVAILABLE, or when the key's
-/// retention ends) must still not place a second order: the order's id comes from the key.
+/// retention ends) must still not place a second order: the order keeps its key's digest.
 #[tokio::test]
 async fn a_repeat_the_idempotency_layer_let_through_finds_the_first_order() {
     let db = TestDb::new().await;

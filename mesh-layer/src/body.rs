@@ -46,20 +46,15 @@ pub async fn buffer_request(mut body: Body, limit: usize) -> Buffered {
                 let Ok(data) = frame.into_data() else {
                     continue;
                 };
-                let len = match first.take() {
-                    None if joined.is_empty() => {
-                        let len = data.len();
-                        first = Some(data);
-                        len
+                if first.is_none() && joined.is_empty() {
+                    first = Some(data);
+                } else {
+                    if let Some(earlier) = first.take() {
+                        joined.extend_from_slice(&earlier);
                     }
-                    earlier => {
-                        if let Some(earlier) = earlier {
-                            joined.extend_from_slice(&earlier);
-                        }
-                        joined.extend_from_slice(&data);
-                        joined.len()
-                    }
-                };
+                    joined.extend_from_slice(&data);
+                }
+                let len = first.as_ref().map_or(joined.len(), Bytes::len);
                 if len > limit {
                     let prefix = first.take().unwrap_or_else(|| joined.split().freeze());
                     return Buffered::TooLarge(Body::new(Prefixed {

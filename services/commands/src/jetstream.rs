@@ -62,11 +62,7 @@ impl JetStream {
     /// Waits up to [`STARTUP_WAIT`] for the first connection; fails only for a malformed URL.
     /// The stream is created (or updated) once NATS answers.
     pub async fn connect(url: &str) -> Result<Self, String> {
-        let client = async_nats::ConnectOptions::new()
-            .name("waybill-commands")
-            .connection_timeout(Duration::from_secs(5))
-            .retry_on_initial_connect()
-            .connect(url)
+        let client = waybill_runtime::nats::connect(url, "waybill-commands", STARTUP_WAIT)
             .await
             .map_err(|e| format!("connect to {url}: {e}"))?;
         let queue = Self {
@@ -74,31 +70,16 @@ impl JetStream {
             client,
             stream_ready: Default::default(),
         };
-        let start = tokio::time::Instant::now();
-        while queue.connected().is_err() && start.elapsed() < STARTUP_WAIT {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
         if let Err(error) = queue.stream().await {
             tracing::warn!(%url, %error, "the command queue is not reachable; starting without it (the fallback scan runs commands)");
         }
         Ok(queue)
     }
 
-    /// Fails at once while the client is not connected, rather than waiting for a request
-    /// timeout on every call.
-    fn connected(&self) -> Result<(), String> {
-        match self.client.connection_state() {
-            async_nats::connection::State::Connected => Ok(()),
-            state => Err(format!(
-                "not connected to NATS ({state:?}; reconnecting in the background)"
-            )),
-        }
-    }
-
     /// Creates or updates the stream unless it is known to exist.
     async fn stream(&self) -> Result<(), String> {
         use std::sync::atomic::Ordering;
-        self.connected()?;
+        waybill_runtime::nats::connected(&self.client)?;
         if self.stream_ready.load(Ordering::Relaxed) {
             return Ok(());
         }

@@ -8,6 +8,7 @@
 
 use std::{collections::HashMap, fmt, future::Future, sync::Arc, time::Duration};
 
+use tokio_postgres::error::SqlState;
 use tracing::Instrument;
 use waybill_runtime::{Db, DbError, purge::delete_in_batches};
 
@@ -581,10 +582,7 @@ impl Inbox<'_> {
                     Ok(()) => {}
                     // A statement of the handler failed and the handler hid it.
                     Err(error)
-                        if error.sqlstate()
-                            == Some(
-                                &tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION,
-                            ) =>
+                        if error.sqlstate() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION) =>
                     {
                         tx.rollback().await?;
                         return Ok(Err(HandlerError::Retry(format!(

@@ -50,11 +50,12 @@ async fn drained(fx: &Fixture, stream: &jetstream::stream::Stream) {
 /// A test's own nats-server and database, and a consumer of subscription `sub` handling with
 /// `recorder`, registered.
 struct Consuming {
-    nats: NatsServer,
+    // Fields drop in this order: the consumer stops first, the server last.
+    _consumer: Running,
     fx: Fixture,
     bus: Bus,
     stream: jetstream::stream::Stream,
-    consumer: Running,
+    _nats: NatsServer,
 }
 
 async fn consuming(recorder: &Recorder, sub: Subscription) -> Consuming {
@@ -69,11 +70,11 @@ async fn consuming(recorder: &Recorder, sub: Subscription) -> Consuming {
     );
     registered(&stream, &name).await;
     Consuming {
-        nats,
+        _consumer: consumer,
         fx,
         bus,
         stream,
-        consumer,
+        _nats: nats,
     }
 }
 
@@ -209,13 +210,8 @@ async fn a_handler_that_swallows_a_failed_statement_does_not_lose_its_event() {
         .unwrap()
         .with_max_attempts(3)
         .with_backoff(Duration::from_millis(20), Duration::from_millis(100));
-    let Consuming {
-        nats: _nats,
-        fx,
-        bus,
-        stream,
-        consumer: _a,
-    } = consuming(&a, sub).await;
+    let setup = consuming(&a, sub).await;
+    let (fx, bus, stream) = (&setup.fx, &setup.bus, &setup.stream);
 
     // In one transaction, so that they are relayed, pulled and handled as one batch.
     let events = [event("o-before"), event("o-swallowed"), event("o-after")];
@@ -233,7 +229,7 @@ async fn a_handler_that_swallows_a_failed_statement_does_not_lose_its_event() {
         "{}",
         dead[0].last_error
     );
-    drained(&fx, &stream).await;
+    drained(fx, stream).await;
     let mut handled = fx.effects("a").await;
     handled.sort();
     let mut expected = vec![events[0].id, events[2].id];
@@ -253,13 +249,8 @@ async fn events_waiting_behind_slow_handlers_are_not_delivered_again() {
         .unwrap()
         .with_ack_wait(Duration::from_secs(1))
         .with_max_attempts(2);
-    let Consuming {
-        nats: _nats,
-        fx,
-        bus,
-        stream,
-        consumer: _a,
-    } = consuming(&a, sub).await;
+    let setup = consuming(&a, sub).await;
+    let (fx, bus, stream) = (&setup.fx, &setup.bus, &setup.stream);
     // Idle for longer than a pull's heartbeat would be: the first message after a quiet
     // spell is read at once (async-nats drops the wake-up after a heartbeat).
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -272,7 +263,7 @@ async fn events_waiting_behind_slow_handlers_are_not_delivered_again() {
         (handled.len() == events.len()).then_some(handled)
     })
     .await;
-    drained(&fx, &stream).await;
+    drained(fx, stream).await;
     handled.sort();
     let mut expected: Vec<_> = events.iter().map(|e| e.id).collect();
     expected.sort();

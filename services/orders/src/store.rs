@@ -142,22 +142,15 @@ impl OrderStore {
             .await
             .map_err(|refused| DbError::Unavailable(refused.to_string()))??;
         let Some((created_at, updated_at)) = stored else {
-            let client = self.db.primary().await?;
-            let statement = client
-                .prepare_cached(&format!(
-                    "SELECT {ORDER_COLUMNS} FROM orders.orders o WHERE o.placement_key = $1"
-                ))
-                .await?;
-            let key = placement_key.as_ref().map(|k| k.as_slice());
-            let existing = client
-                .query_opt(&statement, &[&key])
-                .await?
-                .ok_or_else(|| {
-                    DbError::Invariant(
-                        "an order's placement key conflicted, and no order has it".into(),
-                    )
-                })?;
-            return Ok(Placed::Existing(order_from_row(&existing)?));
+            let existing = match &placement_key {
+                Some(key) => self.get_placed_with(key).await?,
+                None => None,
+            };
+            return existing.map(Placed::Existing).ok_or_else(|| {
+                DbError::Invariant(
+                    "an order's placement key conflicted, and no order has it".into(),
+                )
+            });
         };
         Ok(Placed::New(Order {
             id,
@@ -201,6 +194,21 @@ impl OrderStore {
         db.namespace, waybill.db.role))]
     pub async fn consistency_token(&self) -> Result<ConsistencyToken, DbError> {
         self.db.consistency_token().await
+    }
+
+    /// The order placed with `placement_key`, as the primary has it now.
+    async fn get_placed_with(&self, placement_key: &[u8; 32]) -> Result<Option<Order>, DbError> {
+        let client = self.db.primary().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT {ORDER_COLUMNS} FROM orders.orders o WHERE o.placement_key = $1"
+            ))
+            .await?;
+        client
+            .query_opt(&statement, &[&placement_key.as_slice()])
+            .await?
+            .map(|row| order_from_row(&row))
+            .transpose()
     }
 
     async fn get_on(client: &Client, id: Uuid) -> Result<Option<Order>, DbError> {

@@ -15,6 +15,7 @@ pub mod idempotency;
 pub mod listen;
 pub mod metrics;
 pub mod migrate;
+pub mod nats;
 pub mod otlp_metrics;
 pub mod page_token;
 pub mod pipeline;

@@ -156,31 +156,13 @@ enum Registration {
     Failed(BusError),
 }
 
-/// Whether `client` connected within `limit` (checked every 10 ms).
-async fn wait_connected(client: &async_nats::Client, limit: Duration) -> bool {
-    let start = tokio::time::Instant::now();
-    loop {
-        if client.connection_state() == async_nats::connection::State::Connected {
-            return true;
-        }
-        if start.elapsed() >= limit {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 impl NatsBus {
     /// A client for `url` that connects in the background and keeps reconnecting: a process
     /// whose NATS is down (not up yet, restarting) still starts, serves what does not need
     /// the bus, and keeps its events in the outboxes until NATS is back. Waits up to
     /// [`STARTUP_WAIT`] for the first connection. Fails only for a malformed URL.
     pub(crate) async fn connect(url: &str) -> Result<Self, BusError> {
-        let client = async_nats::ConnectOptions::new()
-            .name("waybill")
-            .connection_timeout(Duration::from_secs(5))
-            .retry_on_initial_connect()
-            .connect(url)
+        let client = waybill_runtime::nats::connect(url, "waybill", STARTUP_WAIT)
             .await
             .map_err(|e| nats_error("connect", e))?;
         let bus = Self {
@@ -189,24 +171,15 @@ impl NatsBus {
             ready: std::sync::atomic::AtomicBool::new(false),
             before_publishing: std::sync::Mutex::new(Vec::new()),
         };
-        if !wait_connected(&bus.client, STARTUP_WAIT).await {
-            tracing::warn!(%url, "NATS is not reachable; starting without it (events wait in the outboxes, consumers keep trying)");
-        } else if let Err(error) = bus.stream().await {
+        // Events wait in the outboxes and consumers keep trying until NATS is there.
+        if let Err(error) = bus.stream().await {
             tracing::warn!(%url, %error, "the NATS stream could not be set up yet; it will be before the first publish");
         }
         Ok(bus)
     }
 
-    /// Fails at once while the client is not connected, rather than waiting for a request
-    /// timeout on every call.
     fn connected(&self) -> Result<(), BusError> {
-        match self.client.connection_state() {
-            async_nats::connection::State::Connected => Ok(()),
-            state => Err(nats_error(
-                "not connected",
-                format!("{state:?}; reconnecting in the background"),
-            )),
-        }
+        waybill_runtime::nats::connected(&self.client).map_err(BusError::Nats)
     }
 
     /// Creates or updates the stream.
