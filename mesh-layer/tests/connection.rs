@@ -106,8 +106,8 @@ async fn connects_at_the_first_call_sets_the_origin_and_reconnects_after_a_resta
     let connection = Connection::lazy(&format!("http://{address}")).unwrap();
 
     let (stop, server) = serve(listener, accepted.clone());
-    // Lazy: nothing is connected until the first call.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Lazy: no connection is even attempted until the first call.
+    assert_eq!(connection.attempts(), 0);
     assert_eq!(accepted.load(Ordering::SeqCst), 0);
 
     let response = call(&connection).await.unwrap();
@@ -122,6 +122,7 @@ async fn connects_at_the_first_call_sets_the_origin_and_reconnects_after_a_resta
         1,
         "calls share one connection"
     );
+    assert_eq!(connection.attempts(), 1);
 
     // The server goes away: calls fail (the balancer makes that UNAVAILABLE) instead of hanging.
     stop.send(()).unwrap();
